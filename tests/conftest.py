@@ -21,3 +21,33 @@ def goldens_dir() -> Path:
     if not (path / "README.md").is_file():
         pytest.skip(f"goldens folder {path} is absent (it ships beside the project, not in it)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_state():
+    """A tiny CLIP state dict in OpenAI's layout (24 vision layers, vocab 49408, context 77)."""
+    from tests.tiny_clip import tiny_clip_state_dict
+
+    return tiny_clip_state_dict(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_files(tiny_clip_state, tmp_path_factory):
+    """The tiny CLIP saved as a plain state dict and as a TorchScript archive: ``(plain, torchscript)``."""
+    import torch
+
+    from tests.tiny_clip import save_torchscript
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    plain, scripted = folder / "tiny_clip_state.pt", folder / "tiny_clip_jit.pt"
+    torch.save(tiny_clip_state, plain)
+    save_torchscript(tiny_clip_state, scripted)
+    return plain, scripted
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_clip_state):
+    """The tiny CLIP built through the real model builder (fp32, eval, frozen)."""
+    from AnomalyCLIP_lib.model import build_model
+
+    return build_model(tiny_clip_state)

@@ -1,0 +1,87 @@
+"""Loading backbones from files: TorchScript archives and plain state dicts, safely, with clear errors."""
+
+import pickle
+
+import pytest
+import torch
+
+import AnomalyCLIP_lib
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
+
+
+def test_plain_and_torchscript_files_load_the_same_model(tiny_clip_files, tiny_clip_state):
+    plain, scripted = tiny_clip_files
+    model_plain, preprocess = AnomalyCLIP_lib.load(plain)
+    model_script, _ = AnomalyCLIP_lib.load(scripted)
+    for (key, a), (_, b) in zip(model_plain.state_dict().items(), model_script.state_dict().items()):
+        assert torch.equal(a, b), key
+        assert torch.equal(a, tiny_clip_state[key]), key
+    assert not model_plain.training
+    assert all(not p.requires_grad for p in model_plain.parameters())
+    assert model_plain.dtype == torch.float32
+    from PIL import Image
+
+    assert preprocess(Image.new("RGB", (80, 60))).shape == (3, 56, 56)
+
+
+def test_fp16_checkpoint_loads_as_fp32(tmp_path):
+    from tests.tiny_clip import tiny_clip_state_dict
+
+    state = tiny_clip_state_dict(seed=3, vision_layers=2, text_layers=2, dtype=torch.float16)
+    path = tmp_path / "half.pt"
+    torch.save(state, path)
+    model, _ = AnomalyCLIP_lib.load(path)
+    assert model.dtype == torch.float32
+    assert torch.equal(model.visual.proj, state["visual.proj"].float())
+
+
+def test_wrapped_state_dict_loads(tmp_path, tiny_clip_state):
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": tiny_clip_state}, path)
+    model, _ = AnomalyCLIP_lib.load(path)
+    assert torch.equal(model.visual.proj, tiny_clip_state["visual.proj"])
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this must not run",))
+
+
+def test_pickled_objects_are_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"visual.conv1.weight": _Exploit()}, path, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(AnomalyCLIPError, match="cannot read backbone checkpoint"):
+        AnomalyCLIP_lib.load(path)
+    assert "this must not run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"prompt_learner": {"ctx_pos": torch.zeros(1)}}, "prompt checkpoint, not a CLIP backbone"),
+        ({"weight": torch.zeros(1)}, "no CLIP state dict"),
+    ],
+)
+def test_wrong_checkpoint_kind_is_a_clear_error(tmp_path, content, message):
+    path = tmp_path / "wrong.pt"
+    torch.save(content, path)
+    with pytest.raises(AnomalyCLIPError, match=message):
+        AnomalyCLIP_lib.load(path)
+
+
+def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
+    with pytest.raises(AnomalyCLIPError, match="does not exist"):
+        AnomalyCLIP_lib.load(tmp_path / "absent.pt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(AnomalyCLIPError, match=str(corrupt)):
+        AnomalyCLIP_lib.load(corrupt)
+
+
+def test_mis_shaped_checkpoint_is_a_clear_error(tmp_path, tiny_clip_state):
+    broken = dict(tiny_clip_state)
+    broken["visual.ln_post.weight"] = torch.ones(3)
+    path = tmp_path / "broken.pt"
+    torch.save(broken, path)
+    with pytest.raises(AnomalyCLIPError, match="does not fit"):
+        AnomalyCLIP_lib.load(path)

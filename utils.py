@@ -1,0 +1,128 @@
+"""Helpers shared by the command-line tools: arguments, seeding, devices, logging, atomic writes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import AnomalyCLIP_lib
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.model import CLIP
+from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
+
+DEFAULT_BACKBONE = "ViT-L/14@336px"
+DPAM_LAYER = 20
+
+
+def setup_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) and make cuDNN deterministic."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that describe the backbone and the prompt design (the original's names)."""
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                        help=f"registry name ({', '.join(AnomalyCLIP_lib.available_models())}) or a CLIP checkpoint file")
+    parser.add_argument("--depth", type=int, default=9, help="deep text-token depth")
+    parser.add_argument("--n_ctx", type=int, default=12, help="learnable prompt length")
+    parser.add_argument("--t_n_ctx", type=int, default=4, help="deep text-token length")
+    parser.add_argument("--features_list", type=int, nargs="+", default=[24],
+                        help="vision layers whose patch tokens make the maps (released: 24; paper: 6 12 18 24)")
+    parser.add_argument("--feature_map_layer", type=int, nargs="+", default=[0, 1, 2, 3],
+                        help="only the first value is used: index of the first features_list layer summed")
+    parser.add_argument("--image_size", type=int, default=518, help="input side in pixels")
+    parser.add_argument("--seed", type=int, default=111, help="random seed")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The requested device, or CUDA when available else CPU; a clear error for an absent GPU."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise AnomalyCLIPError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise AnomalyCLIPError(f"--device {name} asked for a GPU but torch sees none; use --device cpu")
+    return device
+
+
+def load_model_and_prompts(
+    args: argparse.Namespace, device: torch.device, checkpoint_path: str | None = None
+) -> tuple[CLIP, AnomalyCLIP_PromptLearner, dict[str, object] | None]:
+    """Backbone and prompt learner for the design in ``args``, with prompts from a checkpoint.
+
+    Returns:
+        ``(model, prompt_learner, checkpoint)`` on ``device``; ``checkpoint`` is the loaded file
+        (``None`` when no path was given and the prompts are freshly initialised).
+    """
+    model, _ = AnomalyCLIP_lib.load(args.backbone, device=device)
+    design = design_details(n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx)
+    prompt_learner = AnomalyCLIP_PromptLearner(model, design)
+    checkpoint = load_prompt_state(prompt_learner, checkpoint_path) if checkpoint_path else None
+    return model, prompt_learner.to(device), checkpoint
+
+
+def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip") -> logging.Logger:
+    """A logger that prints messages and appends them to ``save_path/log.txt``, as the original does."""
+    save_path = Path(save_path)
+    save_path.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in (logging.FileHandler(save_path / "log.txt", mode="a"), logging.StreamHandler(sys.stdout)):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp_name)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a CLI entry point; user errors print one ``error: ...`` line and exit with status 2."""
+    try:
+        return main(argv)
+    except AnomalyCLIPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
