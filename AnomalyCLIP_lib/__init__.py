@@ -5,21 +5,29 @@ Typical use::
     import AnomalyCLIP_lib
     model, preprocess = AnomalyCLIP_lib.load("ViT-L/14@336px", device="cpu")
     image_embedding, patch_tokens = model.encode_image(images, [24], dpam_layer=20)
+
+Names are imported on first use, so light modules (``AnomalyCLIP_lib.errors``) load without torch.
 """
 
-from .errors import AnomalyCLIPError
-from .factory import load, read_state_dict
-from .model import CLIP, build_model
-from .pretrained import available_models, download
-from .tokenizer import tokenize
+from importlib import import_module
 
-__all__ = [
-    "AnomalyCLIPError",
-    "CLIP",
-    "available_models",
-    "build_model",
-    "download",
-    "load",
-    "read_state_dict",
-    "tokenize",
-]
+_EXPORTS = {
+    "AnomalyCLIPError": "errors",
+    "CLIP": "model",
+    "build_model": "model",
+    "load": "factory",
+    "read_state_dict": "factory",
+    "available_models": "pretrained",
+    "download": "pretrained",
+    "tokenize": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,241 @@
+"""The dataset of training and evaluation: items of a ``meta.json`` (SPEC §8), preprocessed (SPEC §2).
+
+Typical use::
+
+    from dataset import AnomalyDataset
+    data = AnomalyDataset("data/mvtec", image_size=518, split="test")
+    item = data[0]   # {"img", "img_mask", "anomaly", "cls_name", "img_path", "cls_id"}
+    data.availability().metrics   # "image-pixel-level", "image-level" or "pixel-level"
+
+Class names and their order come from ``meta.json`` (optionally filtered); nothing is
+hard-coded per dataset. A ``meta.json`` written by the original indexers also loads: split keys
+are matched case-insensitively (DAGM's ``Train``/``Test``), and a path that does not exist as
+written (an absolute path from another machine, or a path carrying the old root's name) is
+looked up under ``root`` by its longest trailing part that exists there.
+
+Masks: a normal item always gets an all-zero mask; an anomalous item with ``mask_path`` ``""``
+(or, as in the original, a path that is a folder) gets an all-zero mask; a mask file that does
+not exist raises :class:`AnomalyCLIPError` when the item is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.transform import binarize_mask, image_transform, load_image, load_mask, mask_transform
+from generate_dataset_json.indexer import ITEM_KEYS
+
+INDEX_FIX = ("index the dataset first: python generate_dataset_json/<dataset>.py --root {root} "
+             "(generate_dataset_json/folder.py for your own images)")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What a set of items allows to measure.
+
+    Attributes:
+        n_normal: Normal images.
+        n_anomalous: Anomalous images.
+        n_masked: Anomalous images with a mask file.
+    """
+
+    n_normal: int
+    n_anomalous: int
+    n_masked: int
+
+    @property
+    def image_level(self) -> bool:
+        """Image AUROC/AP need both normal and anomalous images."""
+        return self.n_normal > 0 and self.n_anomalous > 0
+
+    @property
+    def pixel_level(self) -> bool:
+        """Pixel AUROC/AUPRO need at least one mask."""
+        return self.n_masked > 0
+
+    @property
+    def metrics(self) -> str:
+        """The ``--metrics`` value of test.py that fits: ``image-pixel-level``, ``image-level``,
+        ``pixel-level``, or ``none`` when neither applies."""
+        if self.image_level and self.pixel_level:
+            return "image-pixel-level"
+        if self.image_level:
+            return "image-level"
+        return "pixel-level" if self.pixel_level else "none"
+
+
+def read_meta(root: str | Path) -> dict[str, Any]:
+    """Load ``root/meta.json``, or raise an error that says how to create it."""
+    path = Path(root) / "meta.json"
+    if not path.is_file():
+        raise AnomalyCLIPError(f"{path} does not exist; {INDEX_FIX.format(root=root)}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise AnomalyCLIPError(f"cannot read {path} ({error}); re-create it: {INDEX_FIX.format(root=root)}") from error
+    if not isinstance(meta, dict):
+        raise AnomalyCLIPError(
+            f"{path} is not a meta.json index (a JSON object of splits); {INDEX_FIX.format(root=root)}"
+        )
+    return meta
+
+
+def resolve_path(root: str, path: str) -> str:
+    """``path`` of meta.json as a file name to open: ``root`` joined with it, re-rooted if needed.
+
+    When ``os.path.join(root, path)`` does not exist (an absolute path written on another
+    machine), the longest trailing part of ``path`` that exists under ``root`` is used; when
+    none exists, the joined path is returned and opening it reports the error.
+    """
+    joined = os.path.join(root, path)
+    if os.path.exists(joined):
+        return joined
+    parts = [p for p in PurePosixPath(path.replace("\\", "/")).parts if p not in ("/", "")]
+    for start in range(1, len(parts)):
+        candidate = os.path.join(root, *parts[start:])
+        if os.path.exists(candidate):
+            return candidate
+    return joined
+
+
+class AnomalyDataset(Dataset):
+    """Items of one split of a dataset indexed by ``generate_dataset_json``.
+
+    Args:
+        root: Dataset root holding ``meta.json``.
+        image_size: S; the default transforms produce (3, S, S) images and (1, S, S) masks.
+        split: ``"test"`` (zero-shot evaluation, and training on an auxiliary dataset) or
+            ``"train"``.
+        class_names: Keep only these classes (kept in meta.json order); ``None`` keeps all.
+        transform: PIL image -> tensor; default :func:`AnomalyCLIP_lib.transform.image_transform`.
+        target_transform: 0/255 ``'L'`` mask -> tensor before the threshold; default
+            :func:`AnomalyCLIP_lib.transform.mask_transform`. Its output is always thresholded
+            at 0.5.
+
+    Attributes:
+        class_names: Classes in meta.json order, filtered.
+        items: The meta.json entries of those classes, in meta.json order.
+
+    Each item is a dict: ``img`` float32 (3, S, S); ``img_mask`` float32 (1, S, S) of exact
+    0/1 values; ``anomaly`` int; ``cls_name`` str; ``img_path`` str (``root`` joined with the
+    entry's path); ``cls_id`` int (index of the class in ``class_names``).
+
+    Raises:
+        AnomalyCLIPError: meta.json is missing or malformed, lacks the split, or lacks a class
+            of ``class_names``.
+    """
+
+    def __init__(self, root: str, image_size: int = 518, split: str = "test", class_names: list[str] | None = None,
+                 transform: Callable[[Image.Image], torch.Tensor] | None = None,
+                 target_transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+        self.root = str(root)
+        self.image_size = image_size
+        self.split = split
+        self.transform = transform if transform is not None else image_transform(image_size)
+        self.target_transform = target_transform if target_transform is not None else mask_transform(image_size)
+        classes = self._split_classes(read_meta(self.root), split)
+        self.class_names = self._filtered(list(classes), class_names)
+        self.items: list[dict[str, Any]] = []
+        self._cls_ids: list[int] = []
+        for cls_id, cls_name in enumerate(self.class_names):
+            for entry in classes[cls_name]:
+                self.items.append(self._checked(entry))
+                self._cls_ids.append(cls_id)
+        self._files = [self._resolve(item) for item in self.items]
+
+    def _meta_path(self) -> str:
+        return os.path.join(self.root, "meta.json")
+
+    def _split_classes(self, meta: dict[str, Any], split: str) -> dict[str, list[dict[str, Any]]]:
+        key = split if split in meta else next((k for k in meta if k.lower() == split.lower()), None)
+        if key is None:
+            raise AnomalyCLIPError(
+                f"{self._meta_path()} has no '{split}' split (it has: {', '.join(map(str, meta)) or 'nothing'}); "
+                f"use one of those, or re-create it: {INDEX_FIX.format(root=self.root)}"
+            )
+        classes = meta[key]
+        if not isinstance(classes, dict) or not classes:
+            raise AnomalyCLIPError(
+                f"{self._meta_path()} lists no classes in its '{split}' split (the dataset has no {split} "
+                "images); use split 'test' or index a dataset that has them"
+            )
+        return classes
+
+    def _filtered(self, available: list[str], wanted: list[str] | None) -> list[str]:
+        if wanted is None:
+            return available
+        unknown = [c for c in wanted if c not in available]
+        if unknown:
+            raise AnomalyCLIPError(
+                f"class(es) {', '.join(unknown)} not in the '{self.split}' split of {self._meta_path()} "
+                f"(it has: {', '.join(available)}); fix the class filter"
+            )
+        return [c for c in available if c in wanted]
+
+    def _checked(self, entry: Any) -> dict[str, Any]:
+        if not isinstance(entry, dict) or any(k not in entry for k in ITEM_KEYS):
+            raise AnomalyCLIPError(
+                f"{self._meta_path()} has an entry without the keys {', '.join(ITEM_KEYS)}: {str(entry)[:200]}; "
+                f"re-create it: {INDEX_FIX.format(root=self.root)}"
+            )
+        return entry
+
+    def _resolve(self, item: dict[str, Any]) -> tuple[str, str]:
+        image = resolve_path(self.root, item["img_path"])
+        mask = resolve_path(self.root, item["mask_path"]) if item["mask_path"] else ""
+        if mask and os.path.isdir(mask):
+            mask = ""  # the original's "classification only" convention
+        return image, mask
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        image_file, mask_file = self._files[index]
+        image = load_image(image_file)
+        anomaly = int(item["anomaly"])
+        mask = load_mask(mask_file) if anomaly and mask_file else Image.new("L", image.size, 0)
+        return {
+            "img": self.transform(image),
+            "img_mask": binarize_mask(self.target_transform(mask)),
+            "anomaly": anomaly,
+            "cls_name": item["cls_name"],
+            "img_path": image_file,
+            "cls_id": self._cls_ids[index],
+        }
+
+    def availability(self, class_name: str | None = None) -> Availability:
+        """Counts of normal, anomalous and masked images, for all classes or one of them."""
+        chosen = [(item, files) for item, files, cls_id in zip(self.items, self._files, self._cls_ids)
+                  if class_name is None or self.class_names[cls_id] == class_name]
+        return Availability(
+            n_normal=sum(1 for item, _ in chosen if not int(item["anomaly"])),
+            n_anomalous=sum(1 for item, _ in chosen if int(item["anomaly"])),
+            n_masked=sum(1 for item, (_, mask) in chosen if int(item["anomaly"]) and mask),
+        )
+
+    @property
+    def any_normal(self) -> bool:
+        """Whether any item is normal."""
+        return self.availability().n_normal > 0
+
+    @property
+    def any_anomalous(self) -> bool:
+        """Whether any item is anomalous."""
+        return self.availability().n_anomalous > 0
+
+    @property
+    def any_mask(self) -> bool:
+        """Whether any anomalous item has a mask file (pixel metrics are possible)."""
+        return self.availability().n_masked > 0
