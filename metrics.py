@@ -507,6 +507,11 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(defined)) if defined else math.nan
 
 
+def mean_over_classes(per_class: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> dict[str, float]:
+    """``{column: mean over classes}`` of the unrounded values, NaN classes left out (see :func:`_mean`)."""
+    return {column: _mean([values[column] for values in per_class.values()]) for column in columns}
+
+
 def format_results_table(per_class: Mapping[str, Mapping[str, float]], columns: Sequence[str]) -> str:
     """The original's results table: a tabulate pipe table with a final ``mean`` row.
 
@@ -520,6 +525,6 @@ def format_results_table(per_class: Mapping[str, Mapping[str, float]], columns: 
         columns: Metric columns, e.g. ``metric_columns("image-pixel-level")``.
     """
     rows = [[name, *(_cell(values[column]) for column in columns)] for name, values in per_class.items()]
-    means = [_mean([values[column] for values in per_class.values()]) for column in columns]
-    rows.append(["mean", *(_cell(mean) for mean in means)])
+    means = mean_over_classes(per_class, columns)
+    rows.append(["mean", *(_cell(means[column]) for column in columns)])
     return tabulate(rows, headers=["objects", *columns], tablefmt="pipe")

@@ -7,7 +7,6 @@ import logging
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 
 import AnomalyCLIP_lib
+from atomic import atomic_write
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.model import CLIP
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
@@ -47,6 +47,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image_size", type=int, default=518, help="input side in pixels")
     parser.add_argument("--seed", type=int, default=111, help="random seed")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--reference_arithmetic", action="store_true",
+                        help="compute DPAM attention with the released code's arithmetic: bit-identical to the "
+                             "original on the same CPU kernels, slower (default: fused attention, equal to ~1e-6)")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -72,6 +75,7 @@ def load_model_and_prompts(
         (``None`` when no path was given and the prompts are freshly initialised).
     """
     model, _ = AnomalyCLIP_lib.load(args.backbone, device=device)
+    model.visual.reference_arithmetic = getattr(args, "reference_arithmetic", False)
     design = design_details(n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx)
     prompt_learner = AnomalyCLIP_PromptLearner(model, design)
     checkpoint = load_prompt_state(prompt_learner, checkpoint_path) if checkpoint_path else None
@@ -94,26 +98,9 @@ def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip") -> loggi
     return logger
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-
-
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    _atomic_write(Path(path), lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

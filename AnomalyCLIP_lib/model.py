@@ -40,7 +40,17 @@ def normalize_layers(features_list: Iterable[int], num_layers: int) -> list[int]
 
 
 class VisionTransformer(nn.Module):
-    """CLIP's ViT image tower (state-dict prefix ``visual.``)."""
+    """CLIP's ViT image tower (state-dict prefix ``visual.``).
+
+    Attributes:
+        reference_arithmetic: When True, DPAM blocks compute attention with the released code's
+            explicit matmul-softmax arithmetic and the last block runs on every token, so results
+            are bit-identical to the original's on the same CPU kernels. Off by default: the fused
+            attention kernel and the class-token-only last block are faster and differ only by
+            fp32 rounding (~1e-6).
+    """
+
+    reference_arithmetic: bool = False
 
     def __init__(
         self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int
@@ -127,10 +137,10 @@ class VisionTransformer(nn.Module):
         for number, block in enumerate(self.transformer.resblocks, start=1):
             dpam_here = first_dpam <= number <= deepest_requested
             needs_full_ori = number < num_layers or (number in layers and not dpam_here)
-            query_tokens = None if needs_full_ori else 1
+            query_tokens = None if needs_full_ori or self.reference_arithmetic else 1
             if dpam_here:
                 x_ori, x_dpam = block.forward_dpam(
-                    x_ori, x_ori if x_dpam is None else x_dpam, query_tokens=query_tokens
+                    x_ori, x_ori if x_dpam is None else x_dpam, query_tokens, self.reference_arithmetic
                 )
             else:
                 x_ori = block(x_ori, query_tokens=query_tokens)

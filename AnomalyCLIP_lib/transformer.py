@@ -71,19 +71,31 @@ class SelfAttention(nn.Module):
         return self._merge(F.scaled_dot_product_attention(q, k, v, is_causal=causal))
 
     def forward_dpam(
-        self, x: torch.Tensor, query_tokens: int | None = None
+        self, x: torch.Tensor, query_tokens: int | None = None, reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ordinary and value-value attention from one qkv projection (SPEC §3).
 
+        Args:
+            x: ``(B, N, width)`` normalised input.
+            query_tokens: Limit ``a_ori`` to the first tokens.
+            reference: Use the released code's arithmetic (explicit ``q k^T * scale``, softmax,
+                ``@ v``) instead of the fused kernel: bit-identical to the original on the same
+                CPU kernels, slower, and it materialises the attention matrices.
+
         Returns:
             ``(a_ori, a_v)``: ``softmax(q k^T / sqrt(d)) v`` and ``softmax(v v^T / sqrt(d)) v``,
-            each through ``out_proj``. ``query_tokens`` limits ``a_ori`` to the first tokens.
+            each through ``out_proj``.
         """
         q, k, v = self._qkv(x)
         if query_tokens is not None:
             q = q[:, :, :query_tokens]
-        a_ori = F.scaled_dot_product_attention(q, k, v)
-        a_v = F.scaled_dot_product_attention(v, v, v)
+        if reference:
+            scale = q.shape[-1] ** -0.5
+            a_ori = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+            a_v = ((v @ v.transpose(-2, -1)) * scale).softmax(dim=-1) @ v
+        else:
+            a_ori = F.scaled_dot_product_attention(q, k, v)
+            a_v = F.scaled_dot_product_attention(v, v, v)
         return self._merge(a_ori), self._merge(a_v)
 
 
@@ -117,7 +129,7 @@ class ResidualAttentionBlock(nn.Module):
         return self._finish(x, attn_out)
 
     def forward_dpam(
-        self, x_ori: torch.Tensor, x_dpam: torch.Tensor, query_tokens: int | None = None
+        self, x_ori: torch.Tensor, x_dpam: torch.Tensor, query_tokens: int | None = None, reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One block in DPAM mode (SPEC §3).
 
@@ -128,11 +140,12 @@ class ResidualAttentionBlock(nn.Module):
             x_ori: Original (CLIP) hidden state ``(B, N, width)``.
             x_dpam: DPAM hidden state; pass ``x_ori`` itself at the first DPAM layer.
             query_tokens: Compute the original stream for the first tokens only.
+            reference: See :meth:`SelfAttention.forward_dpam`.
 
         Returns:
             ``(x_ori, x_dpam)`` after this block.
         """
-        a_ori, a_v = self.attn.forward_dpam(self.ln_1(x_ori), query_tokens=query_tokens)
+        a_ori, a_v = self.attn.forward_dpam(self.ln_1(x_ori), query_tokens=query_tokens, reference=reference)
         x_dpam = x_dpam + a_v
         if query_tokens is not None:
             x_ori = x_ori[:, :query_tokens]

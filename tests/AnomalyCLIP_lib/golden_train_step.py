@@ -1,7 +1,7 @@
 """One training step on the goldens' tiny model, compared with the original's recorded step.
 
-Imported by the parity tests, and run as a script by them under ``ATEN_CPU_CAPABILITY=avx2``
-(see ``test_parity.py`` for why): prints the comparison as one JSON line.
+Imported by the parity tests, and run as a script by them on PyTorch's AVX2 kernels (see
+``test_parity.py`` for why): prints the comparison as one JSON line.
 """
 
 from __future__ import annotations
@@ -16,15 +16,26 @@ from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.model import build_model
 from loss import layer_loss_parts
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
-from train import make_optimizer, prompt_step, train_step
+from train import make_optimizer, train_step
+
+# Pins PyTorch, MKL and oneDNN to the AVX2 kernels the goldens were recorded with.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def compare_train_step(goldens: Path, variant: str, recorded_image_side: bool = False) -> dict[str, object]:
-    """Run one training step as the goldens describe and measure the differences.
+def golden_model(goldens: Path, reference_arithmetic: bool = False):
+    model = build_model(torch.load(goldens / "tiny_clip.pt", weights_only=True))
+    model.visual.reference_arithmetic = reference_arithmetic
+    return model
 
-    With ``recorded_image_side`` the step starts from the original's recorded image embedding
-    and patch tokens (``train.prompt_step``); otherwise our own image forward runs too
-    (``train.train_step``).
+
+def golden_prompts(model, goldens: Path) -> AnomalyCLIP_PromptLearner:
+    learner = AnomalyCLIP_PromptLearner(model, design_details(n_ctx=12, depth=9, t_n_ctx=4))
+    load_prompt_state(learner, goldens / "tiny_prompts.pth")
+    return learner
+
+
+def compare_train_step(goldens: Path, variant: str, reference_arithmetic: bool = False) -> dict[str, object]:
+    """Run ``train.train_step`` as the goldens describe and measure the differences.
 
     Returns:
         ``loss``, ``image_loss``, ``total``: absolute differences; ``loss_parts``: the largest
@@ -34,24 +45,17 @@ def compare_train_step(goldens: Path, variant: str, recorded_image_side: bool = 
         ``unchanged_ok``: the projections did not move; ``cpu_capability``.
     """
     record = torch.load(goldens / "upstream_train_step.pt", weights_only=True)[variant]
-    model = build_model(torch.load(goldens / "tiny_clip.pt", weights_only=True))
-    learner = AnomalyCLIP_PromptLearner(model, design_details(n_ctx=12, depth=9, t_n_ctx=4))
-    load_prompt_state(learner, goldens / "tiny_prompts.pth")
+    model = golden_model(goldens, reference_arithmetic)
+    learner = golden_prompts(model, goldens)
     before = {name: value.detach().clone() for name, value in learner.named_parameters()}
     optimizer = make_optimizer(learner, record["optimizer"]["lr"])
-    if recorded_image_side:
-        terms = prompt_step(model, learner, optimizer, record["image_features"], record["patch_features_raw"],
-                            record["label"], record["gt"], record["image"].shape[-1])
-    else:
-        terms = train_step(model, learner, optimizer, record["image"], record["label"], record["gt"],
-                           record["features_list"])
+    terms = train_step(model, learner, optimizer, record["image"], record["label"], record["gt"], record["features_list"])
 
     parts_diff = 0.0
-    initial = AnomalyCLIP_PromptLearner(model, design_details())
-    load_prompt_state(initial, goldens / "tiny_prompts.pth")
     with torch.no_grad():
         _, patch_tokens = model.encode_image(record["image"], record["features_list"], 20)
-        maps = scoring.similarity_maps(patch_tokens, scoring.text_features(model, initial), record["image"].shape[-1])
+        text_feats = scoring.text_features(model, golden_prompts(model, goldens))
+        maps = scoring.similarity_maps(patch_tokens, text_feats, record["image"].shape[-1])
         for layer_map, ref_parts in zip(maps, record["loss_parts_per_layer"]):
             for name, value in layer_loss_parts(layer_map, record["gt"]).items():
                 parts_diff = max(parts_diff, abs(value.item() - ref_parts[name]))
@@ -64,8 +68,7 @@ def compare_train_step(goldens: Path, variant: str, recorded_image_side: bool = 
             continue
         grad_rel[name] = ((param.grad - ref_grad).abs().max() / ref_grad.abs().max()).item()
         param_abs[name] = (param.detach() - record["params_after"][name]).abs().max().item()
-    unchanged_ok = all(torch.equal(dict(learner.named_parameters())[name].detach(), before[name])
-                       for name in record["params_unchanged"])
+    params = dict(learner.named_parameters())
     return {
         "loss": abs(terms.local.item() - record["loss"]),
         "image_loss": abs(terms.image.item() - record["image_loss"]),
@@ -74,10 +77,31 @@ def compare_train_step(goldens: Path, variant: str, recorded_image_side: bool = 
         "grad_rel": grad_rel,
         "grad_none_ok": grad_none_ok,
         "param_abs": param_abs,
-        "unchanged_ok": unchanged_ok,
+        "unchanged_ok": all(torch.equal(params[name].detach(), before[name]) for name in record["params_unchanged"]),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
 
 
+def compare_encode_image(goldens: Path, reference_arithmetic: bool = False) -> dict[str, float]:
+    """Largest absolute difference to each ``upstream_encode_image*.pt`` (embedding and tokens)."""
+    model = golden_model(goldens, reference_arithmetic)
+    result = {}
+    for file_name, dpam_layer in (("upstream_encode_image.pt", 20), ("upstream_encode_image_plain.pt", None),
+                                  ("upstream_encode_image_56.pt", 20)):
+        record = torch.load(goldens / file_name, weights_only=True)
+        with torch.no_grad():
+            embedding, tokens = model.encode_image(record["x"], record["features_list"], dpam_layer)
+        diffs = [(embedding - record["image_features"]).abs().max().item()]
+        diffs += [(ours - ref).abs().max().item() for ours, ref in zip(tokens, record["patch_tokens"], strict=True)]
+        result[file_name] = max(diffs)
+    return result
+
+
 if __name__ == "__main__":
-    print(json.dumps(compare_train_step(Path(sys.argv[1]), sys.argv[2], recorded_image_side=True)))
+    goldens_dir = Path(sys.argv[1])
+    print(json.dumps({
+        "encode_image": compare_encode_image(goldens_dir, reference_arithmetic=True),
+        "train_step": {variant: compare_train_step(goldens_dir, variant, reference_arithmetic=True)
+                       for variant in ("f24", "f6_12_18_24")},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }))

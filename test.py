@@ -1,0 +1,287 @@
+"""Zero-shot evaluation of learned prompts on a dataset (SPEC §7).
+
+Example::
+
+    python test.py --dataset visa --data_path ./data/visa \
+        --checkpoint_path ./checkpoints/9_12_4_multiscale_visa/epoch_15.pth \
+        --save_path ./results/visa --features_list 24 --image_size 518
+
+Writes the original's table (printed and appended to ``save_path/log.txt``),
+``save_path/results.json`` (per-class and mean metrics, config, versions, wall time) and
+``save_path/scores.csv`` (one row per image). ``--vis`` adds heat-map overlays under
+``save_path/imgs/<class>/<type>/``; ``--dump FILE.npz`` saves every score, map and mask.
+
+Evaluation is a loop over per-image results gathered per class: a class's metrics are
+computed as soon as its last image is scored and its maps are then dropped, so memory holds
+one class at a time. (Sharding the loop across processes only needs the gathering step to
+collect each class from every rank before its metrics.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import metrics
+from AnomalyCLIP_lib import scoring
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.precision import PRECISIONS, autocast
+from atomic import atomic_write_text
+from dataset import AnomalyDataset
+from dump import DumpWriter
+from utils import DPAM_LAYER, add_model_args, get_logger, load_model_and_prompts, resolve_device, run_cli, setup_seed
+from visualize import save_overlay
+
+METRIC_SETS = ("image-level", "pixel-level", "image-pixel-level")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate AnomalyCLIP prompts zero-shot on a dataset.")
+    parser.add_argument("--data_path", default="./data/visa", help="dataset root holding meta.json")
+    parser.add_argument("--save_path", default="./results", help="folder for log.txt, results.json, scores.csv")
+    parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
+    parser.add_argument("--dataset", default="mvtec", help="dataset name (for the log and results.json)")
+    add_model_args(parser)
+    parser.add_argument("--metrics", choices=METRIC_SETS, default=None,
+                        help="metric set (default: what the dataset's labels and masks allow)")
+    parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
+    parser.add_argument("--aupro", choices=metrics.AUPRO_MODES, default="cflow",
+                        help="cflow: the released variant (default); exact: MVTec AD's official definition")
+    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
+    parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
+    parser.add_argument("--vis", action="store_true", help="write heat-map overlays under save_path/imgs/")
+    parser.add_argument("--dump", default=None, metavar="FILE.npz", help="save paths, labels, scores, maps and masks")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.image_size < 1 or args.num_workers < 0 or args.sigma < 0:
+        parser.error("--batch_size and --image_size must be positive, --num_workers and --sigma non-negative")
+    return args
+
+
+@dataclass
+class ImageResult:
+    """What evaluation keeps of one image."""
+
+    index: int
+    img_path: str  # as meta.json writes it (relative to the dataset root)
+    image_file: str  # where the image was read from
+    cls_name: str
+    label: int
+    score: float
+    anomaly_map: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass
+class ClassResults:
+    """All results of one class, stacked for the metrics."""
+
+    cls_name: str
+    labels: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray
+    maps: np.ndarray
+
+
+@dataclass
+class ClassGatherer:
+    """Collects per-image results and hands over each class once all its images are in.
+
+    Attributes:
+        expected: Number of images per class.
+    """
+
+    expected: dict[str, int]
+    _pending: dict[str, list[ImageResult]] = field(default_factory=dict)
+
+    def add(self, result: ImageResult) -> ClassResults | None:
+        """Store ``result``; return the class's stacked results when it is complete."""
+        bucket = self._pending.setdefault(result.cls_name, [])
+        bucket.append(result)
+        if len(bucket) < self.expected[result.cls_name]:
+            return None
+        del self._pending[result.cls_name]
+        bucket.sort(key=lambda r: r.index)
+        return ClassResults(
+            cls_name=result.cls_name,
+            labels=np.array([r.label for r in bucket], dtype=np.int64),
+            scores=np.array([r.score for r in bucket], dtype=np.float32),
+            masks=np.stack([r.mask for r in bucket]),
+            maps=np.stack([r.anomaly_map for r in bucket]),
+        )
+
+
+def score_dataset(
+    model, text_feats: torch.Tensor, dataset: AnomalyDataset, args: argparse.Namespace, device: torch.device
+) -> Iterator[ImageResult]:
+    """Per-image results in dataset order."""
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    index = 0
+    for batch in tqdm(loader, desc="scoring", unit="batch"):
+        with autocast(device, args.precision):
+            prediction = scoring.predict(model, text_feats, batch["img"].to(device, non_blocking=True),
+                                         args.features_list, DPAM_LAYER, args.sigma, args.feature_map_layer[0])
+        masks = batch["img_mask"][:, 0].numpy().astype(np.uint8)
+        for i in range(len(prediction.scores)):
+            yield ImageResult(index=index, img_path=dataset.items[index]["img_path"], image_file=batch["img_path"][i],
+                              cls_name=batch["cls_name"][i],
+                              label=int(batch["anomaly"][i]), score=float(prediction.scores[i]),
+                              anomaly_map=prediction.maps[i].numpy(), mask=masks[i])
+            index += 1
+
+
+def collect_metrics(
+    results: Iterable[ImageResult],
+    expected: dict[str, int],
+    metric_set: str,
+    aupro_mode: str = "cflow",
+    consumers: Sequence[Callable[[ImageResult], None]] = (),
+) -> dict[str, dict[str, float]]:
+    """Gather per-image results per class and compute each class's metrics once it is complete.
+
+    Args:
+        results: Per-image results in any order.
+        expected: Number of images of each class.
+        metric_set: See :func:`metrics.metric_columns`.
+        aupro_mode: See :func:`metrics.pixel_aupro`.
+        consumers: Called with every result as it arrives (CSV rows, overlays, dump).
+
+    Returns:
+        ``{class: {column: value}}`` in completion order. Only incomplete classes are held.
+    """
+    gatherer = ClassGatherer(expected)
+    per_class: dict[str, dict[str, float]] = {}
+    for result in results:
+        for consume in consumers:
+            consume(result)
+        finished = gatherer.add(result)
+        if finished is not None:
+            per_class[finished.cls_name] = metrics.compute_class_metrics(
+                finished.labels, finished.scores, finished.masks, finished.maps, metric_set, aupro_mode)
+    missing = [name for name, count in expected.items() if count and name not in per_class]
+    if missing:
+        raise RuntimeError(f"results missing for classes {missing}")
+    return per_class
+
+
+def choose_metric_set(dataset: AnomalyDataset, requested: str | None) -> str:
+    """The requested metric set, checked against what the dataset has, or the one it allows."""
+    available = dataset.availability()
+    if requested is None:
+        if available.metrics == "none":
+            raise AnomalyCLIPError(f"{dataset.root}: no metric applies (it needs normal and anomalous images, "
+                                   "or masks); check its meta.json")
+        return available.metrics
+    if "pixel" in requested and not available.pixel_level:
+        raise AnomalyCLIPError(f"--metrics {requested} needs masks, and {dataset.root} has none; use --metrics image-level")
+    if requested.startswith("image") and not available.image_level:
+        raise AnomalyCLIPError(f"--metrics {requested} needs normal and anomalous images; {dataset.root} has only "
+                               f"{'anomalous' if available.n_anomalous else 'normal'} ones; use --metrics pixel-level")
+    return requested
+
+
+def _json_number(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else value
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import scipy
+    import sklearn
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "scikit-learn": sklearn.__version__, "pillow": PIL.__version__}
+
+
+def write_scores_csv(results: list[tuple[str, str, int, float]], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["img_path", "cls_name", "label", "score"])
+    writer.writerows((p, c, label, f"{score:.8g}") for p, c, label, score in results)
+    atomic_write_text(buffer.getvalue(), path)
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, object]:
+    """Run the evaluation; returns what results.json holds."""
+    started = time.time()
+    setup_seed(args.seed)
+    device = resolve_device(args.device)
+    save_path = Path(args.save_path)
+    logger = get_logger(save_path, "anomalyclip.test")
+    dataset = AnomalyDataset(args.data_path, image_size=args.image_size, split="test", class_names=args.classes)
+    metric_set = choose_metric_set(dataset, args.metrics)
+    columns = metrics.metric_columns(metric_set)
+    model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
+    prompt_learner.eval()
+    with torch.inference_mode():
+        text_feats = scoring.text_features(model, prompt_learner)
+
+    expected = {name: sum(item["cls_name"] == name for item in dataset.items) for name in dataset.class_names}
+    score_rows: list[tuple[str, str, int, float]] = []
+    consumers: list[Callable[[ImageResult], None]] = [
+        lambda r: score_rows.append((r.img_path, r.cls_name, r.label, r.score))]
+    if args.vis:
+        consumers.append(lambda r: _save_vis(r, save_path))
+    dump = DumpWriter(args.dump, len(dataset), args.image_size) if args.dump else None
+    try:
+        if dump:
+            consumers.append(dump.add)
+        results = score_dataset(model, text_feats, dataset, args, device)
+        per_class = collect_metrics(results, expected, metric_set, args.aupro, consumers)
+        if dump:
+            dump.close()
+    finally:
+        if dump:
+            dump.discard()
+
+    per_class = {name: per_class[name] for name in dataset.class_names}
+    table = metrics.format_results_table(per_class, columns)
+    logger.info("\n%s", table)
+    mean = metrics.mean_over_classes(per_class, columns)
+    summary = {
+        "dataset": args.dataset,
+        "data_path": str(args.data_path),
+        "checkpoint_path": str(args.checkpoint_path),
+        "metric_set": metric_set,
+        "columns": columns,
+        "per_class": {name: {k: _json_number(v) for k, v in values.items()} for name, values in per_class.items()},
+        "mean": {k: _json_number(v) for k, v in mean.items()},
+        "n_images": len(dataset),
+        "device": str(device),
+        "config": {k: v for k, v in vars(args).items()},
+        "versions": _versions(),
+        "wall_time_s": round(time.time() - started, 3),
+        "table": table,
+    }
+    atomic_write_text(json.dumps(summary, indent=2) + "\n", save_path / "results.json")
+    write_scores_csv(score_rows, save_path / "scores.csv")
+    return summary
+
+
+def _save_vis(result: ImageResult, save_path: Path) -> None:
+    relative = Path(result.img_path)
+    save_overlay(result.image_file, result.anomaly_map, save_path / "imgs" / result.cls_name / relative.parent.name / relative.stem)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    evaluate(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
