@@ -18,10 +18,6 @@ from loss import layer_loss_parts
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
 from train import make_optimizer, train_step
 
-# Pins PyTorch, MKL and oneDNN to the AVX2 kernels the goldens were recorded with.
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-
-
 def golden_model(goldens: Path, reference_arithmetic: bool = False):
     model = build_model(torch.load(goldens / "tiny_clip.pt", weights_only=True))
     model.visual.reference_arithmetic = reference_arithmetic

@@ -16,9 +16,6 @@ Two runs of the same code:
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,8 @@ from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.factory import read_state_dict
 from AnomalyCLIP_lib.model import build_model
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
-from tests.AnomalyCLIP_lib.golden_train_step import AVX2_ENV, compare_train_step
+from tests.AnomalyCLIP_lib.golden_train_step import compare_train_step
+from tests.conftest import run_on_avx2_kernels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -103,16 +101,6 @@ def _check_step(result, strict: bool):
 @pytest.mark.parametrize("variant", ["f24", "f6_12_18_24"])
 def test_train_step_matches_original(goldens_dir, variant):
     _check_step(compare_train_step(goldens_dir, variant), strict=False)
-
-
-def run_on_avx2_kernels(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a Python script of the repo with PyTorch, MKL and oneDNN pinned to AVX2 kernels."""
-    if not sys.platform.startswith("linux") or os.uname().machine != "x86_64":
-        pytest.skip("the goldens' AVX2 kernels exist on x86-64 only")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), **AVX2_ENV)
-    completed = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return completed
 
 
 def test_bit_exact_on_avx2_kernels_with_reference_arithmetic(goldens_dir):
