@@ -33,6 +33,16 @@ def goldens_path() -> Path:
     return Path(override) if override else REPO_ROOT.parent / "shared" / "goldens"
 
 
+def writable_copy(source: Path, target: Path, ignore=None) -> Path:
+    """Copy a folder of the read-only goldens so a test may write into it (e.g. a new meta.json)."""
+    import shutil
+
+    shutil.copytree(source, target, ignore=ignore)
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return target
+
+
 @pytest.fixture(scope="session")
 def goldens_dir() -> Path:
     """The read-only goldens folder; tests that need it are skipped when it is absent."""

@@ -24,7 +24,7 @@ import pytest
 import test as evaluation
 from generate_dataset_json import btad
 from generate_dataset_json.indexer import index_dataset
-from tests.conftest import run_on_avx2_kernels
+from tests.conftest import run_on_avx2_kernels, writable_copy
 
 SETTINGS = ["f24_s84", "f6_12_18_24_s56_sigma2"]
 CLASSES = ["01", "02", "03"]
@@ -34,10 +34,8 @@ METRIC_NAMES = {"image-auroc": "image_auroc", "image-ap": "image_ap", "pixel-aur
 
 @pytest.fixture(scope="module")
 def btad_copy(goldens_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("parity") / "synth_btad"
-    shutil.copytree(goldens_dir / "synth_btad", root, ignore=shutil.ignore_patterns("meta.json"))
-    for path in [root, *root.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    root = writable_copy(goldens_dir / "synth_btad", tmp_path_factory.mktemp("parity") / "synth_btad",
+                         ignore=shutil.ignore_patterns("meta.json"))
     index_dataset(btad.LAYOUT, root)
     return root
 

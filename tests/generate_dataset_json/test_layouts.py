@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dataset import AnomalyDataset
+from tests.conftest import writable_copy
 from generate_dataset_json.indexer import index_dataset
 from tests.generate_dataset_json.trees import SIZE, Tree, mvtec_class
 
@@ -217,8 +217,7 @@ def test_covid_kaggle_v4_nested_images(tmp_path: Path) -> None:
 
 def test_btad_matches_the_original_indexer(goldens_dir: Path, tmp_path: Path) -> None:
     """On a copy of goldens/synth_btad, btad.py writes the items the original BtadSolver wrote."""
-    root = tmp_path / "synth_btad"
-    shutil.copytree(goldens_dir / "synth_btad", root)
+    root = writable_copy(goldens_dir / "synth_btad", tmp_path / "synth_btad")
     original = json.loads((root / "meta.json").read_text())
     (root / "meta.json").unlink()
     from generate_dataset_json import btad
