@@ -42,7 +42,8 @@ from AnomalyCLIP_lib.precision import PRECISIONS, autocast
 from atomic import atomic_write_text
 from dataset import AnomalyDataset
 from dump import DumpWriter
-from utils import DPAM_LAYER, add_model_args, get_logger, load_model_and_prompts, resolve_device, run_cli, setup_seed
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, get_logger, load_model_and_prompts, resolve_device,
+                   resolve_num_workers, run_cli, setup_seed)
 from visualize import save_overlay
 
 METRIC_SETS = ("image-level", "pixel-level", "image-pixel-level")
@@ -60,15 +61,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
     parser.add_argument("--aupro", choices=metrics.AUPRO_MODES, default="cflow",
                         help="cflow: the released variant (default); exact: MVTec AD's official definition")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
+    add_loader_args(parser, "images per forward pass")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
     parser.add_argument("--vis", action="store_true", help="write heat-map overlays under save_path/imgs/")
     parser.add_argument("--dump", default=None, metavar="FILE.npz", help="save paths, labels, scores, maps and masks")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.image_size < 1 or args.num_workers < 0 or args.sigma < 0:
-        parser.error("--batch_size and --image_size must be positive, --num_workers and --sigma non-negative")
+    if args.num_workers is not None and args.num_workers < 0:
+        parser.error("--num_workers must be >= 0")
+    if args.batch_size < 1 or args.image_size < 1 or args.sigma < 0:
+        parser.error("--batch_size and --image_size must be positive, --sigma non-negative")
     return args
 
 
@@ -221,6 +223,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, object]:
     started = time.time()
     setup_seed(args.seed)
     device = resolve_device(args.device)
+    args.num_workers = resolve_num_workers(args.num_workers, device)
     save_path = Path(args.save_path)
     logger = get_logger(save_path, "anomalyclip.test")
     dataset = AnomalyDataset(args.data_path, image_size=args.image_size, split="test", class_names=args.classes)

@@ -29,8 +29,8 @@ from AnomalyCLIP_lib.model import CLIP
 from dataset import AnomalyDataset
 from loss import LossTerms, anomalyclip_loss
 from prompt_ensemble import AnomalyCLIP_PromptLearner
-from utils import (DPAM_LAYER, add_model_args, atomic_torch_save, get_logger, load_model_and_prompts,
-                   resolve_device, run_cli, setup_seed)
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, atomic_torch_save, get_logger,
+                   load_model_and_prompts, resolve_device, resolve_num_workers, run_cli, setup_seed)
 
 ADAM_BETAS = (0.5, 0.999)
 
@@ -43,17 +43,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_model_args(parser)
     parser.add_argument("--epoch", type=int, default=15, help="number of epochs")
     parser.add_argument("--learning_rate", type=float, default=0.001, help="Adam learning rate")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per step")
+    add_loader_args(parser, "images per step")
     parser.add_argument("--print_freq", type=int, default=1, help="log every N epochs")
     parser.add_argument("--save_freq", type=int, default=1, help="save a checkpoint every N epochs")
-    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--resume", default=None,
                         help="continue from our epoch_N.pth, or start from a prompt checkpoint of the original format")
     args = parser.parse_args(argv)
     for name in ("epoch", "batch_size", "print_freq", "save_freq", "image_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
-    if args.num_workers < 0:
+    if args.num_workers is not None and args.num_workers < 0:
         parser.error("--num_workers must be >= 0")
     return args
 
@@ -154,6 +153,7 @@ def train(args: argparse.Namespace) -> Path:
     """Run training; returns the folder holding the checkpoints."""
     setup_seed(args.seed)
     device = resolve_device(args.device)
+    args.num_workers = resolve_num_workers(args.num_workers, device)
     save_path = Path(args.save_path)
     logger = get_logger(save_path, "anomalyclip.train")
     train_data = AnomalyDataset(args.train_data_path, image_size=args.image_size, split="test")

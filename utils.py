@@ -65,6 +65,29 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
+    """``--batch_size`` and ``--num_workers`` (the latter resolved per device by :func:`resolve_num_workers`)."""
+    parser.add_argument("--batch_size", type=int, default=8, help=batch_help)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="DataLoader worker processes (default: 2 on a GPU; on a CPU, 2 at most and only "
+                             "on cores that PyTorch's threads leave free)")
+
+
+def resolve_num_workers(requested: int | None, device: torch.device) -> int:
+    """The DataLoader worker count: ``requested``, else a per-device default.
+
+    On a GPU, workers decode and resize the next batch while the model runs. On a CPU the
+    model's matmuls keep every thread PyTorch was given busy, so workers only pay off on cores
+    left over: on 2 cores (ViT-L/14 at 518 px) 2 workers made scoring 16% slower than none.
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cpu":
+        return 2
+    spare_cores = (os.cpu_count() or 1) - torch.get_num_threads()
+    return max(0, min(2, spare_cores))
+
+
 def load_model_and_prompts(
     args: argparse.Namespace, device: torch.device, checkpoint_path: str | None = None
 ) -> tuple[CLIP, AnomalyCLIP_PromptLearner, dict[str, object] | None]:

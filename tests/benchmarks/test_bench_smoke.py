@@ -1,0 +1,111 @@
+"""The benchmarks run (tiny configurations), and what they compute is right."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from AnomalyCLIP_lib.model import build_model
+from AnomalyCLIP_lib.random_weights import TINY, VIT_L14_336, random_state_dict
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _json_line(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bench_inference():
+    return _load("bench_inference")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_clip_state):
+    return build_model(tiny_clip_state)
+
+
+def test_bench_inference_tiny_runs_and_matches_the_original(bench_inference, capsys):
+    assert bench_inference.main(["--preset", "tiny", "--image-size", "56", "--repeats", "1", "--batch-sizes", "1", "2"]) == 0
+    result = _json_line(capsys)
+    assert result["parity_ok"] and result["max_abs_diff"] <= 1e-5
+    assert result["batch_vs_single_max_abs_diff"] == 0.0  # a CPU batch runs image by image
+    for key in ("latency_s_batch1", "latency_s_batch2_per_image", "images_per_s", "gflop_s", "peak_rss_mb",
+                "original_latency_s_batch1", "speedup", "torch", "threads", "device", "precision"):
+        assert result[key] is not None, key
+    flops = bench_inference.forward_flops(TINY, 56, [24], 20, original=False)
+    assert result["gflops_per_image"] == round(flops / 1e9, 2)
+
+
+@pytest.mark.parametrize("features_list", [[24], [6, 12, 18, 24], [12], [3]])
+@pytest.mark.parametrize("dpam_layer", [20, None, 2])
+def test_flop_formula_equals_counted_matmuls(bench_inference, tiny, features_list, dpam_layer):
+    images = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    counts = []
+    for forward in (tiny.encode_image, lambda *a: bench_inference.original_structure_encode(tiny, *a)):
+        counter = FlopCounterMode(display=False)
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:  # math SDPA: matmuls it can count
+            forward(images, features_list, dpam_layer)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == bench_inference.forward_flops(TINY, 56, features_list, dpam_layer, original=False)
+    assert counts[1] == bench_inference.forward_flops(TINY, 56, features_list, dpam_layer, original=True)
+
+
+def test_flop_counts_of_vit_l14_at_518(bench_inference):
+    assert round(bench_inference.forward_flops(VIT_L14_336, 518, [24], 20, original=True) / 1e9, 1) == 1216.4
+    assert round(bench_inference.forward_flops(VIT_L14_336, 518, [24], 20, original=False) / 1e9, 1) == 1182.9
+
+
+def test_original_structure_is_the_reference_arithmetic_bit_for_bit(bench_inference, tiny_clip_state):
+    model = build_model(tiny_clip_state)
+    model.visual.reference_arithmetic = True
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ours = model.encode_image(images, [6, 12, 18, 24], 20)
+        original = bench_inference.original_structure_encode(model, images, [6, 12, 18, 24], 20)
+    assert torch.equal(ours[0], original[0])
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], original[1], strict=True))
+
+
+def test_benchmark_weights_keep_clip_scale(bench_inference):
+    state = bench_inference.benchmark_state_dict(0, {**TINY, "vision_width": 256})
+    raw = random_state_dict(0, **{**TINY, "vision_width": 256})
+    key = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert torch.allclose(state[key], raw[key] * 0.5 ** 0.5)
+    assert torch.equal(state["visual.proj"], raw["visual.proj"])
+
+
+def test_bench_eval_memory_tiny_runs(capsys):
+    bench = _load("bench_eval_memory")
+    assert bench.main(["--no-model", "--size", "48", "--max-per-class", "4", "--max-classes", "3"]) == 0
+    result = _json_line(capsys)
+    assert result["images"] == 12 and result["classes"] == 3 and result["within_limit"]
+    assert result["max_maps_alive"] <= 5  # one class (4) and the result being handed over
+    assert set(result["mean_metrics"]) == {"pixel_auroc", "pixel_aupro", "image_auroc", "image_ap"}
+    assert result["outside_model_s"] >= 0 and result["peak_rss_mb"] > 0
+
+
+def test_bench_eval_memory_fails_over_the_limit(capsys):
+    bench = _load("bench_eval_memory")
+    assert bench.main(["--no-model", "--size", "48", "--max-per-class", "2", "--max-classes", "2", "--limit-mb", "1"]) == 1
+    assert not _json_line(capsys)["within_limit"]
+
+
+def test_mvtec_sizes(capsys):
+    bench = _load("bench_eval_memory")
+    sizes = bench.class_sizes(None, None)
+    assert len(sizes) == 15 and sum(n for n, _ in sizes.values()) == 1725 and sum(g for _, g in sizes.values()) == 467

@@ -1,0 +1,33 @@
+"""utils.py: the DataLoader worker default."""
+
+import pytest
+import torch
+
+import test as test_cli
+import train as train_cli
+from utils import resolve_num_workers
+
+
+@pytest.mark.parametrize(("cpu_count", "threads", "expected"), [(2, 2, 0), (5, 4, 1), (16, 8, 2), (1, 4, 0)])
+def test_cpu_default_uses_only_cores_left_by_torch_threads(monkeypatch, cpu_count, threads, expected):
+    monkeypatch.setattr("utils.os.cpu_count", lambda: cpu_count)
+    monkeypatch.setattr("utils.torch.get_num_threads", lambda: threads)
+    assert resolve_num_workers(None, torch.device("cpu")) == expected
+
+
+def test_gpu_default_and_explicit_value(monkeypatch):
+    monkeypatch.setattr("utils.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("utils.torch.get_num_threads", lambda: 2)
+    assert resolve_num_workers(None, torch.device("cuda")) == 2
+    assert resolve_num_workers(3, torch.device("cpu")) == 3
+    assert resolve_num_workers(0, torch.device("cuda")) == 0
+
+
+@pytest.mark.parametrize("cli", [test_cli, train_cli])
+def test_clis_leave_the_worker_count_to_the_device_and_reject_negative(cli, capsys):
+    required = ["--checkpoint_path", "x.pth"] if cli is test_cli else []
+    assert cli.parse_args(required).num_workers is None
+    assert cli.parse_args([*required, "--num_workers", "3"]).num_workers == 3
+    with pytest.raises(SystemExit):
+        cli.parse_args([*required, "--num_workers", "-1"])
+    assert "--num_workers must be >= 0" in capsys.readouterr().err
