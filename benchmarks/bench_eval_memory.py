@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import sys
 import time
 import weakref
@@ -49,7 +48,7 @@ import metrics  # noqa: E402
 from AnomalyCLIP_lib.model import build_model  # noqa: E402
 from AnomalyCLIP_lib.random_weights import PRESETS, random_state_dict  # noqa: E402
 from AnomalyCLIP_lib.scoring import gaussian_smooth  # noqa: E402
-from bench_inference import peak_rss_mb, reset_peak_rss  # noqa: E402
+from bench_inference import peak_rss_mb, process_peak_rss_mb, reset_peak_rss  # noqa: E402
 from bench_metrics import blob  # noqa: E402
 from test import ImageResult, collect_metrics  # noqa: E402
 
@@ -182,8 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     total_s = time.perf_counter() - start
     outside_s = total_s - results.generation_s
     eval_peak = peak_rss_mb() if rss_reset else None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak = max(peak, load_peak, eval_peak or 0.0)
+    peak = max(process_peak_rss_mb(), load_peak, eval_peak or 0.0)
 
     map_mb = args.size * args.size * (4 + 1) / 2**20  # one map (float32) and one mask (uint8)
     columns = metrics.metric_columns("image-pixel-level")

@@ -265,12 +265,17 @@ def release_free_memory() -> None:
         pass
 
 
-def current_rss_mb() -> float | None:
+def _status_mb(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; None where unavailable."""
     try:
         with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) / 1024 for line in handle if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) / 1024 for line in handle if line.startswith(f"{field}:"))
     except (OSError, StopIteration):
         return None
+
+
+def current_rss_mb() -> float | None:
+    return _status_mb("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -283,17 +288,16 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (since the last reset on Linux)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+def process_peak_rss_mb() -> float:
+    """Peak resident set size over the process's whole life in MiB (``ru_maxrss``: not reset)."""
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (since the last reset on Linux)."""
+    peak = _status_mb("VmHWM")
+    return process_peak_rss_mb() if peak is None else peak
 
 
 class Timer:
