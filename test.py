@@ -13,8 +13,11 @@ Writes the original's table (printed and appended to ``save_path/log.txt``),
 
 Evaluation is a loop over per-image results gathered per class: a class's metrics are
 computed as soon as its last image is scored and its maps are then dropped, so memory holds
-one class at a time. (Sharding the loop across processes only needs the gathering step to
-collect each class from every rank before its metrics.)
+one class at a time. Under ``torchrun --nproc_per_node K test.py ...`` each rank scores every
+K-th image, and each result goes to the rank that owns its class (classes are dealt out to the
+ranks in turn), which computes that class's metrics; rank 0 alone writes the log, the table,
+results.json, scores.csv and the dump, and overlays are written by the rank that scored the
+image. The numbers are a one-process run's (see :mod:`distributed`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import distributed
 import metrics
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
@@ -42,6 +46,7 @@ from AnomalyCLIP_lib.precision import PRECISIONS, autocast
 from atomic import atomic_write_text
 from dataset import AnomalyDataset
 from dump import DumpWriter
+from distributed import World
 from utils import (DPAM_LAYER, add_loader_args, add_model_args, get_logger, load_model_and_prompts, resolve_device,
                    resolve_num_workers, run_cli, setup_seed)
 from visualize import save_overlay
@@ -84,8 +89,12 @@ class ImageResult:
     cls_name: str
     label: int
     score: float
-    anomaly_map: np.ndarray
-    mask: np.ndarray
+    anomaly_map: np.ndarray | None  # None in the light copy rank 0 gets for scores.csv
+    mask: np.ndarray | None
+
+    def without_arrays(self) -> ImageResult:
+        """The result without its map and mask (what scores.csv needs)."""
+        return ImageResult(self.index, self.img_path, self.image_file, self.cls_name, self.label, self.score, None, None)
 
 
 @dataclass
@@ -127,24 +136,74 @@ class ClassGatherer:
         )
 
 
-def score_dataset(
-    model, text_feats: torch.Tensor, dataset: AnomalyDataset, args: argparse.Namespace, device: torch.device
-) -> Iterator[ImageResult]:
-    """Per-image results in dataset order."""
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda")
-    index = 0
-    for batch in tqdm(loader, desc="scoring", unit="batch"):
+def score_batches(
+    model,
+    text_feats: torch.Tensor,
+    dataset: AnomalyDataset,
+    indices: Sequence[int],
+    args: argparse.Namespace,
+    device: torch.device,
+    on_image: Callable[[ImageResult], None] | None = None,
+    progress: bool = True,
+) -> Iterator[list[ImageResult]]:
+    """Per-image results of the items ``indices`` of ``dataset``, one list per batch, in that order.
+
+    Args:
+        on_image: Called with each result as it is made (overlays of the rank that scored it).
+        progress: Show the progress bar (rank 0 only).
+    """
+    loader = DataLoader(Subset(dataset, list(indices)), batch_size=args.batch_size, shuffle=False,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    position = 0
+    for batch in tqdm(loader, desc="scoring", unit="batch", disable=not progress):
         with autocast(device, args.precision):
             prediction = scoring.predict(model, text_feats, batch["img"].to(device, non_blocking=True),
                                          args.features_list, DPAM_LAYER, args.sigma, args.feature_map_layer[0])
         masks = batch["img_mask"][:, 0].numpy().astype(np.uint8)
+        results = []
         for i in range(len(prediction.scores)):
-            yield ImageResult(index=index, img_path=dataset.items[index]["img_path"], image_file=batch["img_path"][i],
-                              cls_name=batch["cls_name"][i],
-                              label=int(batch["anomaly"][i]), score=float(prediction.scores[i]),
-                              anomaly_map=prediction.maps[i].numpy(), mask=masks[i])
-            index += 1
+            index = indices[position]
+            position += 1
+            result = ImageResult(index=index, img_path=dataset.items[index]["img_path"],
+                                 image_file=batch["img_path"][i], cls_name=batch["cls_name"][i],
+                                 label=int(batch["anomaly"][i]), score=float(prediction.scores[i]),
+                                 anomaly_map=prediction.maps[i].numpy(), mask=masks[i])
+            if on_image is not None:
+                on_image(result)
+            results.append(result)
+        yield results
+
+
+class ClassMetricsCollector:
+    """Gathers per-image results per class and computes each class's metrics once it is complete.
+
+    Args:
+        expected: Number of images of each class this collector is responsible for.
+        metric_set: See :func:`metrics.metric_columns`.
+        aupro_mode: See :func:`metrics.pixel_aupro`.
+
+    Attributes:
+        per_class: ``{class: {column: value}}`` in completion order. Only incomplete classes are held.
+    """
+
+    def __init__(self, expected: dict[str, int], metric_set: str, aupro_mode: str = "cflow") -> None:
+        self.expected = expected
+        self.metric_set = metric_set
+        self.aupro_mode = aupro_mode
+        self._gatherer = ClassGatherer(expected)
+        self.per_class: dict[str, dict[str, float]] = {}
+
+    def add(self, result: ImageResult) -> None:
+        finished = self._gatherer.add(result)
+        if finished is not None:
+            self.per_class[finished.cls_name] = metrics.compute_class_metrics(
+                finished.labels, finished.scores, finished.masks, finished.maps, self.metric_set, self.aupro_mode)
+
+
+def check_complete(per_class: dict[str, dict[str, float]], expected: dict[str, int]) -> None:
+    missing = [name for name, count in expected.items() if count and name not in per_class]
+    if missing:
+        raise RuntimeError(f"results missing for classes {missing}")
 
 
 def collect_metrics(
@@ -166,19 +225,25 @@ def collect_metrics(
     Returns:
         ``{class: {column: value}}`` in completion order. Only incomplete classes are held.
     """
-    gatherer = ClassGatherer(expected)
-    per_class: dict[str, dict[str, float]] = {}
+    collector = ClassMetricsCollector(expected, metric_set, aupro_mode)
     for result in results:
         for consume in consumers:
             consume(result)
-        finished = gatherer.add(result)
-        if finished is not None:
-            per_class[finished.cls_name] = metrics.compute_class_metrics(
-                finished.labels, finished.scores, finished.masks, finished.maps, metric_set, aupro_mode)
-    missing = [name for name, count in expected.items() if count and name not in per_class]
-    if missing:
-        raise RuntimeError(f"results missing for classes {missing}")
-    return per_class
+        collector.add(result)
+    check_complete(collector.per_class, expected)
+    return collector.per_class
+
+
+def route(results: Sequence[ImageResult], owners: dict[str, int], world_size: int,
+          arrays_to_main: bool) -> list[list[ImageResult]]:
+    """Where each result goes: whole to its class's owner; to rank 0 also, light unless ``arrays_to_main``."""
+    outgoing: list[list[ImageResult]] = [[] for _ in range(world_size)]
+    for result in results:
+        owner = owners[result.cls_name]
+        outgoing[owner].append(result)
+        if owner != 0:
+            outgoing[0].append(result if arrays_to_main else result.without_arrays())
+    return outgoing
 
 
 def choose_metric_set(dataset: AnomalyDataset, requested: str | None) -> str:
@@ -218,41 +283,69 @@ def write_scores_csv(results: list[tuple[str, str, int, float]], path: Path) -> 
     atomic_write_text(buffer.getvalue(), path)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, object]:
-    """Run the evaluation; returns what results.json holds."""
-    started = time.time()
-    setup_seed(args.seed)
-    device = resolve_device(args.device)
-    args.num_workers = resolve_num_workers(args.num_workers, device)
-    save_path = Path(args.save_path)
-    logger = get_logger(save_path, "anomalyclip.test")
+def evaluate(args: argparse.Namespace) -> dict[str, object] | None:
+    """Run the evaluation; returns what results.json holds (``None`` on ranks other than 0)."""
+    world, device = distributed.setup(args.device, resolve_device)
+    try:
+        return _evaluate(args, world, device)
+    finally:
+        distributed.finish(world)
+
+
+def _prepare(args: argparse.Namespace, device: torch.device) -> tuple[AnomalyDataset, str, object, torch.Tensor]:
+    """The dataset, its metric set, the backbone and the text features."""
     dataset = AnomalyDataset(args.data_path, image_size=args.image_size, split="test", class_names=args.classes)
     metric_set = choose_metric_set(dataset, args.metrics)
-    columns = metrics.metric_columns(metric_set)
     model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
     prompt_learner.eval()
     with torch.inference_mode():
         text_feats = scoring.text_features(model, prompt_learner)
+    return dataset, metric_set, model, text_feats
+
+
+def _evaluate(args: argparse.Namespace, world: World, device: torch.device) -> dict[str, object] | None:
+    started = time.time()
+    setup_seed(args.seed)
+    args.num_workers = resolve_num_workers(args.num_workers, device)
+    save_path = Path(args.save_path)
+    logger = get_logger(save_path, "anomalyclip.test", main_process=world.is_main)
+    dataset, metric_set, model, text_feats = distributed.together(world, lambda: _prepare(args, device))
+    columns = metrics.metric_columns(metric_set)
 
     expected = {name: sum(item["cls_name"] == name for item in dataset.items) for name in dataset.class_names}
-    score_rows: list[tuple[str, str, int, float]] = []
-    consumers: list[Callable[[ImageResult], None]] = [
-        lambda r: score_rows.append((r.img_path, r.cls_name, r.label, r.score))]
-    if args.vis:
-        consumers.append(lambda r: _save_vis(r, save_path))
-    dump = DumpWriter(args.dump, len(dataset), args.image_size) if args.dump else None
+    owners = {name: position % world.size for position, name in enumerate(dataset.class_names)}
+    collector = ClassMetricsCollector({name: count for name, count in expected.items() if owners[name] == world.rank},
+                                      metric_set, args.aupro)
+    score_rows: list[ImageResult] = []
+    dump = DumpWriter(args.dump, len(dataset), args.image_size) if args.dump and world.is_main else None
+    scored_here = 0
     try:
-        if dump:
-            consumers.append(dump.add)
-        results = score_dataset(model, text_feats, dataset, args, device)
-        per_class = collect_metrics(results, expected, metric_set, args.aupro, consumers)
-        if dump:
+        shard = world.shard(len(dataset))
+        on_image = (lambda r: _save_vis(r, save_path)) if args.vis else None
+        batches = score_batches(model, text_feats, dataset, shard, args, device, on_image, progress=world.is_main)
+        for local, error in distributed.lockstep(world, batches, world.rounds(len(dataset), args.batch_size)):
+            local = local or []
+            scored_here += len(local)
+            outgoing = route(local, owners, world.size, arrays_to_main=bool(args.dump))
+            for result in distributed.exchange(world, outgoing, error):
+                if world.is_main:
+                    score_rows.append(result)
+                    if dump is not None:
+                        dump.add(result)
+                if owners[result.cls_name] == world.rank:
+                    collector.add(result)
+        parts = distributed.gather_to_main(world, (collector.per_class, scored_here))
+        if not world.is_main:
+            return None
+        gathered = {name: values for part, _ in parts for name, values in part.items()}
+        check_complete(gathered, expected)
+        if dump is not None:
             dump.close()
     finally:
-        if dump:
+        if dump is not None:
             dump.discard()
 
-    per_class = {name: per_class[name] for name in dataset.class_names}
+    per_class = {name: gathered[name] for name in dataset.class_names}
     table = metrics.format_results_table(per_class, columns)
     logger.info("\n%s", table)
     mean = metrics.mean_over_classes(per_class, columns)
@@ -265,6 +358,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, object]:
         "per_class": {name: {k: _json_number(v) for k, v in values.items()} for name, values in per_class.items()},
         "mean": {k: _json_number(v) for k, v in mean.items()},
         "n_images": len(dataset),
+        "world_size": world.size,
+        "images_per_rank": [count for _, count in parts],
         "device": str(device),
         "config": {k: v for k, v in vars(args).items()},
         "versions": _versions(),
@@ -272,7 +367,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, object]:
         "table": table,
     }
     atomic_write_text(json.dumps(summary, indent=2) + "\n", save_path / "results.json")
-    write_scores_csv(score_rows, save_path / "scores.csv")
+    score_rows.sort(key=lambda r: r.index)
+    write_scores_csv([(r.img_path, r.cls_name, r.label, r.score) for r in score_rows], save_path / "scores.csv")
     return summary
 
 

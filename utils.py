@@ -15,7 +15,8 @@ import torch
 
 import AnomalyCLIP_lib
 from atomic import atomic_write
-from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from distributed import PeerFailed
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, one_line
 from AnomalyCLIP_lib.model import CLIP
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
 
@@ -105,17 +106,25 @@ def load_model_and_prompts(
     return model, prompt_learner.to(device), checkpoint
 
 
-def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip") -> logging.Logger:
-    """A logger that prints messages and appends them to ``save_path/log.txt``, as the original does."""
+def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip", main_process: bool = True) -> logging.Logger:
+    """A logger that prints messages and appends them to ``save_path/log.txt``, as the original does.
+
+    Args:
+        main_process: False on ranks other than 0 under torchrun: those only print warnings,
+            and only rank 0 writes ``log.txt``.
+    """
     save_path = Path(save_path)
     save_path.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger(name)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
-    logger.setLevel(logging.INFO)
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
     logger.propagate = False
-    for handler in (logging.FileHandler(save_path / "log.txt", mode="a"), logging.StreamHandler(sys.stdout)):
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if main_process:
+        handlers.insert(0, logging.FileHandler(save_path / "log.txt", mode="a"))
+    for handler in handlers:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     return logger
@@ -130,8 +139,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     """Run a CLI entry point; user errors print one ``error: ...`` line and exit with status 2."""
     try:
         return main(argv)
+    except PeerFailed:
+        return 2  # the rank that failed has printed the error line
     except AnomalyCLIPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,3 +7,18 @@ command-line entry points catch it and print that line instead of a traceback.
 
 class AnomalyCLIPError(Exception):
     """A user-facing error whose message is one line naming the offending input and the fix."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing line of ``exc``, also when a DataLoader worker wrapped it in a traceback.
+
+    A worker re-raises the error in the main process with a message that starts ``Caught
+    AnomalyCLIPError in DataLoader worker process 0.`` and holds the worker's traceback; its last
+    line (``...AnomalyCLIPError: <the line>``) is what the user needs.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1].strip()
+        head, _, rest = last.partition(": ")
+        text = rest if rest and head.endswith(("Error", "Exception")) else last
+    return text.splitlines()[0] if text else type(exc).__name__

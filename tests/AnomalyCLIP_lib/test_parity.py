@@ -26,7 +26,7 @@ from AnomalyCLIP_lib.factory import read_state_dict
 from AnomalyCLIP_lib.model import build_model
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
 from tests.AnomalyCLIP_lib.golden_train_step import compare_train_step
-from tests.conftest import run_on_avx2_kernels
+from tests.conftest import run_on_avx2_kernels, same_kernels_as_goldens
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
@@ -108,6 +108,8 @@ def test_bit_exact_on_avx2_kernels_with_reference_arithmetic(goldens_dir):
     result = json.loads(run_on_avx2_kernels([str(script), str(goldens_dir)]).stdout.strip().splitlines()[-1])
     if result["cpu_capability"] != "AVX2":
         pytest.skip(f"this CPU has no AVX2 kernels ({result['cpu_capability']})")
-    assert result["encode_image"] == {name: 0.0 for name in result["encode_image"]}
+    exact = same_kernels_as_goldens()
+    for name, diff in result["encode_image"].items():
+        assert diff == 0.0 if exact else diff <= TOL, (name, diff)
     for variant in ("f24", "f6_12_18_24"):
-        _check_step(result["train_step"][variant], strict=True)
+        _check_step(result["train_step"][variant], strict=exact)
