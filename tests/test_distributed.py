@@ -56,3 +56,12 @@ def test_user_error_on_one_rank_ends_both(synthetic_datasets, design_args, train
     assert len(error_lines) == 1, completed.stderr[-3000:]
     assert "cannot read image file" in error_lines[0] and items[1]["img_path"].split("/")[-1] in error_lines[0]
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_train_refuses_torchrun_with_one_line(synthetic_datasets, design_args, tmp_path):
+    completed = _torchrun(["train.py", "--train_data_path", str(synthetic_datasets[0]), "--save_path",
+                           str(tmp_path / "ck"), "--epoch", "1", *design_args])
+    assert completed.returncode != 0
+    # Every rank refuses before any collective, each with the one line.
+    assert re.findall(r"(?<![A-Za-z_])error: train.py runs in one process", completed.stderr), completed.stderr[-2000:]
+    assert not list((tmp_path / "ck").glob("epoch_*.pth"))
