@@ -6,7 +6,14 @@ All functions take numpy arrays and return python floats:
 * pixel level: :func:`pixel_auroc` (equal to sklearn's ``roc_auc_score`` on the flattened arrays,
   in bounded memory) and :func:`pixel_aupro`, whose default ``"cflow"`` mode reproduces the
   released ``cal_pro_score`` bit for bit without its per-threshold re-labelling, and whose
-  ``"exact"`` mode is the MVTec AD official PRO integral.
+  ``"exact"`` mode is the MVTec AD official PRO integral;
+* decision metrics: :func:`image_f1_max`, :func:`pixel_ap` and :func:`pixel_f1_max` (sklearn's
+  precision-recall curve, the pixel ones in bounded memory), gathered by :func:`decision_metrics`;
+* :func:`per_defect_type_auroc`: image and pixel AUROC of each defect type against the normals.
+
+The pixel AUROC, AP and F1-max share one counting step (:func:`_tie_counts`): the pixel scores
+are split into two sorted copies and, chunk by chunk, every distinct score of one population is
+counted in both, so ties are exact and no curve over all pixels is ever materialised.
 
 A metric that is undefined for its input (a single image label, no anomalous or no normal
 pixel, constant maps in cflow mode, fewer than two usable thresholds) returns NaN and emits an
@@ -21,6 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -31,6 +39,12 @@ IMAGE_AUROC = "image_auroc"
 IMAGE_AP = "image_ap"
 PIXEL_AUROC = "pixel_auroc"
 PIXEL_AUPRO = "pixel_aupro"
+IMAGE_F1_MAX = "image_f1_max"
+IMAGE_F1_THRESHOLD = "image_f1_threshold"
+PIXEL_AP = "pixel_ap"
+PIXEL_F1_MAX = "pixel_f1_max"
+PIXEL_F1_THRESHOLD = "pixel_f1_threshold"
+DECISION_KEYS = (IMAGE_F1_MAX, IMAGE_F1_THRESHOLD, PIXEL_AP, PIXEL_F1_MAX, PIXEL_F1_THRESHOLD)
 
 METRIC_COLUMNS: dict[str, tuple[str, ...]] = {
     "image-level": (IMAGE_AUROC, IMAGE_AP),
@@ -66,13 +80,19 @@ def _undefined(metric: str, reason: str) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def _image_metric(
-    name: str, sklearn_metric: Callable[[np.ndarray, np.ndarray], float], labels: np.ndarray, scores: np.ndarray
-) -> float:
+def _image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flatten image labels and scores and check that their lengths match."""
     labels = np.asarray(labels).ravel()
     scores = np.asarray(scores).ravel()
     if labels.shape != scores.shape:
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ in length")
+    return labels, scores
+
+
+def _image_metric(
+    name: str, sklearn_metric: Callable[[np.ndarray, np.ndarray], float], labels: np.ndarray, scores: np.ndarray
+) -> float:
+    labels, scores = _image_inputs(labels, scores)
     if np.unique(labels).size < 2:
         return _undefined(name, "the labels hold a single class")
     return float(sklearn_metric(labels, scores))
@@ -127,26 +147,121 @@ def _pixel_inputs(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.n
     return masks, maps
 
 
-def _chunks(masks: np.ndarray, maps: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (anomalous-pixel boolean mask, map) for consecutive groups of whole images."""
+def _image_groups(maps: np.ndarray, images: np.ndarray | None) -> Iterator[slice | np.ndarray]:
+    """Index consecutive groups of whole images (all of them, or the listed ``images``)."""
     step = max(1, _CHUNK_PIXELS // (maps.shape[1] * maps.shape[2]))
-    for start in range(0, len(maps), step):
-        yield masks[start : start + step] != 0, maps[start : start + step]
+    if images is None:
+        for start in range(0, len(maps), step):
+            yield slice(start, start + step)
+    else:
+        for start in range(0, len(images), step):
+            yield images[start : start + step]
 
 
-def _split_scores(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return (normal pixel scores, anomalous pixel scores) as flat copies in the maps' dtype."""
-    n_anomalous = int(np.count_nonzero(masks))
-    normal = np.empty(maps.size - n_anomalous, dtype=maps.dtype)
+def _chunks(
+    masks: np.ndarray, maps: np.ndarray, images: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (anomalous-pixel boolean mask, map) for consecutive groups of whole images.
+
+    With ``images`` (indices into the stacks) only those images are visited, a group at a time,
+    so a subset is never copied whole.
+    """
+    for group in _image_groups(maps, images):
+        yield masks[group] != 0, maps[group]
+
+
+def _split_scores(
+    masks: np.ndarray, maps: np.ndarray, images: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (normal pixel scores, anomalous pixel scores) as flat copies in the maps' dtype.
+
+    Args:
+        masks: (N, H, W) ground truth, nonzero = anomalous.
+        maps: (N, H, W) anomaly scores.
+        images: Indices of the images to use; all of them when None.
+    """
+    n_anomalous = sum(int(np.count_nonzero(masks[group])) for group in _image_groups(maps, images))
+    n_pixels = maps.size if images is None else len(images) * maps.shape[1] * maps.shape[2]
+    normal = np.empty(n_pixels - n_anomalous, dtype=maps.dtype)
     anomalous = np.empty(n_anomalous, dtype=maps.dtype)
     n_done = a_done = 0
-    for chunk_mask, chunk_map in _chunks(masks, maps):
+    for chunk_mask, chunk_map in _chunks(masks, maps, images):
         values = chunk_map[chunk_mask]
         anomalous[a_done : a_done + values.size] = values
         a_done += values.size
         values = chunk_map[~chunk_mask]
         normal[n_done : n_done + values.size] = values
         n_done += values.size
+    return normal, anomalous
+
+
+# --------------------------------------------------------------------------------------------
+# Pixel level: the shared counting step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _TieCounts:
+    """Counts at consecutive distinct values of a sorted population ("needles"), ascending.
+
+    Attributes:
+        values: The distinct needle values.
+        needles_below: Needles strictly below each value.
+        needles_equal: Needles equal to each value.
+        others_below: Scores of the other population strictly below each value.
+        others_equal: Scores of the other population equal to each value.
+    """
+
+    values: np.ndarray
+    needles_below: np.ndarray
+    needles_equal: np.ndarray
+    others_below: np.ndarray
+    others_equal: np.ndarray
+
+
+def _run_starts(needles: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Positions in ``needles[start:stop]`` (relative) where a new value begins; sorted needles."""
+    chunk = needles[start:stop]
+    first = np.empty(chunk.size, dtype=bool)
+    first[0] = start == 0 or chunk[0] != needles[start - 1]
+    np.not_equal(chunk[1:], chunk[:-1], out=first[1:])
+    return np.flatnonzero(first)
+
+
+def _tie_counts(needles: np.ndarray, others: np.ndarray) -> Iterator[_TieCounts]:
+    """Count every distinct needle value in both populations, chunk by chunk.
+
+    Each distinct value is reported exactly once (a run of equal needles that spans chunks
+    belongs to the chunk where it begins), so temporaries are a few arrays of ``_CHUNK_PIXELS``.
+
+    Args:
+        needles: Sorted (ascending) scores whose distinct values are visited.
+        others: Sorted (ascending) scores of the other population.
+
+    Yields:
+        :class:`_TieCounts` for consecutive groups of distinct values, ascending.
+    """
+    for start in range(0, needles.size, _CHUNK_PIXELS):
+        stop = min(start + _CHUNK_PIXELS, needles.size)
+        starts = _run_starts(needles, start, stop)
+        if starts.size == 0:
+            continue  # the whole chunk continues a run that began earlier
+        values = needles[start + starts]
+        ends = np.empty_like(starts)
+        ends[:-1] = starts[1:]
+        ends[-1] = np.searchsorted(needles, values[-1], side="right") - start
+        below = np.searchsorted(others, values, side="left")
+        equal = np.searchsorted(others, values, side="right") - below
+        yield _TieCounts(values, starts + start, ends - starts, below, equal)
+
+
+def _sorted_split(
+    masks: np.ndarray, maps: np.ndarray, images: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(normal, anomalous) pixel scores as :func:`_split_scores` returns them, each sorted in place."""
+    normal, anomalous = _split_scores(masks, maps, images)
+    normal.sort()
+    anomalous.sort()
     return normal, anomalous
 
 
@@ -158,10 +273,10 @@ def _split_scores(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.n
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """Pixel-level AUROC, equal to ``roc_auc_score(masks.ravel(), maps.ravel())``.
 
-    Computed as the Mann-Whitney statistic (ties count 1/2): the larger of the two pixel
-    populations is sorted, the smaller is located in it with ``searchsorted`` in chunks, and the
-    integer statistic is divided once. Extra memory is one copy of the scores plus a boolean mask
-    of one chunk, instead of sklearn's several float64 copies of the whole class.
+    Computed as the Mann-Whitney statistic (ties count 1/2) from :func:`_tie_counts`: both pixel
+    populations are sorted, every distinct score of the smaller one is counted in the larger one
+    chunk by chunk, and the integer statistic is divided once. Extra memory is one copy of the
+    scores plus a few arrays of one chunk, instead of sklearn's several float64 copies of the class.
 
     Args:
         masks: (N, H, W) ground truth, nonzero = anomalous.
@@ -172,24 +287,256 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
         anomalous or only normal pixels.
     """
     masks, maps = _pixel_inputs(masks, maps)
-    normal, anomalous = _split_scores(masks, maps)
+    normal, anomalous = _sorted_split(masks, maps)
     if anomalous.size == 0 or normal.size == 0:
         return _undefined("pixel AUROC", "the masks hold a single class")
-    # Sum over the smaller population of 2*(#other below) + (#other equal) = (left + right).
+    return _auroc_of_sorted(normal, anomalous)
+
+
+def _auroc_of_sorted(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    """Mann-Whitney AUROC of two sorted, non-empty score populations (anomalous should rank high)."""
+    # Sum over the smaller population of 2*(#other below) + (#other equal).
     small, large, small_is_anomalous = (
         (anomalous, normal, True) if anomalous.size <= normal.size else (normal, anomalous, False)
     )
-    large.sort()
-    small.sort()  # sorted needles make searchsorted cache-friendly
     twice_below = 0
-    for start in range(0, small.size, _CHUNK_PIXELS):
-        needles = small[start : start + _CHUNK_PIXELS]
-        left = np.searchsorted(large, needles, side="left")
-        right = np.searchsorted(large, needles, side="right")
-        twice_below += int(left.sum()) + int(right.sum())
+    for counts in _tie_counts(small, large):
+        twice_below += int(np.sum(counts.needles_equal * (2 * counts.others_below + counts.others_equal)))
     pairs = normal.size * anomalous.size
     twice_u = twice_below if small_is_anomalous else 2 * pairs - twice_below
     return twice_u / (2 * pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# Precision-recall: average precision and F1-max (image and pixel level)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PrecisionRecallSummary:
+    """Average precision, maximum F1 and the (lowest) threshold attaining it."""
+
+    ap: float
+    f1_max: float
+    threshold: float
+
+
+def _precision_recall_summary(normal: np.ndarray, anomalous: np.ndarray) -> _PrecisionRecallSummary:
+    """AP and F1-max of ``precision_recall_curve`` from two sorted populations, chunk by chunk.
+
+    With thresholds descending, recall only moves at anomalous scores, so sklearn's AP,
+    ``-sum(diff(recall) * precision[:-1])``, is a sum over the distinct anomalous values v of
+    ``(recall(v) - recall(next higher threshold)) * precision(v)``. F1 is also maximal only there:
+    at any other threshold the true positives equal those of the next higher anomalous value
+    while the false positives are strictly more. Precision, recall and F1 are computed with
+    sklearn's own float64 expressions on the same integer counts, so every per-threshold value is
+    bit for bit sklearn's; only the AP sum is accumulated in a different order.
+
+    Args:
+        normal: Sorted scores of the negatives (may be empty).
+        anomalous: Sorted scores of the positives, not empty.
+
+    Returns:
+        The summary; the threshold is the lowest score attaining the F1 maximum, as
+        ``np.argmax`` over sklearn's ascending thresholds picks it.
+    """
+    ap, best_f1, best_threshold = 0.0, -math.inf, math.nan
+    for counts in _tie_counts(anomalous, normal):
+        ap_part, f1 = _chunk_ap_and_f1(counts, anomalous.size, normal.size)
+        ap += ap_part
+        best = int(np.argmax(f1))
+        if f1[best] > best_f1:  # strict: chunks ascend, so ties keep the lowest threshold
+            best_f1, best_threshold = float(f1[best]), float(counts.values[best])
+    return _PrecisionRecallSummary(ap, best_f1, best_threshold)
+
+
+def _chunk_ap_and_f1(counts: _TieCounts, n_anomalous: int, n_normal: int) -> tuple[float, np.ndarray]:
+    """One chunk's share of the AP sum, and F1 at each of its distinct anomalous values.
+
+    The values are sklearn's expressions (``P = tps / (tps + fps)``, ``R = tps / tps[-1]``,
+    ``2 * P * R / (P + R)``) evaluated in float64 on exact integer counts; they are written with
+    ``out=`` so that a chunk needs three float64 temporaries.
+    """
+    tps = np.subtract(n_anomalous, counts.needles_below, dtype=np.float64)
+    precision = np.subtract(n_normal, counts.others_below, dtype=np.float64)  # fps, for now
+    np.add(tps, precision, out=precision)
+    np.divide(tps, precision, out=precision)
+    recall = tps / n_anomalous
+    work = np.subtract(tps, counts.needles_equal, out=tps)  # true positives above the value
+    np.divide(work, n_anomalous, out=work)  # recall at the next higher threshold
+    np.subtract(recall, work, out=work)
+    np.multiply(work, precision, out=work)
+    ap_part = float(np.sum(work))
+    np.multiply(2, precision, out=work)
+    np.multiply(work, recall, out=work)
+    np.add(precision, recall, out=recall)  # > 0: every value here has tps >= 1
+    return ap_part, np.divide(work, recall, out=work)
+
+
+def _binary_image_inputs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image labels as booleans (1 = anomalous) and finite scores; raises ``ValueError`` otherwise."""
+    labels, scores = _image_inputs(labels, scores)
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"image labels must be 0 or 1, got {np.unique(labels)}")
+    if scores.size and not np.isfinite(scores).all():
+        raise ValueError("image scores contain NaN or infinite values")
+    return labels == 1, scores
+
+
+def _image_summary(anomalous: np.ndarray, scores: np.ndarray) -> _PrecisionRecallSummary:
+    """Precision-recall summary of image scores; at least one anomalous image."""
+    return _precision_recall_summary(np.sort(scores[~anomalous]), np.sort(scores[anomalous]))
+
+
+def image_f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Image-level maximum F1 over all thresholds, and the threshold attaining it.
+
+    Equal to ``f1 = 2 * P * R / (P + R)`` (0 where ``P + R == 0``) over sklearn's
+    ``P, R, T = precision_recall_curve(labels, scores)``, then ``f1.max()`` and
+    ``T[np.argmax(f1)]``; an image is predicted anomalous when ``score >= threshold``.
+
+    Args:
+        labels: (N,) 0/1 image labels (1 = anomalous).
+        scores: (N,) image anomaly scores.
+
+    Returns:
+        (F1-max, threshold), or (NaN, NaN) with an :class:`UndefinedMetricWarning` when no image
+        is anomalous.
+
+    Raises:
+        ValueError: On labels other than 0/1, non-finite scores or mismatched lengths.
+    """
+    anomalous, scores = _binary_image_inputs(labels, scores)
+    if not anomalous.any():
+        return _undefined("image F1-max", "the labels hold no anomalous image"), math.nan
+    summary = _image_summary(anomalous, scores)
+    return summary.f1_max, summary.threshold
+
+
+def pixel_ap(masks: np.ndarray, maps: np.ndarray) -> float:
+    """Pixel-level average precision, ``average_precision_score(masks.ravel(), maps.ravel())``.
+
+    Bounded memory: one sorted copy of the scores (split into normal and anomalous pixels) plus a
+    few arrays of ``_CHUNK_PIXELS``, shared with :func:`pixel_auroc` (see
+    :func:`_precision_recall_summary`).
+
+    Args:
+        masks: (N, H, W) ground truth, nonzero = anomalous.
+        maps: (N, H, W) anomaly scores.
+
+    Returns:
+        The AP, or NaN with an :class:`UndefinedMetricWarning` when no pixel is anomalous.
+    """
+    masks, maps = _pixel_inputs(masks, maps)
+    normal, anomalous = _sorted_split(masks, maps)
+    if anomalous.size == 0:
+        return _undefined("pixel AP", "the masks hold no anomalous pixel")
+    return _precision_recall_summary(normal, anomalous).ap
+
+
+def pixel_f1_max(masks: np.ndarray, maps: np.ndarray) -> tuple[float, float]:
+    """Pixel-level maximum F1 and its threshold, as :func:`image_f1_max` over all pixels.
+
+    Same bounded-memory computation as :func:`pixel_ap`.
+
+    Args:
+        masks: (N, H, W) ground truth, nonzero = anomalous.
+        maps: (N, H, W) anomaly scores.
+
+    Returns:
+        (F1-max, threshold), or (NaN, NaN) with an :class:`UndefinedMetricWarning` when no pixel
+        is anomalous.
+    """
+    masks, maps = _pixel_inputs(masks, maps)
+    normal, anomalous = _sorted_split(masks, maps)
+    if anomalous.size == 0:
+        return _undefined("pixel F1-max", "the masks hold no anomalous pixel"), math.nan
+    summary = _precision_recall_summary(normal, anomalous)
+    return summary.f1_max, summary.threshold
+
+
+def decision_metrics(
+    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray
+) -> dict[str, float]:
+    """Image F1-max, pixel AP and pixel F1-max of one class, with the F1-max thresholds.
+
+    The pixel metrics share one split, sort and counting pass.
+
+    Args:
+        labels: (N,) 0/1 image labels (1 = anomalous).
+        scores: (N,) image anomaly scores.
+        masks: (N, H, W) ground truth, nonzero = anomalous.
+        maps: (N, H, W) anomaly scores.
+
+    Returns:
+        ``{key: value}`` for the keys of ``DECISION_KEYS``, in that order. The image keys are NaN
+        (one :class:`UndefinedMetricWarning`) unless both image labels occur; the pixel keys are
+        NaN (one warning) unless there are both anomalous and normal pixels.
+    """
+    anomalous_images, scores = _binary_image_inputs(labels, scores)
+    masks, maps = _pixel_inputs(masks, maps)
+    if anomalous_images.any() and not anomalous_images.all():
+        image = _image_summary(anomalous_images, scores)
+        image_values = (image.f1_max, image.threshold)
+    else:
+        image_values = (_undefined("image F1-max", "the labels hold a single class"), math.nan)
+    normal, anomalous = _sorted_split(masks, maps)
+    if anomalous.size and normal.size:
+        pixel = _precision_recall_summary(normal, anomalous)
+        pixel_values = (pixel.ap, pixel.f1_max, pixel.threshold)
+    else:
+        pixel_values = (_undefined("pixel AP and F1-max", "the masks hold a single class"), math.nan, math.nan)
+    return dict(zip(DECISION_KEYS, (*image_values, *pixel_values), strict=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Per defect type
+# --------------------------------------------------------------------------------------------
+
+
+def per_defect_type_auroc(
+    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, types: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Image and pixel AUROC of each defect type's images against the class's normal images.
+
+    Args:
+        labels: (N,) image labels, 0 = normal (its type is ignored), 1 = anomalous.
+        scores: (N,) image anomaly scores.
+        masks: (N, H, W) ground truth, nonzero = anomalous.
+        maps: (N, H, W) anomaly scores.
+        types: N defect type names, one per image.
+
+    Returns:
+        ``{type: {"image_auroc": ..., "pixel_auroc": ...}}`` over the types of the anomalous
+        images, sorted by name. Each value is :func:`image_auroc` / :func:`pixel_auroc` on the
+        normal images plus that type's images (NaN with a warning where those are undefined,
+        e.g. with no normal image or no anomalous pixel).
+
+    Raises:
+        ValueError: When labels, scores, maps and types differ in length.
+    """
+    labels, scores = _image_inputs(labels, scores)
+    masks, maps = _pixel_inputs(masks, maps)
+    types = np.array([str(name) for name in types])
+    if not len(labels) == len(types) == len(maps):
+        raise ValueError(f"{len(labels)} labels, {len(types)} types and {len(maps)} maps differ in number")
+    normal = labels == 0
+    results = {}
+    for name in sorted(set(types[~normal])):
+        subset = np.flatnonzero(normal | (types == name))
+        results[name] = {
+            IMAGE_AUROC: image_auroc(labels[subset], scores[subset]),
+            PIXEL_AUROC: _subset_pixel_auroc(masks, maps, subset),
+        }
+    return results
+
+
+def _subset_pixel_auroc(masks: np.ndarray, maps: np.ndarray, images: np.ndarray) -> float:
+    """:func:`pixel_auroc` of the listed images, without copying them out of the stacks."""
+    normal, anomalous = _sorted_split(masks, maps, images)
+    if anomalous.size == 0 or normal.size == 0:
+        return _undefined("pixel AUROC", "the masks hold a single class")
+    return _auroc_of_sorted(normal, anomalous)
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 import metrics
 from metrics import UndefinedMetricWarning
@@ -400,3 +401,250 @@ def test_compute_class_metrics_by_metric_set() -> None:
     assert both["pixel_aupro"] == metrics.pixel_aupro(masks, maps, mode="exact")
     with pytest.raises(ValueError, match="needs pixel masks"):
         metrics.compute_class_metrics(labels, scores, metric_set="pixel-level")
+
+
+# --------------------------------------------------------------------------------------------
+# Decision metrics: F1-max, pixel AP, per defect type
+# --------------------------------------------------------------------------------------------
+
+
+def sklearn_f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """The brief's definition: 2PR/(P+R) over ``precision_recall_curve`` (0 where P+R == 0), argmax."""
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(precision + recall == 0, 0.0, 2 * precision * recall / (precision + recall))
+    best = int(np.argmax(f1))
+    return float(f1[best]), float(thresholds[best])
+
+
+def hand_f1(labels: np.ndarray, scores: np.ndarray, threshold: float) -> float:
+    """F1 of predicting anomalous where ``score >= threshold``, from the confusion counts."""
+    predicted = scores >= threshold
+    positive = labels != 0
+    tp = np.count_nonzero(predicted & positive)
+    fp = np.count_nonzero(predicted & ~positive)
+    fn = np.count_nonzero(~predicted & positive)
+    return 2 * tp / (2 * tp + fp + fn)
+
+
+def assert_threshold_attains_f1_max(labels: np.ndarray, scores: np.ndarray, f1: float, threshold: float) -> None:
+    labels, scores = labels.ravel(), scores.ravel()
+    assert hand_f1(labels, scores, threshold) == pytest.approx(f1, abs=1e-12)
+    best_by_hand = max(hand_f1(labels, scores, t) for t in np.unique(scores))
+    assert best_by_hand == pytest.approx(f1, abs=1e-12)
+
+
+def random_labels_scores(seed: int, n: int = 40, decimals: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < rng.uniform(0.2, 0.8)).astype(np.int64)
+    labels[:2] = [0, 1]
+    scores = (rng.random(n) + 0.4 * labels).astype(np.float32)
+    if decimals is not None:
+        scores = np.round(scores, decimals)  # heavy ties
+    return labels, scores
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("decimals", [None, 1])
+@pytest.mark.parametrize("chunk_pixels", [1 << 20, 3])
+def test_image_f1_max_matches_sklearn(seed: int, decimals: int | None, chunk_pixels: int, monkeypatch) -> None:
+    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", chunk_pixels)  # 3: runs of ties span chunks
+    labels, scores = random_labels_scores(seed, decimals=decimals)
+    f1, threshold = metrics.image_f1_max(labels, scores)
+    assert (f1, threshold) == sklearn_f1_max(labels, scores)
+    assert_threshold_attains_f1_max(labels, scores, f1, threshold)
+
+
+def test_image_f1_max_hand_computed() -> None:
+    """Thresholds .9/.8/.4/.1 give F1 .5/.4/(6/7)/.75: the maximum 6/7 is at the tied 0.4."""
+    f1, threshold = metrics.image_f1_max(np.array([0, 1, 1, 0, 1]), np.array([0.1, 0.4, 0.4, 0.8, 0.9]))
+    assert f1 == pytest.approx(6 / 7, abs=1e-15) and threshold == 0.4
+
+
+@pytest.mark.parametrize("chunk_pixels", [1 << 20, 1])
+def test_f1_max_tied_maximum_takes_the_lowest_threshold(chunk_pixels: int, monkeypatch) -> None:
+    """F1 is 2/3 both at 0.9 (1 TP, 0 FP) and at 0.5 (2 TP, 2 FP); sklearn's argmax takes 0.5.
+
+    With one value per chunk the two maxima fall in different chunks.
+    """
+    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", chunk_pixels)
+    labels, scores = np.array([1, 0, 0, 1]), np.array([0.9, 0.7, 0.6, 0.5])
+    assert metrics.image_f1_max(labels, scores) == (2 / 3, 0.5) == sklearn_f1_max(labels, scores)
+    assert metrics.pixel_f1_max(labels.reshape(1, 2, 2), scores.reshape(1, 2, 2)) == (2 / 3, 0.5)
+
+
+def test_image_f1_max_all_equal_scores() -> None:
+    labels, scores = np.array([0, 1, 1, 0, 0, 1, 1]), np.full(7, 0.3)
+    f1, threshold = metrics.image_f1_max(labels, scores)
+    assert (f1, threshold) == sklearn_f1_max(labels, scores)
+    assert f1 == pytest.approx(2 * 4 / (2 * 4 + 3), abs=1e-15) and threshold == 0.3
+
+
+def test_image_f1_max_all_anomalous_is_one_at_the_lowest_score() -> None:
+    labels, scores = np.ones(4, int), np.array([0.5, 0.2, 0.9, 0.2])
+    assert metrics.image_f1_max(labels, scores) == (1.0, 0.2) == sklearn_f1_max(labels, scores)
+
+
+def test_image_f1_max_without_anomalous_image_is_nan() -> None:
+    with pytest.warns(UndefinedMetricWarning):
+        f1, threshold = metrics.image_f1_max(np.zeros(5, int), np.arange(5.0))
+    assert math.isnan(f1) and math.isnan(threshold)
+
+
+def test_image_f1_max_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="0 or 1"):
+        metrics.image_f1_max(np.array([0, 2]), np.array([0.1, 0.2]))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metrics.image_f1_max(np.array([0, 1]), np.array([0.1, np.nan]))
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.image_f1_max(np.array([0, 1]), np.array([0.1, 0.2, 0.3]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk_pixels", [1 << 20, 700])
+def test_pixel_ap_and_f1_max_match_sklearn(seed: int, chunk_pixels: int, monkeypatch) -> None:
+    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", chunk_pixels)
+    masks, maps = random_case(seed, levels=10 if seed % 2 else None)
+    for case_masks in (masks, 1 - masks):  # anomalous pixels the minority, then the majority
+        flat_masks, flat_maps = case_masks.ravel(), maps.ravel()
+        assert abs(metrics.pixel_ap(case_masks, maps) - average_precision_score(flat_masks, flat_maps)) <= 1e-12
+        f1, threshold = metrics.pixel_f1_max(case_masks, maps)
+        assert (f1, threshold) == sklearn_f1_max(flat_masks, flat_maps)
+        assert_threshold_attains_f1_max(flat_masks, flat_maps, f1, threshold)
+
+
+def test_pixel_ap_hand_computed_with_ties() -> None:
+    """Descending: 0.9 (A), then 0.5 tied between A and N, then 0.1 (A, N): AP = 1/3 + 1/3 * 2/3 + 1/3 * 3/5."""
+    masks = np.array([[[1, 1, 0, 1, 0]]], np.uint8)
+    maps = np.array([[[0.9, 0.5, 0.5, 0.1, 0.1]]], np.float32)
+    expected = 1 / 3 + (1 / 3) * (2 / 3) + (1 / 3) * (3 / 5)
+    assert metrics.pixel_ap(masks, maps) == pytest.approx(expected, abs=1e-15)
+    assert expected == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-15)
+
+
+def test_pixel_ap_and_f1_max_constant_maps() -> None:
+    masks, _ = random_case(1)
+    maps = np.full(masks.shape, 0.25, np.float32)
+    prevalence = masks.mean()
+    assert average_precision_score(masks.ravel(), maps.ravel()) == pytest.approx(prevalence, abs=1e-12)
+    assert metrics.pixel_ap(masks, maps) == pytest.approx(prevalence, abs=1e-12)
+    f1, threshold = metrics.pixel_f1_max(masks, maps)
+    assert (f1, threshold) == sklearn_f1_max(masks.ravel(), maps.ravel())
+    assert f1 == pytest.approx(2 * prevalence / (1 + prevalence), abs=1e-12) and threshold == 0.25
+
+
+def test_pixel_ap_and_f1_max_without_anomalous_pixel_are_nan() -> None:
+    masks, maps = random_case(0)
+    assert_undefined(metrics.pixel_ap, np.zeros_like(masks), maps)
+    with pytest.warns(UndefinedMetricWarning):
+        f1, threshold = metrics.pixel_f1_max(np.zeros_like(masks), maps)
+    assert math.isnan(f1) and math.isnan(threshold)
+
+
+def test_pixel_ap_rejects_non_finite_maps() -> None:
+    masks, maps = random_case(0)
+    maps[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        metrics.pixel_ap(masks, maps)
+
+
+def traced_peak_bytes(function, *args) -> int:
+    """Peak bytes allocated through Python/numpy while ``function(*args)`` runs (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        function(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("function", [metrics.pixel_auroc, metrics.pixel_ap, metrics.pixel_f1_max])
+def test_pixel_metrics_memory_is_one_copy_plus_chunks(function, monkeypatch) -> None:
+    """1M float32 pixels: one 4 MiB copy of the scores plus chunk temporaries, never a float64 copy.
+
+    As ``benchmarks/bench_metrics.py`` measures it; sklearn's ``average_precision_score``
+    allocates over ten times the maps here.
+    """
+    chunk_pixels = 1 << 13
+    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", chunk_pixels)
+    rng = np.random.default_rng(0)
+    masks = (rng.random((64, 128, 128)) < 0.3).astype(np.uint8)
+    maps = (rng.random(masks.shape) + 0.1 * masks).astype(np.float32)  # nearly all distinct: full chunks
+    peak = traced_peak_bytes(function, masks, maps)
+    # 5.1 MiB; a float64 copy of the scores alone (8 MiB) would break it.
+    assert peak <= maps.nbytes + 128 * chunk_pixels + (1 << 16)
+
+
+def test_decision_metrics_match_sklearn() -> None:
+    masks, maps = random_case(5, n=9, levels=15)
+    labels = masks.reshape(len(masks), -1).max(axis=1)
+    scores = np.round(maps.reshape(len(maps), -1).max(axis=1), 1)
+    values = metrics.decision_metrics(labels, scores, masks, maps)
+    assert list(values) == ["image_f1_max", "image_f1_threshold", "pixel_ap", "pixel_f1_max", "pixel_f1_threshold"]
+    assert (values["image_f1_max"], values["image_f1_threshold"]) == sklearn_f1_max(labels, scores)
+    assert abs(values["pixel_ap"] - average_precision_score(masks.ravel(), maps.ravel())) <= 1e-12
+    assert (values["pixel_f1_max"], values["pixel_f1_threshold"]) == sklearn_f1_max(masks.ravel(), maps.ravel())
+    assert all(0.0 <= values[key] <= 1.0 for key in ("image_f1_max", "pixel_ap", "pixel_f1_max"))
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_decision_metrics_single_image_label_gives_nan_image_keys(label: int) -> None:
+    masks, maps = random_case(2)
+    with pytest.warns(UndefinedMetricWarning):
+        values = metrics.decision_metrics(np.full(len(masks), label), np.arange(len(masks)) / 10, masks, maps)
+    assert math.isnan(values["image_f1_max"]) and math.isnan(values["image_f1_threshold"])
+    assert values["pixel_ap"] == pytest.approx(average_precision_score(masks.ravel(), maps.ravel()), abs=1e-12)
+
+
+@pytest.mark.parametrize("fill", [0, 1])
+def test_decision_metrics_single_pixel_class_gives_nan_pixel_keys(fill: int) -> None:
+    _, maps = random_case(2)
+    labels = np.arange(len(maps)) % 2
+    scores = np.arange(len(maps)) / 10
+    with pytest.warns(UndefinedMetricWarning):
+        values = metrics.decision_metrics(labels, scores, np.full(maps.shape, fill, np.uint8), maps)
+    assert all(math.isnan(values[key]) for key in ("pixel_ap", "pixel_f1_max", "pixel_f1_threshold"))
+    assert (values["image_f1_max"], values["image_f1_threshold"]) == sklearn_f1_max(labels, scores)
+
+
+def defect_case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Nine images: three normal (type 'good'), then 'crack' and 'hole' ones."""
+    masks, maps = random_case(6, n=9, levels=25)
+    masks[[0, 3, 6]] = 0
+    masks[[1, 2, 4, 5, 7, 8], 5:9, 5:9] = 1  # every defect image has anomalous pixels
+    labels = masks.reshape(len(masks), -1).max(axis=1)
+    scores = np.round(maps.reshape(len(maps), -1).mean(axis=1) + 0.01 * labels, 3)
+    types = ["good", "crack", "hole", "good", "crack", "crack", "good", "hole", "hole"]
+    return labels, scores, masks, maps, types
+
+
+def test_per_defect_type_auroc_matches_sklearn_on_subsets(monkeypatch) -> None:
+    monkeypatch.setattr(metrics, "_CHUNK_PIXELS", 2 * 24 * 24)  # subsets gathered in several groups
+    labels, scores, masks, maps, types = defect_case()
+    results = metrics.per_defect_type_auroc(labels, scores, masks, maps, types)
+    assert list(results) == ["crack", "hole"]
+    for name, images in (("crack", [0, 1, 3, 4, 5, 6]), ("hole", [0, 2, 3, 6, 7, 8])):
+        assert results[name]["image_auroc"] == roc_auc_score(labels[images], scores[images])
+        expected = roc_auc_score(masks[images].ravel(), maps[images].ravel())
+        assert abs(results[name]["pixel_auroc"] - expected) <= 1e-12
+
+
+def test_per_defect_type_auroc_ignores_the_type_of_normal_images() -> None:
+    labels, scores, masks, maps, types = defect_case()
+    types[0] = "crack"  # a normal image is a normal image whatever its type says
+    results = metrics.per_defect_type_auroc(labels, scores, masks, maps, types)
+    images = [0, 1, 3, 4, 5, 6]
+    assert results["crack"]["image_auroc"] == roc_auc_score(labels[images], scores[images])
+
+
+def test_per_defect_type_auroc_undefined_cases() -> None:
+    labels, scores, masks, maps, types = defect_case()
+    defects = labels == 1  # no normal image: the image AUROC has a single label
+    with pytest.warns(UndefinedMetricWarning):
+        results = metrics.per_defect_type_auroc(labels[defects], scores[defects], masks[defects], maps[defects],
+                                                [t for t, d in zip(types, defects) if d])
+    assert math.isnan(results["hole"]["image_auroc"])
+    hole = [2, 7, 8]
+    assert abs(results["hole"]["pixel_auroc"] - roc_auc_score(masks[hole].ravel(), maps[hole].ravel())) <= 1e-12
+    with pytest.raises(ValueError, match="differ in number"):
+        metrics.per_defect_type_auroc(labels, scores, masks, maps, types[:-1])
