@@ -80,6 +80,11 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
+def several_processes() -> bool:
+    """Whether ``torchrun`` started this process as one of two or more."""
+    return launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
+
+
 def setup(device_name: str | None, resolve_device: Callable[[str | None], torch.device]) -> tuple[World, torch.device]:
     """The world and this rank's device; joins the process group under ``torchrun``.
 
@@ -90,7 +95,7 @@ def setup(device_name: str | None, resolve_device: Callable[[str | None], torch.
         device_name: The ``--device`` flag.
         resolve_device: Turns the flag into a device for a single process.
     """
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+    if not several_processes():
         return World(), resolve_device(device_name)
     world = World(rank=int(os.environ["RANK"]), size=int(os.environ["WORLD_SIZE"]),
                   local_rank=int(os.environ["LOCAL_RANK"]))

@@ -46,7 +46,6 @@ from AnomalyCLIP_lib.precision import PRECISIONS, autocast
 from atomic import atomic_write_text
 from dataset import AnomalyDataset
 from dump import DumpWriter
-from distributed import World
 from utils import (DPAM_LAYER, add_loader_args, add_model_args, get_logger, load_model_and_prompts, resolve_device,
                    resolve_num_workers, run_cli, setup_seed)
 from visualize import save_overlay
@@ -187,7 +186,6 @@ class ClassMetricsCollector:
     """
 
     def __init__(self, expected: dict[str, int], metric_set: str, aupro_mode: str = "cflow") -> None:
-        self.expected = expected
         self.metric_set = metric_set
         self.aupro_mode = aupro_mode
         self._gatherer = ClassGatherer(expected)
@@ -303,7 +301,7 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> tuple[AnomalyDat
     return dataset, metric_set, model, text_feats
 
 
-def _evaluate(args: argparse.Namespace, world: World, device: torch.device) -> dict[str, object] | None:
+def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.device) -> dict[str, object] | None:
     started = time.time()
     setup_seed(args.seed)
     args.num_workers = resolve_num_workers(args.num_workers, device)

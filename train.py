@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.model import CLIP
 from dataset import AnomalyDataset
-from distributed import launched_by_torchrun
+from distributed import several_processes
 from loss import LossTerms, anomalyclip_loss
 from prompt_ensemble import AnomalyCLIP_PromptLearner
 from utils import (DPAM_LAYER, add_loader_args, add_model_args, atomic_torch_save, get_logger,
@@ -153,7 +152,7 @@ def _loader(train_data: AnomalyDataset, args, device: torch.device) -> DataLoade
 
 def train(args: argparse.Namespace) -> Path:
     """Run training; returns the folder holding the checkpoints."""
-    if launched_by_torchrun() and int(os.environ["WORLD_SIZE"]) > 1:
+    if several_processes():
         # Not yet sharded: K processes would train the same prompts and race on epoch_N.pth.
         raise AnomalyCLIPError("train.py runs in one process for now; run it with python, not torchrun "
                                "(test.py does run under torchrun)")
