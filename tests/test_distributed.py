@@ -1,4 +1,4 @@
-"""torchrun test.py with two gloo processes on the CPU, against one process."""
+"""torchrun test.py and train.py with two gloo processes on the CPU, against one process."""
 
 import json
 import os
@@ -7,8 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 import test as evaluation
+import train
 from tests.conftest import REPO_ROOT
 
 
@@ -58,10 +60,40 @@ def test_user_error_on_one_rank_ends_both(synthetic_datasets, design_args, train
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_train_refuses_torchrun_with_one_line(synthetic_datasets, design_args, tmp_path):
-    completed = _torchrun(["train.py", "--train_data_path", str(synthetic_datasets[0]), "--save_path",
-                           str(tmp_path / "ck"), "--epoch", "1", *design_args])
+def _train_args(data_root, save_path, design_args, *extra):
+    return ["--train_data_path", str(data_root), "--save_path", str(save_path), "--epoch", "2", "--batch_size", "4",
+            "--num_workers", "0", *design_args, *extra]
+
+
+def test_train_two_processes_equal_one(synthetic_datasets, design_args, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Both under the same thread count: the prompt optimisation's float sums depend on it.
+    for save_path, nproc in ((one, 1), (two, 2)):
+        completed = _torchrun(["train.py", *_train_args(synthetic_datasets[0], save_path, design_args)], nproc)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    for epoch in (1, 2):
+        a = torch.load(one / f"epoch_{epoch}.pth", weights_only=True)["prompt_learner"]
+        b = torch.load(two / f"epoch_{epoch}.pth", weights_only=True)["prompt_learner"]
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+    log = (two / "log.txt").read_text()
+    n_images = len(train.AnomalyDataset(synthetic_datasets[0], image_size=32, split="test"))
+    # The caching pass was split: each rank encoded every second image.
+    assert f"images per rank: [{(n_images + 1) // 2}, {n_images // 2}]" in log
+    assert log.count("epoch [2/2]") == 1  # rank 0 alone trains and logs
+
+
+def test_train_error_on_one_rank_ends_both(synthetic_datasets, design_args, tmp_path):
+    import shutil
+
+    data = tmp_path / "aux"
+    shutil.copytree(synthetic_datasets[0], data)
+    meta = json.loads((data / "meta.json").read_text())
+    items = [item for cls in meta["test"].values() for item in cls]
+    (data / items[1]["img_path"]).write_bytes(b"not an image")  # index 1: encoded by rank 1
+    completed = _torchrun(["train.py", *_train_args(data, tmp_path / "ck", design_args)])
     assert completed.returncode != 0
-    # Every rank refuses before any collective, each with the one line.
-    assert re.findall(r"(?<![A-Za-z_])error: train.py runs in one process", completed.stderr), completed.stderr[-2000:]
+    error_lines = re.findall(r"(?<![A-Za-z_])error: [^\n]*", completed.stderr)
+    assert len(error_lines) == 1, completed.stderr[-3000:]
+    assert "cannot read image file" in error_lines[0]
     assert not list((tmp_path / "ck").glob("epoch_*.pth"))
