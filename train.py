@@ -75,6 +75,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="folder for an on-disk feature cache (default: save_path/feature_cache)")
     parser.add_argument("--keep_cache", action="store_true",
                         help="keep the feature cache on disk for later runs (reused only if made the same way)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into a --save_path that already holds epoch_N.pth of another run, replacing them")
+    parser.add_argument("--image_loss_only", action="store_true",
+                        help="train with the image-level loss alone (for data whose anomalous images have no masks)")
     parser.add_argument("--no_cache", action="store_true",
                         help="run the frozen image forward in every step, as the original does")
     args = parser.parse_args(argv)
@@ -99,6 +103,7 @@ def train_step(
     masks: torch.Tensor,
     features_list: Sequence[int],
     feature_map_layer: int = 0,
+    image_loss_only: bool = False,
 ) -> LossTerms:
     """One optimisation step of the prompt learner (SPEC §6): frozen image forward, then :func:`prompt_step`.
 
@@ -110,7 +115,7 @@ def train_step(
     with torch.no_grad():
         image_embedding, patch_tokens = model.encode_image(images, features_list, DPAM_LAYER)
     return prompt_step(model, prompt_learner, optimizer, image_embedding, patch_tokens, labels, masks,
-                       images.shape[-1], feature_map_layer)
+                       images.shape[-1], feature_map_layer, image_loss_only)
 
 
 def prompt_step(
@@ -123,6 +128,7 @@ def prompt_step(
     masks: torch.Tensor,
     image_size: int,
     feature_map_layer: int = 0,
+    image_loss_only: bool = False,
 ) -> LossTerms:
     """The learnable part of a step: text features, loss, backward and Adam update.
 
@@ -130,6 +136,7 @@ def prompt_step(
         image_embedding: ``(B, D)`` image embeddings (constants; normalised here).
         patch_tokens: Per-layer ``(B, 1 + g*g, D)`` patch tokens (constants).
         image_size: Side S of the ground-truth masks and maps.
+        image_loss_only: Back-propagate the image loss alone (the local loss is still reported).
 
     Returns:
         The loss terms, detached.
@@ -140,7 +147,7 @@ def prompt_step(
     gt = masks.reshape(masks.shape[0], *masks.shape[-2:]).to(maps[0].dtype)
     terms = anomalyclip_loss(logits, maps, labels.to(logits.device), gt)
     optimizer.zero_grad()
-    terms.total.backward()
+    (terms.image if image_loss_only else terms.total).backward()
     optimizer.step()
     return LossTerms(total=terms.total.detach(), local=terms.local.detach(), image=terms.image.detach())
 
@@ -159,7 +166,12 @@ def _checkpoint(prompt_learner, optimizer, epoch: int, args: argparse.Namespace)
     }
 
 
-def _resume(checkpoint: dict[str, object] | None, optimizer: torch.optim.Optimizer, args) -> int:
+# Flags a resumed run may change; each is applied for real (the learning rate in the optimizer too).
+RESUMABLE_FLAGS = ("learning_rate", "epoch", "batch_size", "seed", "features_list", "feature_map_layer", "image_size",
+                   "train_data_path", "backbone", "image_loss_only", "reference_arithmetic")
+
+
+def _resume(checkpoint: dict[str, object] | None, optimizer: torch.optim.Optimizer, args, logger) -> int:
     """Restore the optimizer from our checkpoint; returns the first epoch still to train."""
     if checkpoint is None or "optimizer" not in checkpoint:
         return 1
@@ -167,7 +179,32 @@ def _resume(checkpoint: dict[str, object] | None, optimizer: torch.optim.Optimiz
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as exc:
         raise AnomalyCLIPError(f"--resume {args.resume}: its optimizer state does not fit ({exc})") from None
+    saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
+    changed = [f"--{name} {saved[name]} -> {getattr(args, name)}" for name in RESUMABLE_FLAGS
+               if name in saved and saved[name] != getattr(args, name)]
+    if changed:
+        logger.info("resuming %s with flags that differ from its config, applied: %s", args.resume, "; ".join(changed))
+    for group in optimizer.param_groups:
+        group["lr"] = args.learning_rate
     return int(checkpoint.get("epoch", 0)) + 1
+
+
+def _check_save_path(args) -> None:
+    """Refuse to replace another run's checkpoints without being asked to."""
+    existing = sorted(Path(args.save_path).glob("epoch_*.pth"))
+    if existing and not (args.resume or args.overwrite):
+        raise AnomalyCLIPError(f"{args.save_path} already holds checkpoints of another run ({existing[0].name}...): "
+                               "choose another --save_path, continue it with --resume, or replace it with --overwrite")
+
+
+def _check_masks(data: AnomalyDataset, args) -> None:
+    """Anomalous images without masks would teach the local loss that their defects are normal."""
+    availability = data.availability()
+    unmasked = availability.n_anomalous - availability.n_masked
+    if unmasked and not args.image_loss_only:
+        raise AnomalyCLIPError(f"{unmasked} of the {availability.n_anomalous} anomalous training images in "
+                               f"{args.train_data_path} have no mask, so the local loss would learn their defects "
+                               "as normal: give masks, or train with the image loss alone (--image_loss_only)")
 
 
 def _loader(train_data: AnomalyDataset, args, device: torch.device) -> DataLoader:
@@ -302,7 +339,8 @@ def _train_uncached(args, model, prompt_learner, optimizer, data, device, epochs
         local_losses, image_losses = [], []
         for batch in tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="step", leave=False):
             terms = train_step(model, prompt_learner, optimizer, batch["img"].to(device), batch["anomaly"],
-                               batch["img_mask"].to(device), args.features_list, args.feature_map_layer[0])
+                               batch["img_mask"].to(device), args.features_list, args.feature_map_layer[0],
+                               args.image_loss_only)
             forwards += len(batch["img"])
             local_losses.append(terms.local.item())
             image_losses.append(terms.image.item())
@@ -319,7 +357,7 @@ def _train_cached(args, model, prompt_learner, optimizer, cache: FeatureCache, d
         for indices in tqdm(order, desc=f"epoch {epoch}/{args.epoch}", unit="step", leave=False):
             embedding, tokens, labels, masks = cache.batch(indices.numpy(), device)
             terms = prompt_step(model, prompt_learner, optimizer, embedding, tokens, labels, masks, args.image_size,
-                                args.feature_map_layer[0])
+                                args.feature_map_layer[0], args.image_loss_only)
             local_losses.append(terms.local.item())
             image_losses.append(terms.image.item())
         _end_epoch(epoch, args, prompt_learner, optimizer, local_losses, image_losses, logger)
@@ -327,6 +365,7 @@ def _train_cached(args, model, prompt_learner, optimizer, cache: FeatureCache, d
 
 def _prepare(args, device: torch.device):
     train_data = AnomalyDataset(args.train_data_path, image_size=args.image_size, split="test")
+    _check_masks(train_data, args)
     model, prompt_learner, checkpoint = load_model_and_prompts(args, device, args.resume)
     return train_data, model, prompt_learner, checkpoint
 
@@ -345,12 +384,13 @@ def _train(args: argparse.Namespace, world: distributed.World, device: torch.dev
     if world.distributed and args.no_cache:
         raise AnomalyCLIPError("--no_cache trains in one process: run it with python, not torchrun "
                                "(under torchrun the ranks share the caching pass)")
+    distributed.together(world, lambda: _check_save_path(args))
     setup_seed(args.seed)
     args.num_workers = resolve_num_workers(args.num_workers, device)
     logger = get_logger(args.save_path, "anomalyclip.train", main_process=world.is_main)
     train_data, model, prompt_learner, checkpoint = distributed.together(world, lambda: _prepare(args, device))
     optimizer = make_optimizer(prompt_learner, args.learning_rate)
-    first_epoch = _resume(checkpoint, optimizer, args)
+    first_epoch = _resume(checkpoint, optimizer, args, logger)
     if first_epoch > args.epoch:
         logger.info("nothing to do: %s already holds epoch %d of %d", args.resume, first_epoch - 1, args.epoch)
         return

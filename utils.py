@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import random
@@ -38,6 +39,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Flags that describe the backbone and the prompt design (the original's names)."""
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
                         help=f"registry name ({', '.join(AnomalyCLIP_lib.available_models())}) or a CLIP checkpoint file")
+    parser.add_argument("--trust_backbone", action="store_true",
+                        help="load a TorchScript --backbone whose SHA-256 is not a registered one (it runs code)")
     parser.add_argument("--depth", type=int, default=9, help="deep text-token depth")
     parser.add_argument("--n_ctx", type=int, default=12, help="learnable prompt length")
     parser.add_argument("--t_n_ctx", type=int, default=4, help="deep text-token length")
@@ -98,7 +101,7 @@ def load_model_and_prompts(
         ``(model, prompt_learner, checkpoint)`` on ``device``; ``checkpoint`` is the loaded file
         (``None`` when no path was given and the prompts are freshly initialised).
     """
-    model, _ = AnomalyCLIP_lib.load(args.backbone, device=device)
+    model, _ = AnomalyCLIP_lib.load(args.backbone, device=device, trust_backbone=getattr(args, "trust_backbone", False))
     model.visual.reference_arithmetic = getattr(args, "reference_arithmetic", False)
     design = design_details(n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx)
     prompt_learner = AnomalyCLIP_PromptLearner(model, design)
@@ -131,8 +134,36 @@ def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip", main_pro
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file.
+
+    A full disk makes torch's zip writer fail with an internal message ("unexpected pos ..."); it
+    is reported as the full disk it is.
+    """
+    try:
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    except RuntimeError as exc:
+        if "unexpected pos" in str(exc) or "file write failed" in str(exc):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise
+
+
+# Operating-system errors that are the user's to fix (full disk, read-only or forbidden folder).
+_USER_OS_ERRORS = {
+    errno.ENOSPC: "the disk is full: free space there or choose another folder",
+    errno.EDQUOT: "the disk quota is used up: free space there or choose another folder",
+    errno.EROFS: "the folder is on a read-only file system: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "permission denied: choose a folder you can write to",
+}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """One line for an OSError a user can fix (naming the file), else ``None``."""
+    advice = _USER_OS_ERRORS.get(exc.errno)
+    if advice is None:
+        return None
+    where = f"cannot write {exc.filename}" if exc.filename else "cannot write a file"
+    return f"{where}: {advice}"
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
@@ -143,6 +174,12 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
         return 2  # the rank that failed has printed the error line
     except AnomalyCLIPError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        line = os_error_line(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -135,17 +135,67 @@ def test_kept_cache_is_reused_and_rebuilt_when_its_inputs_change(synthetic_datas
     other = tmp_path / "other"
     flags = [*design_args[:design_args.index("--features_list")], "--features_list", "24",
              *design_args[design_args.index("--features_list") + 3:]]
-    assert _train(data, other, flags, "--epoch", "1", *keep) == 0
+    assert _train(data, other, flags, "--epoch", "1", "--overwrite", *keep) == 0
     assert "features_list [6, 24] -> [24]" in (other / "log.txt").read_text()
     meta = json.loads((data / "meta.json").read_text())
     (data / "meta.json").write_text(json.dumps(meta, indent=1))
-    assert _train(data, other, flags, "--epoch", "1", "--seed", "111", *keep) == 0
+    assert _train(data, other, flags, "--epoch", "1", "--overwrite", *keep) == 0
     assert "meta_sha256" in (other / "log.txt").read_text().split("features_list [6, 24] -> [24]")[-1]
 
     # A cache whose manifest is missing (a run killed while caching) is never used.
     (cache_dir / "cache.json").unlink()
-    assert _train(data, other, flags, "--epoch", "1", *keep) == 0
+    assert _train(data, other, flags, "--epoch", "1", "--overwrite", *keep) == 0
     assert "is incomplete" in (other / "log.txt").read_text()
     assert (cache_dir / "cache.json").is_file()
     assert sorted(p.name for p in cache_dir.iterdir()) == ["cache.json", "embeddings.npy", "labels.npy", "masks.npy",
                                                           "tokens_0.npy"]
+
+
+def test_another_runs_checkpoints_are_not_replaced_silently(synthetic_datasets, design_args, trained_checkpoint,
+                                                            tmp_path, capsys):
+    import shutil
+
+    save_path = tmp_path / "run"
+    save_path.mkdir()
+    shutil.copy(trained_checkpoint, save_path / "epoch_1.pth")
+    before = (save_path / "epoch_1.pth").read_bytes()
+    assert run_cli(train.main, ["--train_data_path", str(synthetic_datasets[0]), "--save_path", str(save_path),
+                                "--epoch", "1", "--num_workers", "0", *design_args]) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "--overwrite" in error and "--resume" in error
+    assert (save_path / "epoch_1.pth").read_bytes() == before
+    assert _train(synthetic_datasets[0], save_path, design_args, "--epoch", "1", "--overwrite") == 0
+    assert (save_path / "epoch_1.pth").read_bytes() != before
+
+
+def test_resume_applies_a_new_learning_rate(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
+    save_path = tmp_path / "resumed"
+    assert _train(synthetic_datasets[0], save_path, design_args, "--epoch", "2", "--learning_rate", "0.5",
+                  "--resume", str(trained_checkpoint)) == 0
+    checkpoint = torch.load(save_path / "epoch_2.pth", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.5
+    assert checkpoint["config"]["learning_rate"] == 0.5
+    assert "--learning_rate 0.001 -> 0.5" in (save_path / "log.txt").read_text()
+    # Adam's first step moves each weight by about lr: far more at 0.5 than at 0.001.
+    before = torch.load(trained_checkpoint, weights_only=True)["prompt_learner"]["ctx_pos"]
+    assert (checkpoint["prompt_learner"]["ctx_pos"] - before).abs().max() > 0.1
+
+
+def test_anomalous_images_without_masks_are_refused_or_image_loss_only(synthetic_datasets, design_args, tmp_path,
+                                                                        capsys):
+    import json
+    import shutil
+
+    data = tmp_path / "aux"
+    shutil.copytree(synthetic_datasets[0], data)
+    meta = json.loads((data / "meta.json").read_text())
+    for items in meta["test"].values():
+        for item in items:
+            item["mask_path"] = ""
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert run_cli(train.main, ["--train_data_path", str(data), "--save_path", str(tmp_path / "a"), "--epoch", "1",
+                                "--num_workers", "0", *design_args]) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "have no mask" in error and "--image_loss_only" in error
+    assert _train(data, tmp_path / "b", design_args, "--epoch", "1", "--image_loss_only") == 0
+    assert (tmp_path / "b" / "epoch_1.pth").is_file()

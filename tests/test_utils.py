@@ -31,3 +31,37 @@ def test_clis_leave_the_worker_count_to_the_device_and_reject_negative(cli, caps
     with pytest.raises(SystemExit):
         cli.parse_args([*required, "--num_workers", "-1"])
     assert "--num_workers must be >= 0" in capsys.readouterr().err
+
+
+def test_full_disk_and_read_only_folders_are_one_plain_line(capsys):
+    import errno
+
+    from utils import run_cli
+
+    def write_to_full_disk(argv):
+        with open("/dev/full", "w") as handle:  # the kernel's always-full device: a real ENOSPC
+            handle.write("x")
+        return 0
+
+    assert run_cli(write_to_full_disk, []) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "disk is full" in error and "\n" not in error
+
+    def read_only(argv):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/results.json")
+
+    assert run_cli(read_only, []) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "error: cannot write /mnt/ro/results.json: the folder is on a read-only file system: choose a writable folder"
+
+
+def test_other_os_errors_keep_their_traceback():
+    import errno
+
+    from utils import run_cli
+
+    def broken_pipe(argv):
+        raise OSError(errno.EPIPE, "Broken pipe")
+
+    with pytest.raises(OSError):
+        run_cli(broken_pipe, [])

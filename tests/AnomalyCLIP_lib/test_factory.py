@@ -11,7 +11,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 def test_plain_and_torchscript_files_load_the_same_model(tiny_clip_files, tiny_clip_state):
     plain, scripted = tiny_clip_files
     model_plain, preprocess = AnomalyCLIP_lib.load(plain)
-    model_script, _ = AnomalyCLIP_lib.load(scripted)
+    model_script, _ = AnomalyCLIP_lib.load(scripted, trust_backbone=True)
     for (key, a), (_, b) in zip(model_plain.state_dict().items(), model_script.state_dict().items()):
         assert torch.equal(a, b), key
         assert torch.equal(a, tiny_clip_state[key]), key
@@ -84,3 +84,33 @@ def test_mis_shaped_checkpoint_is_a_clear_error(tmp_path, tiny_clip_state):
     torch.save(broken, path)
     with pytest.raises(AnomalyCLIPError, match="does not fit"):
         AnomalyCLIP_lib.load(path)
+
+
+def test_unregistered_torchscript_needs_trust(tiny_clip_files, tiny_clip_state, tmp_path, capsys):
+    import hashlib
+
+    import train
+    from utils import run_cli
+
+    scripted = tiny_clip_files[1]
+    digest = hashlib.sha256(scripted.read_bytes()).hexdigest()
+    with pytest.raises(AnomalyCLIPError, match="--trust_backbone") as refused:
+        AnomalyCLIP_lib.load(scripted)
+    assert digest[:12] in str(refused.value) and "\n" not in str(refused.value)
+    # Through a CLI: one line, before anything else runs.
+    assert run_cli(train.main, ["--train_data_path", str(tmp_path), "--save_path", str(tmp_path / "s"),
+                                "--backbone", str(scripted), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.count("error:") == 1
+
+
+def test_registered_torchscript_needs_no_trust(tiny_clip_files, monkeypatch):
+    import hashlib
+
+    from AnomalyCLIP_lib import factory, pretrained
+
+    scripted = tiny_clip_files[1]
+    registered = pretrained.PretrainedWeights(url="file:///unused", sha256=hashlib.sha256(scripted.read_bytes()).hexdigest(),
+                                              filename=scripted.name)
+    monkeypatch.setitem(factory.PRETRAINED, "tiny-registered", registered)
+    model, _ = AnomalyCLIP_lib.load(scripted)
+    assert model.visual.num_layers == 24
