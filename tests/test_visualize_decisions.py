@@ -8,7 +8,6 @@ from PIL import Image
 import visualize
 
 
-
 def jet(level: int) -> np.ndarray:
     """RGB of JET at ``level`` in 0..255."""
     return cv2.cvtColor(cv2.applyColorMap(np.full((1, 1), level, np.uint8), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)[0, 0]
