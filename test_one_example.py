@@ -81,6 +81,7 @@ class Prediction:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring); checked further by :func:`validate_args`."""
     parser = argparse.ArgumentParser(description="Anomaly scores, verdicts, defect masks and heat maps for images.")
     parser.add_argument("--image_path", required=True, help="an image file, or a folder of images (read recursively)")
     parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
@@ -99,7 +100,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="overlay colours: 'fixed' = map / (2 x pixel threshold), clipped (default when a pixel "
                              "threshold is known); 'per_image' = the original's per-image min-max (default otherwise)")
     parser.add_argument("--calibrate", action="store_true",
-                        help="take every image as normal and choose thresholds at --target_fpr (needs --save_thresholds)")
+                        help="take every image as normal and choose thresholds at --target_fpr "
+                             "(needs --save_thresholds)")
     parser.add_argument("--target_fpr", type=float, default=None,
                         help=f"with --calibrate: fraction of good images / pixels allowed to be flagged "
                              f"(default {DEFAULT_TARGET_FPR})")
@@ -242,6 +244,11 @@ def scored_batches(args: argparse.Namespace, files: Sequence[Path]
             yield file, image.size, score, anomaly_map
 
 
+def vis_scale(args: argparse.Namespace, decision: Decision) -> str:
+    """``--vis_scale``, else ``fixed`` where a pixel threshold is known and ``per_image`` otherwise."""
+    return args.vis_scale or ("per_image" if decision.pixel_threshold is None else "fixed")
+
+
 def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndarray, decision: Decision,
            args: argparse.Namespace) -> Prediction:
     """Verdict, mask and overlay of one image; writes the mask and overlay files."""
@@ -255,9 +262,9 @@ def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndar
         mask = defect_mask(anomaly_map, decision.pixel_threshold, size)
         prediction.defect_pixels = int(mask.sum())
         prediction.mask = save_mask(mask, output_path(save_path, relative, MASK_SUFFIX))
-    scale = args.vis_scale or ("per_image" if decision.pixel_threshold is None else "fixed")
     prediction.overlay = save_overlay(file, anomaly_map, output_path(save_path, relative, OVERLAY_SUFFIX),
-                                      scale=scale, pixel_threshold=decision.pixel_threshold, mask=mask)
+                                      scale=vis_scale(args, decision), pixel_threshold=decision.pixel_threshold,
+                                      mask=mask)
     return prediction
 
 
@@ -265,7 +272,7 @@ def print_line(prediction: Prediction) -> None:
     """``path  score  [verdict]  [defect pixels]  overlay``, tab-separated."""
     fields = [str(prediction.path), f"{prediction.score:.4f}"]
     fields += [str(v) for v in (prediction.verdict, prediction.defect_pixels) if v is not None]
-    print("\t".join([*fields, str(prediction.overlay)]), flush=True)
+    tqdm.write("\t".join([*fields, str(prediction.overlay)]))
 
 
 def score_images(args: argparse.Namespace, decision: Decision | None = None) -> list[Prediction]:
@@ -287,9 +294,15 @@ def prediction_row(prediction: Prediction, save_path: Path) -> dict[str, object]
     def relative(path: Path | None) -> str | None:
         return None if path is None else path.relative_to(save_path).as_posix()
 
-    return {"path": str(prediction.path), "score": prediction.score, "verdict": prediction.verdict,
+    score = prediction.score if math.isfinite(prediction.score) else None
+    return {"path": str(prediction.path), "score": score, "verdict": prediction.verdict,
             "defect_pixels": prediction.defect_pixels, "overlay": relative(prediction.overlay),
             "mask": relative(prediction.mask)}
+
+
+def _csv_cell(value: object) -> object:
+    """Empty for None; floats in full (round-trip) precision."""
+    return "" if value is None else repr(value) if isinstance(value, float) else value
 
 
 def write_predictions(save_path: str | Path, predictions: Sequence[Prediction], decision: Decision,
@@ -300,17 +313,15 @@ def write_predictions(save_path: str | Path, predictions: Sequence[Prediction], 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows([{k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()}
-                      for row in rows])
+    writer.writerows([{key: _csv_cell(value) for key, value in row.items()} for row in rows])
     document = {"thresholds": {"image_threshold": decision.image_threshold,
                                "pixel_threshold": decision.pixel_threshold, "source": decision.source,
                                "class_name": decision.class_name, "rule": "value >= threshold"},
                 "image_path": str(args.image_path), "checkpoint_path": str(args.checkpoint_path),
-                "image_size": args.image_size, "vis_scale": args.vis_scale or (
-                    "per_image" if decision.pixel_threshold is None else "fixed"),
-                "predictions": rows}
+                "image_size": args.image_size, "vis_scale": vis_scale(args, decision), "predictions": rows}
     csv_path = atomic_write_text(buffer.getvalue(), save_path / "predictions.csv")
-    json_path = atomic_write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", save_path / "predictions.json")
+    json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"
+    json_path = atomic_write_text(json_text, save_path / "predictions.json")
     return csv_path, json_path
 
 
@@ -330,11 +341,17 @@ def calibrate(args: argparse.Namespace) -> dict[str, object]:
     target_fpr = DEFAULT_TARGET_FPR if args.target_fpr is None else args.target_fpr
     files = image_files(args.image_path, exclude=args.save_path)
     pixel_tail = NormalTail(len(files) * args.image_size**2, target_fpr)
+    pending: list[np.ndarray] = []
     scores = []
     for file, _, score, anomaly_map in scored_batches(args, files):
         scores.append(score)
-        pixel_tail.update(anomaly_map)
-        print(f"{file}\t{score:.4f}", flush=True)
+        pending.append(anomaly_map)
+        if len(pending) * anomaly_map.size >= pixel_tail.allowed + 1:  # amortised: each value partitioned O(1) times
+            pixel_tail.update(np.stack(pending))
+            pending.clear()
+        tqdm.write(f"{file}\t{score:.4f}")
+    if pending:
+        pixel_tail.update(np.stack(pending))
     image_threshold = normal_fpr_threshold(np.asarray(scores, dtype=np.float32), target_fpr)
     name = calibration_class_name(args)
     entry = class_entry(image_threshold, pixel_tail.threshold(), "normal_fpr", target_fpr=target_fpr,
