@@ -46,7 +46,7 @@ from AnomalyCLIP_lib.precision import PRECISIONS, autocast
 from atomic import atomic_write_text
 from dataset import AnomalyDataset
 from dump import DumpWriter
-from utils import (DPAM_LAYER, add_loader_args, add_model_args, get_logger, load_model_and_prompts, resolve_device,
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, check_args, get_logger, load_model_and_prompts, resolve_device,
                    resolve_num_workers, run_cli, setup_seed)
 from visualize import save_overlay
 
@@ -71,10 +71,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vis", action="store_true", help="write heat-map overlays under save_path/imgs/")
     parser.add_argument("--dump", default=None, metavar="FILE.npz", help="save paths, labels, scores, maps and masks")
     args = parser.parse_args(argv)
-    if args.num_workers is not None and args.num_workers < 0:
-        parser.error("--num_workers must be >= 0")
-    if args.batch_size < 1 or args.image_size < 1 or args.sigma < 0:
-        parser.error("--batch_size and --image_size must be positive, --sigma non-negative")
+    check_args(args)
     return args
 
 

@@ -46,7 +46,8 @@ from AnomalyCLIP_lib.transform import image_transform, load_image
 from atomic import atomic_write_text
 from thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
                         save_thresholds, select_thresholds)
-from utils import DPAM_LAYER, add_model_args, load_model_and_prompts, resolve_device, run_cli, setup_seed
+from utils import (DPAM_LAYER, add_model_args, check_args, load_model_and_prompts, resolve_device, run_cli,
+                   setup_seed)
 from visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
 
 logger = logging.getLogger(__name__)
@@ -161,8 +162,7 @@ def _decision_from_flags(args: argparse.Namespace) -> Decision:
 
 def validate_args(args: argparse.Namespace) -> Decision:
     """Check every flag before any work; returns the thresholds in force. Raises one-line errors."""
-    if args.batch_size < 1:
-        raise AnomalyCLIPError(f"--batch_size {args.batch_size} must be at least 1")
+    check_args(args)
     _check_finite(args.threshold, "--threshold")
     _check_finite(args.pixel_threshold, "--pixel_threshold")
     if args.calibrate:

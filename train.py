@@ -39,7 +39,7 @@ from dataset import AnomalyDataset
 from feature_cache import CacheShapes, FeatureCache
 from loss import LossTerms, anomalyclip_loss
 from prompt_ensemble import AnomalyCLIP_PromptLearner
-from utils import (DPAM_LAYER, add_loader_args, add_model_args, atomic_torch_save, get_logger,
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, atomic_torch_save, check_args, get_logger,
                    load_model_and_prompts, resolve_device, resolve_num_workers, run_cli, setup_seed)
 
 ADAM_BETAS = (0.5, 0.999)
@@ -82,15 +82,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_cache", action="store_true",
                         help="run the frozen image forward in every step, as the original does")
     args = parser.parse_args(argv)
+    check_args(args, at_least_one=("epoch", "print_freq", "save_freq"))
     if args.no_cache and (args.keep_cache or args.cache_dir):
-        parser.error("--no_cache cannot be combined with --keep_cache or --cache_dir")
-    if args.cache_memory_gb < 0:
-        parser.error("--cache_memory_gb must be >= 0")
-    for name in ("epoch", "batch_size", "print_freq", "save_freq", "image_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
-    if args.num_workers is not None and args.num_workers < 0:
-        parser.error("--num_workers must be >= 0")
+        raise AnomalyCLIPError("--no_cache cannot be combined with --keep_cache or --cache_dir: drop one")
+    if not (math.isfinite(args.cache_memory_gb) and args.cache_memory_gb >= 0):
+        raise AnomalyCLIPError(f"--cache_memory_gb {args.cache_memory_gb} must be >= 0 (0 keeps the cache on disk)")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise AnomalyCLIPError(f"--learning_rate {args.learning_rate} must be a positive number (released: 0.001)")
     return args
 
 

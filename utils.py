@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import random
 import sys
@@ -18,7 +19,7 @@ import AnomalyCLIP_lib
 from atomic import atomic_write
 from distributed import PeerFailed
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, one_line
-from AnomalyCLIP_lib.model import CLIP
+from AnomalyCLIP_lib.model import CLIP, normalize_layers
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
 
 DEFAULT_BACKBONE = "ViT-L/14@336px"
@@ -54,6 +55,46 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference_arithmetic", action="store_true",
                         help="compute DPAM attention with the released code's arithmetic: bit-identical to the "
                              "original on the same CPU kernels, slower (default: fused attention, equal to ~1e-6)")
+
+
+def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> None:
+    """The checks of the flags that every CLI shares, before anything heavy runs; one-line errors.
+
+    Args:
+        args: Parsed flags of ``train.py``, ``test.py`` or ``test_one_example.py``; checks apply to
+            the flags the namespace has.
+        at_least_one: Further integer flags of the calling CLI that must be >= 1.
+    """
+    for name in ("batch_size", "image_size", "n_ctx", "depth", "t_n_ctx", *at_least_one):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise AnomalyCLIPError(f"--{name} {value} must be at least 1")
+    workers = getattr(args, "num_workers", None)
+    if workers is not None and workers < 0:
+        raise AnomalyCLIPError(f"--num_workers {workers} must be >= 0 (0 decodes images in the main process)")
+    sigma = getattr(args, "sigma", None)
+    if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+        raise AnomalyCLIPError(f"--sigma {sigma} must be a finite number >= 0 (0 turns the smoothing off; "
+                               "the original uses 4)")
+    if hasattr(args, "features_list"):
+        if len(set(args.features_list)) != len(args.features_list):
+            raise AnomalyCLIPError(f"--features_list {' '.join(map(str, args.features_list))} repeats a layer")
+        first = args.feature_map_layer[0]
+        if not 0 <= first < len(args.features_list):
+            raise AnomalyCLIPError(
+                f"--feature_map_layer {first} must index --features_list ({len(args.features_list)} layer(s)): "
+                f"use 0..{len(args.features_list) - 1} (0 sums the maps of every layer)")
+
+
+def check_backbone_fits(args: argparse.Namespace, model: CLIP) -> None:
+    """Flags that depend on the loaded backbone: the layers exist and the image size fits its patches."""
+    normalize_layers(args.features_list, model.visual.num_layers)
+    patch = int(model.visual.conv1.kernel_size[0])
+    if args.image_size % patch:
+        below = args.image_size // patch * patch
+        options = f"{below} or {below + patch}" if below else str(patch)
+        raise AnomalyCLIPError(f"--image_size {args.image_size} is not a multiple of the backbone's patch size "
+                               f"{patch}: use {options} (the released setting is 518)")
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -102,6 +143,7 @@ def load_model_and_prompts(
         (``None`` when no path was given and the prompts are freshly initialised).
     """
     model, _ = AnomalyCLIP_lib.load(args.backbone, device=device, trust_backbone=getattr(args, "trust_backbone", False))
+    check_backbone_fits(args, model)
     model.visual.reference_arithmetic = getattr(args, "reference_arithmetic", False)
     design = design_details(n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx)
     prompt_learner = AnomalyCLIP_PromptLearner(model, design)

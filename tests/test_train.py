@@ -68,8 +68,13 @@ def test_user_errors_are_one_line(synthetic_datasets, design_args, trained_check
 
 
 def test_invalid_flags_are_refused():
-    for flags in (["--epoch", "0"], ["--no_cache", "--keep_cache"], ["--cache_memory_gb", "-1"]):
-        with pytest.raises(SystemExit):
+    from AnomalyCLIP_lib.errors import AnomalyCLIPError
+
+    for flags, expected in ((["--epoch", "0"], "--epoch 0 must be at least 1"),
+                            (["--no_cache", "--keep_cache"], "--no_cache cannot be combined"),
+                            (["--cache_memory_gb", "-1"], "--cache_memory_gb -1.0 must be >= 0"),
+                            (["--learning_rate", "0"], "--learning_rate 0.0 must be a positive number")):
+        with pytest.raises(AnomalyCLIPError, match=re.escape(expected)):
             train.parse_args(flags)
 
 
