@@ -214,16 +214,16 @@ class ClassOutcome:
     """What a class leaves once its maps are dropped: small enough to gather to rank 0.
 
     Attributes:
-        metrics: ``{column: value}``: the metric set's columns, then :data:`metrics.DECISION_KEYS`.
+        values: ``{column: value}``: the metric set's columns, then :data:`metrics.DECISION_KEYS`.
         per_type: ``{defect type: {"image_auroc": ..., "pixel_auroc": ...}}``.
-        thresholds: The class's ``thresholds.json`` entry.
-        report: Figures and gallery for ``--report``, else None.
+        threshold_entry: The class's ``thresholds.json`` entry.
+        report_part: Figures and gallery for ``--report``, else None.
     """
 
-    metrics: dict[str, float]
+    values: dict[str, float]
     per_type: dict[str, dict[str, float]]
-    thresholds: dict[str, object]
-    report: report.ClassReport | None = None
+    threshold_entry: dict[str, object]
+    report_part: report.ClassReport | None = None
 
 
 @dataclass(frozen=True)
@@ -252,13 +252,18 @@ def class_outcome(finished: ClassResults, options: OutcomeOptions) -> ClassOutco
         options.threshold_method, options.target_fpr)
     if entry["warning"]:
         logger.warning("thresholds of %s: %s", finished.cls_name, entry["warning"])
-    class_report = None
-    if options.report_k is not None:
-        class_report = report.class_report(report.ClassData(
-            cls_name=finished.cls_name, labels=labels, scores=scores, maps=finished.maps, masks=masks,
-            image_files=finished.image_files, img_paths=finished.img_paths, types=finished.types,
-            image_threshold=entry["image_threshold"], values=values), options.report_k, options.aupro_mode)
-    return ClassOutcome(values, per_type, entry, class_report)
+    part = None if options.report_k is None else _report_part(finished, masks, entry, values, options)
+    return ClassOutcome(values, per_type, entry, part)
+
+
+def _report_part(finished: ClassResults, masks: np.ndarray | None, entry: dict[str, object],
+                 values: dict[str, float], options: OutcomeOptions) -> report.ClassReport:
+    """The class's figures and gallery, rendered while its maps are held."""
+    data = report.ClassData(cls_name=finished.cls_name, labels=finished.labels, scores=finished.scores,
+                            maps=finished.maps, masks=masks, image_files=finished.image_files,
+                            img_paths=finished.img_paths, types=finished.types,
+                            image_threshold=entry["image_threshold"], values=values)
+    return report.class_report(data, options.report_k, options.aupro_mode)
 
 
 class ClassMetricsCollector:
@@ -280,7 +285,7 @@ class ClassMetricsCollector:
     @property
     def per_class(self) -> dict[str, dict[str, float]]:
         """``{class: {column: value}}`` of the complete classes, in completion order."""
-        return {name: outcome.metrics for name, outcome in self.outcomes.items()}
+        return {name: outcome.values for name, outcome in self.outcomes.items()}
 
     def add(self, result: ImageResult) -> None:
         finished = self._gatherer.add(result)
@@ -439,7 +444,7 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
             dump.discard()
 
     outcomes = {name: gathered[name] for name in dataset.class_names if name in gathered}
-    per_class = {name: outcome.metrics for name, outcome in outcomes.items()}
+    per_class = {name: outcome.values for name, outcome in outcomes.items()}
     table_columns = columns + list(EXTRA_COLUMNS) if args.extra_metrics else columns
     table = metrics.format_results_table(per_class, table_columns)
     logger.info("\n%s", table)
@@ -467,11 +472,11 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
     atomic_write_text(json.dumps(summary, indent=2) + "\n", save_path / "results.json")
     score_rows.sort(key=lambda r: r.index)
     write_scores_csv([(r.img_path, r.cls_name, r.label, r.score) for r in score_rows], save_path / "scores.csv")
-    _write_thresholds(args, {name: outcome.thresholds for name, outcome in outcomes.items()}, save_path)
+    entries = {name: outcome.threshold_entry for name, outcome in outcomes.items()}
+    _write_thresholds(args, entries, save_path)
     if args.report:
-        path = report.write_report(save_path / "report.html", _report_title(args), summary,
-                                   table_columns, {name: outcome.report for name, outcome in outcomes.items()},
-                                   {name: outcome.thresholds for name, outcome in outcomes.items()})
+        path = report.write_report(save_path / "report.html", _report_title(args), summary, table_columns,
+                                   {name: outcome.report_part for name, outcome in outcomes.items()}, entries)
         logger.info("report: %s", path)
     return summary
 
