@@ -12,6 +12,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 import metrics
 import test as evaluation
+import thresholds
 from dataset import AnomalyDataset
 from tests.conftest import E2E_IMAGE_SIZE
 from utils import run_cli
@@ -225,6 +226,7 @@ def test_f1_thresholds_equal_sklearn(full_run):
     dump = np.load(dump_path)
     document = json.loads((save_path / "thresholds.json").read_text())
     assert document["requested_method"] == "f1" and document["image_size"] == E2E_IMAGE_SIZE
+    assert thresholds.load_thresholds(save_path / "thresholds.json") == document["classes"]
     for name in ("blobs", "weave"):
         labels, scores, masks, maps = _class_arrays(dump, name)
         entry = document["classes"][name]
