@@ -17,6 +17,8 @@ The file::
     {"version": 1, "classes": {"<class>": {"image_threshold": float, "pixel_threshold": float,
                                            "method": "f1" | "normal_fpr", ...}}, ...}
 
+:func:`choose_class_thresholds` applies these rules to one class's evaluation results (test.py).
+
 Kept free of torch so the deployment runtimes can read it.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +152,124 @@ def select_thresholds(classes: dict[str, dict], class_name: str | None, source: 
         raise AnomalyCLIPError(f"{source} has no class {class_name!r}; it has: {', '.join(sorted(classes))}")
     entry = classes[class_name]
     return entry.get("image_threshold"), entry.get("pixel_threshold")
+
+
+# --------------------------------------------------------------------------------------------
+# One class of an evaluation run
+# --------------------------------------------------------------------------------------------
+
+
+def _none_if_nan(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _f1(true_positives: int, false_positives: int, false_negatives: int) -> float:
+    """F1 of a confusion count; 0 when nothing is flagged and nothing is anomalous."""
+    denominator = 2 * true_positives + false_positives + false_negatives
+    return 2 * true_positives / denominator if denominator else 0.0
+
+
+def normal_pixel_threshold(maps: np.ndarray, normal_images: Iterable[int], n_normal: int, target_fpr: float) -> float:
+    """The ``normal_fpr`` threshold over every pixel of the listed normal images, one image at a time.
+
+    Args:
+        maps: (N, H, W) anomaly maps.
+        normal_images: Indices of the normal images.
+        n_normal: How many indices ``normal_images`` yields (announced to :class:`NormalTail`).
+        target_fpr: Fraction of normal pixels that may be flagged.
+    """
+    tail = NormalTail(n_normal * maps.shape[1] * maps.shape[2], target_fpr)
+    for i in normal_images:
+        tail.update(maps[i])
+    return tail.threshold()
+
+
+def _flagged_fraction(maps: np.ndarray, images: np.ndarray, threshold: float) -> float:
+    """Fraction of the pixels of ``images`` with ``map >= threshold``."""
+    flagged = sum(int(np.count_nonzero(maps[i] >= threshold)) for i in images)
+    return flagged / (len(images) * maps.shape[1] * maps.shape[2])
+
+
+def _confusion(flagged: np.ndarray, anomalous: np.ndarray) -> tuple[int, int, int]:
+    """(true positives, false positives, false negatives) of boolean flags against boolean truth."""
+    hits = int(np.count_nonzero(flagged & anomalous))
+    return hits, int(np.count_nonzero(flagged)) - hits, int(np.count_nonzero(anomalous)) - hits
+
+
+def _pixel_f1_at(maps: np.ndarray, masks: np.ndarray, threshold: float) -> float:
+    """Pixel F1 of ``map >= threshold`` against ``masks != 0``, one image at a time."""
+    counts = np.zeros(3, dtype=np.int64)
+    for anomaly_map, mask in zip(maps, masks):
+        counts += _confusion(anomaly_map >= threshold, mask != 0)
+    return _f1(*(int(c) for c in counts))
+
+
+def choose_class_thresholds(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    masks: np.ndarray | None,
+    f1_thresholds: tuple[float, float],
+    method: str = "f1",
+    target_fpr: float = 0.01,
+) -> dict[str, object]:
+    """One class's ``thresholds.json`` entry from its evaluation results.
+
+    ``f1`` takes the F1-max thresholds where they are defined; where one is not (a class without
+    anomalous or without normal images, data without masks), that threshold falls back to
+    ``normal_fpr`` and the entry says so in ``method`` / ``pixel_method`` and ``warning``.
+    ``normal_fpr`` uses the normal images only: their scores, and every pixel of their maps.
+
+    Args:
+        labels: (N,) 0/1 image labels (1 = anomalous).
+        scores: (N,) image scores.
+        maps: (N, H, W) anomaly maps.
+        masks: (N, H, W) ground truth, or None when the data have no masks.
+        f1_thresholds: (image, pixel) F1-max thresholds, NaN where undefined.
+        method: ``f1`` or ``normal_fpr``.
+        target_fpr: Fraction of normal images / pixels ``normal_fpr`` may flag.
+
+    Returns:
+        The entry: ``image_threshold``, ``pixel_threshold``, ``method`` (the image threshold's),
+        ``pixel_method``, ``target_fpr``, the image and pixel counts, the F1 each threshold
+        attains on this class (None without both labels), the fraction of normal images and of
+        normal-image pixels each flags, and ``warning`` (None, or why ``f1`` was not used or a
+        threshold is missing).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown threshold method {method!r}; expected one of {METHODS}")
+    check_target_fpr(target_fpr)
+    labels, scores = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float32).ravel()
+    normal = np.flatnonzero(labels == 0)
+    anomalous = labels == 1
+    notes = []
+    image_threshold, image_method = _none_if_nan(f1_thresholds[0]) if method == "f1" else None, method
+    if image_threshold is None and normal.size:
+        if method == "f1":
+            notes.append("image: f1 needs normal and anomalous images")
+        image_threshold, image_method = normal_fpr_threshold(scores[normal], target_fpr), "normal_fpr"
+    pixel_threshold, pixel_method = _none_if_nan(f1_thresholds[1]) if method == "f1" else None, method
+    if pixel_threshold is None and normal.size:
+        if method == "f1":
+            notes.append("pixel: f1 needs masks with anomalous and normal pixels")
+        pixel_threshold, pixel_method = normal_pixel_threshold(maps, normal, normal.size, target_fpr), "normal_fpr"
+    for level, threshold in (("image", image_threshold), ("pixel", pixel_threshold)):
+        if threshold is None:
+            notes.append(f"{level}: no threshold, the class has no normal image")
+    both_labels = bool(normal.size) and bool(anomalous.any())
+    image_flags = scores >= image_threshold if image_threshold is not None else None
+    return class_entry(
+        image_threshold, pixel_threshold, image_method,
+        pixel_method=pixel_method,
+        target_fpr=float(target_fpr),
+        n_normal_images=int(normal.size),
+        n_anomalous_images=int(anomalous.sum()),
+        n_normal_pixels=int(normal.size * maps.shape[1] * maps.shape[2]),
+        image_f1=_f1(*_confusion(image_flags, anomalous)) if both_labels and image_flags is not None else None,
+        pixel_f1=(_pixel_f1_at(maps, masks, pixel_threshold)
+                  if masks is not None and pixel_threshold is not None and np.any(masks) else None),
+        normal_image_fpr=float(np.mean(image_flags[normal])) if normal.size and image_flags is not None else None,
+        normal_pixel_fpr=(_flagged_fraction(maps, normal, pixel_threshold)
+                          if normal.size and pixel_threshold is not None else None),
+        warning="; ".join(notes) or None,
+    )
