@@ -24,6 +24,7 @@ from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prom
 
 DEFAULT_BACKBONE = "ViT-L/14@336px"
 DPAM_LAYER = 20
+DPAM_DEPTH = 24  # vision layers of the backbones the method is defined for (ViT-L/14)
 
 
 def setup_seed(seed: int) -> None:
@@ -88,6 +89,10 @@ def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> No
 
 def check_backbone_fits(args: argparse.Namespace, model: CLIP) -> None:
     """Flags that depend on the loaded backbone: the layers exist and the image size fits its patches."""
+    if model.visual.num_layers != DPAM_DEPTH:
+        raise AnomalyCLIPError(f"--backbone {args.backbone} has {model.visual.num_layers} vision layers; AnomalyCLIP "
+                               f"(DPAM from layer {DPAM_LAYER}) needs an OpenAI-layout CLIP ViT with {DPAM_DEPTH}, "
+                               "such as ViT-L/14@336px")
     normalize_layers(args.features_list, model.visual.num_layers)
     patch = int(model.visual.conv1.kernel_size[0])
     if args.image_size % patch:

@@ -15,6 +15,7 @@ from PIL import Image
 from .errors import AnomalyCLIPError
 from .model import CLIP, build_model
 from .pretrained import PRETRAINED, available_models, download, sha256_of
+from .safe_load import check_is_file, load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +66,14 @@ def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str,
         AnomalyCLIPError: Missing, unreadable or not a CLIP checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AnomalyCLIPError(f"backbone file {path} does not exist; pass a registry name ({available_models()}) or an existing file")
+    check_is_file(path, "backbone file", f"pass a registry name ({', '.join(available_models())}) or a checkpoint file")
+    if not _is_torchscript_archive(path):
+        return _unwrap(load_tensors(path, "backbone checkpoint"), path)
     try:
-        if _is_torchscript_archive(path):
-            _check_torchscript_trusted(path, trusted)
-            with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI ships TorchScript
-                warnings.simplefilter("ignore", FutureWarning)
-                return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        return _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+        _check_torchscript_trusted(path, trusted)
+        with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI ships TorchScript
+            warnings.simplefilter("ignore", FutureWarning)
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     except AnomalyCLIPError:
         raise
     except Exception as exc:  # torch raises many types for corrupt files

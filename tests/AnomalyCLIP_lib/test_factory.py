@@ -49,7 +49,7 @@ class _Exploit:
 def test_pickled_objects_are_refused(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"visual.conv1.weight": _Exploit()}, path)
-    with pytest.raises(AnomalyCLIPError, match="cannot read backbone checkpoint"):
+    with pytest.raises(AnomalyCLIPError, match="backbone checkpoint .* holds Python objects besides tensors"):
         AnomalyCLIP_lib.load(path)
     assert "this must not run" not in capsys.readouterr().out
 
@@ -114,3 +114,40 @@ def test_registered_torchscript_needs_no_trust(tiny_clip_files, monkeypatch):
     monkeypatch.setitem(factory.PRETRAINED, "tiny-registered", registered)
     model, _ = AnomalyCLIP_lib.load(scripted)
     assert model.visual.num_layers == 24
+
+
+class _RunsCode:
+    """A pickle that would run a command when loaded without weights_only."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch /tmp/anomalyclip_pickle_ran",))
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda p: p.write_text("hello"), "is not a PyTorch checkpoint"),
+    (lambda p: p.mkdir(), "is a folder, not a file"),
+    (lambda p: torch.save({"x": _RunsCode()}, p), "holds Python objects besides tensors"),
+])
+def test_unreadable_files_get_our_own_words(make, expected, tmp_path, tiny_clip_files):
+    import os
+
+    from prompt_ensemble import read_prompt_checkpoint
+
+    path = tmp_path / "file.pth"
+    make(path)
+    for read, what in ((AnomalyCLIP_lib.load, "backbone"), (read_prompt_checkpoint, "prompt checkpoint")):
+        with pytest.raises(AnomalyCLIPError) as error:
+            read(path)
+        message = str(error.value)
+        assert expected in message and str(path) in message and what in message, message
+        assert "weights_only" not in message.replace("(weights_only)", "") and "\n" not in message
+    assert not os.path.exists("/tmp/anomalyclip_pickle_ran")
+
+
+def test_truncated_checkpoint_is_named_as_such(tmp_path, tiny_clip_files):
+    path = tmp_path / "cut.pt"
+    path.write_bytes(tiny_clip_files[0].read_bytes()[:5000])
+    with pytest.raises(AnomalyCLIPError, match="is truncated or damaged"):
+        AnomalyCLIP_lib.load(path)
