@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.pretrained import PRETRAINED, sha256_of
+from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from atomic import atomic_write_text
 
 CACHE_FORMAT = 1
@@ -40,14 +40,10 @@ _GB = 1024**3
 def cache_key(backbone: str, data_root: str | os.PathLike, image_size: int, features_list: Sequence[int],
               dpam_layer: int, reference_arithmetic: bool) -> dict[str, object]:
     """What a cache's contents depend on; a cache is reused only when every field is equal."""
-    if backbone in PRETRAINED:
-        backbone_sha = PRETRAINED[backbone].sha256  # the download is checked against it
-    else:
-        backbone_sha = sha256_of(Path(backbone).expanduser())
     meta = Path(data_root) / "meta.json"
     return {
         "format": CACHE_FORMAT,
-        "backbone_sha256": backbone_sha,
+        "backbone_sha256": backbone_sha256(backbone),
         "meta_sha256": sha256_of(meta),
         "data_root": str(Path(data_root).resolve()),
         "image_size": int(image_size),

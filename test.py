@@ -49,11 +49,12 @@ import thresholds
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.precision import PRECISIONS, autocast
-from atomic import atomic_write_text
+from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
+from atomic import atomic_write_texts, remove_leftovers
 from dataset import AnomalyDataset
 from dump import DumpWriter
-from utils import (DPAM_LAYER, add_loader_args, add_model_args, check_args, get_logger, load_model_and_prompts, resolve_device,
-                   resolve_num_workers, run_cli, setup_seed)
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, check_args, get_logger, load_model_and_prompts,
+                   project_version, resolve_device, resolve_num_workers, run_cli, setup_seed)
 from visualize import save_overlay
 
 METRIC_SETS = ("image-level", "pixel-level", "image-pixel-level")
@@ -358,16 +359,18 @@ def _versions() -> dict[str, str]:
     import scipy
     import sklearn
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "scikit-learn": sklearn.__version__, "pillow": PIL.__version__}
+    return {**project_version(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
+            "pillow": PIL.__version__}
 
 
-def write_scores_csv(results: list[tuple[str, str, int, float]], path: Path) -> None:
+def scores_csv_text(results: list[tuple[str, str, int, float]]) -> str:
+    """``scores.csv``: one row per image (path, class, label, score)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["img_path", "cls_name", "label", "score"])
     writer.writerows((p, c, label, f"{score:.8g}") for p, c, label, score in results)
-    atomic_write_text(buffer.getvalue(), path)
+    return buffer.getvalue()
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, object] | None:
@@ -399,6 +402,9 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
     args.num_workers = resolve_num_workers(args.num_workers, device)
     save_path = Path(args.save_path)
     logger = get_logger(save_path, "anomalyclip.test", main_process=world.is_main)
+    if world.is_main:
+        for name in ("results.json", "scores.csv", "thresholds.json", "report.html"):
+            remove_leftovers(save_path, name)  # of a run killed while writing
     dataset, metric_set, model, text_feats = distributed.together(world, lambda: _prepare(args, device))
     columns = metrics.metric_columns(metric_set)
 
@@ -447,6 +453,8 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         "dataset": args.dataset,
         "data_path": str(args.data_path),
         "checkpoint_path": str(args.checkpoint_path),
+        "checkpoint_sha256": sha256_of(args.checkpoint_path),
+        "backbone_sha256": backbone_sha256(args.backbone),
         "metric_set": metric_set,
         "columns": columns,
         "extra_columns": list(EXTRA_COLUMNS),
@@ -463,9 +471,11 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         "wall_time_s": round(time.time() - started, 3),
         "table": table,
     }
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", save_path / "results.json")
     score_rows.sort(key=lambda r: r.index)
-    write_scores_csv([(r.img_path, r.cls_name, r.label, r.score) for r in score_rows], save_path / "scores.csv")
+    # Together: a failure (a full disk) leaves both old files or both new ones.
+    atomic_write_texts({save_path / "results.json": json.dumps(summary, indent=2) + "\n",
+                        save_path / "scores.csv": scores_csv_text([(r.img_path, r.cls_name, r.label, r.score)
+                                                                   for r in score_rows])})
     entries = {name: outcome.threshold_entry for name, outcome in outcomes.items()}
     _write_thresholds(args, entries, save_path)
     if args.report:
@@ -493,8 +503,11 @@ def _report_title(args: argparse.Namespace) -> str:
 
 
 def _save_vis(result: ImageResult, save_path: Path) -> None:
+    # The image's full name stays in the overlay's (000.png -> 000.png.overlay.png), so 000.png and
+    # 000.jpg in one folder get two overlays, as in test_one_example.py.
     relative = Path(result.img_path)
-    save_overlay(result.image_file, result.anomaly_map, save_path / "imgs" / result.cls_name / relative.parent.name / relative.stem)
+    save_overlay(result.image_file, result.anomaly_map,
+                 save_path / "imgs" / result.cls_name / relative.parent.name / f"{relative.name}.overlay.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

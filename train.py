@@ -35,6 +35,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.model import CLIP
 import distributed
 import feature_cache
+from atomic import remove_leftovers
 from dataset import AnomalyDataset
 from feature_cache import CacheShapes, FeatureCache
 from loss import LossTerms, anomalyclip_loss
@@ -386,6 +387,8 @@ def _train(args: argparse.Namespace, world: distributed.World, device: torch.dev
     setup_seed(args.seed)
     args.num_workers = resolve_num_workers(args.num_workers, device)
     logger = get_logger(args.save_path, "anomalyclip.train", main_process=world.is_main)
+    if world.is_main:
+        remove_leftovers(args.save_path, "epoch_*.pth")  # of a run killed while saving
     train_data, model, prompt_learner, checkpoint = distributed.together(world, lambda: _prepare(args, device))
     optimizer = make_optimizer(prompt_learner, args.learning_rate)
     first_epoch = _resume(checkpoint, optimizer, args, logger)

@@ -180,6 +180,24 @@ def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip", main_pro
     return logger
 
 
+def project_version() -> dict[str, str | None]:
+    """This project's version and, in a git checkout, its commit (with ``+dirty`` for local changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            commit += "+dirty" if dirty else ""
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"anomalyclip": AnomalyCLIP_lib.__version__, "git_commit": commit}
+
+
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file.
 

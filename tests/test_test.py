@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import math
 
@@ -56,7 +57,13 @@ def test_results_json_table_and_log(full_run, synthetic_datasets):
         assert summary["mean"][column] == pytest.approx(np.mean(values))
     assert summary["n_images"] == 12 and summary["wall_time_s"] > 0
     assert summary["config"]["image_size"] == E2E_IMAGE_SIZE and summary["config"]["aupro"] == "cflow"
-    assert {"python", "torch", "numpy"} <= set(summary["versions"])
+    assert {"python", "torch", "numpy", "anomalyclip", "git_commit"} <= set(summary["versions"])
+    import hashlib
+
+    checkpoint = Path(summary["checkpoint_path"])
+    assert summary["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    backbone = Path(summary["config"]["backbone"])
+    assert summary["backbone_sha256"] == hashlib.sha256(backbone.read_bytes()).hexdigest()
     assert summary["table"] in (save_path / "log.txt").read_text()
     assert summary["table"].splitlines()[0].startswith("| objects   |   pixel_auroc |")
     assert summary["table"].splitlines()[-1].startswith("| mean ")
@@ -97,7 +104,7 @@ def test_vis_writes_one_overlay_per_image(full_run, synthetic_datasets):
     dataset = AnomalyDataset(str(synthetic_datasets[1]), image_size=E2E_IMAGE_SIZE)
     for item in dataset.items:
         relative = item["img_path"].split("/")
-        overlay = save_path / "imgs" / item["cls_name"] / relative[-2] / (relative[-1].rsplit(".", 1)[0] + ".png")
+        overlay = save_path / "imgs" / item["cls_name"] / relative[-2] / (relative[-1] + ".overlay.png")
         with Image.open(overlay) as image:
             assert image.size == (E2E_IMAGE_SIZE, E2E_IMAGE_SIZE) and image.mode == "RGB"
 
@@ -287,3 +294,25 @@ def test_f1_falls_back_to_normal_fpr_without_anomalous_images(synthetic_datasets
     assert "thresholds of weave" in (save_path / "log.txt").read_text()
     summary = json.loads((save_path / "results.json").read_text())
     assert summary["per_class"]["weave"]["image_f1_max"] is None and summary["per_defect_type"]["weave"] == {}
+
+
+def test_vis_names_keep_the_extension(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
+    """000.png and 000.jpg in one defect folder get two overlays (the original wrote one over the other)."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_datasets[1], data)
+    meta = json.loads((data / "meta.json").read_text())
+    first_class = next(iter(meta["test"]))
+    item = next(i for i in meta["test"][first_class] if i["anomaly"] == 0)
+    twin = Path(item["img_path"]).with_suffix(".jpg").as_posix()
+    Image.open(data / item["img_path"]).convert("RGB").save(data / twin)
+    meta["test"][first_class].append(dict(item, img_path=twin))
+    (data / "meta.json").write_text(json.dumps(meta))
+    save_path = tmp_path / "out"
+    assert _evaluate(data, save_path, trained_checkpoint, design_args, "--vis", "--classes", first_class) == 0
+    folder = save_path / "imgs" / first_class / Path(item["img_path"]).parent.name
+    names = {p.name for p in folder.iterdir()}
+    assert {Path(item["img_path"]).name + ".overlay.png", Path(twin).name + ".overlay.png"} <= names
