@@ -53,7 +53,7 @@ from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from atomic import atomic_write_texts, remove_leftovers
 from dataset import AnomalyDataset
 from dump import DumpWriter
-from utils import (DPAM_LAYER, add_loader_args, add_model_args, check_args, get_logger, load_model_and_prompts,
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger, load_model_and_prompts,
                    project_version, resolve_device, resolve_num_workers, run_cli, setup_seed)
 from visualize import save_overlay
 
@@ -66,7 +66,7 @@ logger = logging.getLogger("anomalyclip.test")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate AnomalyCLIP prompts zero-shot on a dataset.")
+    parser = cli_parser("Evaluate AnomalyCLIP prompts zero-shot on a dataset.")
     parser.add_argument("--data_path", default="./data/visa", help="dataset root holding meta.json")
     parser.add_argument("--save_path", default="./results", help="folder for log.txt, results.json, scores.csv")
     parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")

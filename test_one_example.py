@@ -46,7 +46,7 @@ from AnomalyCLIP_lib.transform import image_transform, load_image
 from atomic import atomic_write_text
 from thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
                         save_thresholds, select_thresholds)
-from utils import (DPAM_LAYER, add_model_args, check_args, load_model_and_prompts, resolve_device, run_cli,
+from utils import (DPAM_LAYER, add_model_args, check_args, cli_parser, load_model_and_prompts, resolve_device, run_cli,
                    setup_seed)
 from visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
 
@@ -83,7 +83,7 @@ class Prediction:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring); checked further by :func:`validate_args`."""
-    parser = argparse.ArgumentParser(description="Anomaly scores, verdicts, defect masks and heat maps for images.")
+    parser = cli_parser("Anomaly scores, verdicts, defect masks and heat maps for images.")
     parser.add_argument("--image_path", required=True, help="an image file, or a folder of images (read recursively)")
     parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
     parser.add_argument("--save_path", default="./results/single", help="folder for overlays, masks, predictions")

@@ -40,7 +40,7 @@ from dataset import AnomalyDataset
 from feature_cache import CacheShapes, FeatureCache
 from loss import LossTerms, anomalyclip_loss
 from prompt_ensemble import AnomalyCLIP_PromptLearner
-from utils import (DPAM_LAYER, add_loader_args, add_model_args, atomic_torch_save, check_args, get_logger,
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, atomic_torch_save, check_args, get_logger,
                    load_model_and_prompts, resolve_device, resolve_num_workers, run_cli, setup_seed)
 
 ADAM_BETAS = (0.5, 0.999)
@@ -58,7 +58,7 @@ class CachedBatch:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train AnomalyCLIP prompts on an auxiliary dataset.")
+    parser = cli_parser("Train AnomalyCLIP prompts on an auxiliary dataset.")
     parser.add_argument("--train_data_path", default="./data/visa", help="dataset root holding meta.json")
     parser.add_argument("--save_path", default="./checkpoint", help="folder for epoch_N.pth and log.txt")
     parser.add_argument("--dataset", default="mvtec", help="dataset name (for the log)")

@@ -37,6 +37,11 @@ def setup_seed(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """The argument parser of every command-line tool: ``--help`` shows each flag's default."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Flags that describe the backbone and the prompt design (the original's names)."""
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE,

@@ -104,3 +104,18 @@ def test_image_size_must_fit_the_backbone_patches(tiny_clip_files, synthetic_dat
                                     "--backbone", str(tiny_clip_files[0]), "--image_size", "50", "--device", "cpu"]) == 2
     error = capsys.readouterr().err
     assert "--image_size 50 is not a multiple of the backbone's patch size 14: use 42 or 56" in error
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py", "test_one_example.py"])
+def test_help_shows_defaults(script):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    completed = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0
+    help_text = " ".join(completed.stdout.split())
+    assert "input side in pixels (default: 518)" in help_text
+    assert "(default: ViT-L/14@336px)" in help_text
