@@ -236,6 +236,8 @@ def reusable(folder: Path, key: dict[str, object]) -> tuple[FeatureCache | None,
 
 def remove(folder: Path) -> None:
     """Delete our cache files in ``folder`` (the manifest first), then the folder if it is empty."""
+    if not folder.is_dir():
+        return
     (folder / MANIFEST).unlink(missing_ok=True)
     for path in [*(folder / name for name in _FIXED_FILES), *folder.glob("tokens_*.npy")]:
         path.unlink(missing_ok=True)

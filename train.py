@@ -88,6 +88,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise AnomalyCLIPError("--no_cache cannot be combined with --keep_cache or --cache_dir: drop one")
     if not (math.isfinite(args.cache_memory_gb) and args.cache_memory_gb >= 0):
         raise AnomalyCLIPError(f"--cache_memory_gb {args.cache_memory_gb} must be >= 0 (0 keeps the cache on disk)")
+    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+        raise AnomalyCLIPError(f"--cache_dir {args.cache_dir} is a file, not a folder: give a folder for the cache")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise AnomalyCLIPError(f"--learning_rate {args.learning_rate} must be a positive number (released: 0.001)")
     return args
@@ -263,25 +265,39 @@ def _build_cache(args, world: distributed.World, model: CLIP, data: AnomalyDatas
         feature_cache.remove(folder)  # a stale or half-written cache of ours; the manifest goes first
     shard = world.shard(len(data))
     batches = _encoded_batches(model, data, shard, args, device)
-    cache: FeatureCache | None = None
+    holder: list[FeatureCache] = []
     progress = tqdm(total=len(data), desc="caching features", unit="img", disable=not world.is_main)
+
+    def store(part: CachedBatch) -> None:
+        if not holder:
+            holder.append(_new_cache(args, len(data), part, folder, logger))
+        holder[0].put(part.indices, part.embedding, part.patch_tokens, part.masks, part.labels)
+        progress.update(len(part.indices))
+
+    # A failure on rank 0 while storing (a full disk) travels in the next round's exchange, or in
+    # the final check after the last round, so that every rank stops with it.
+    storing_error: str | None = None
     try:
         for local, error in distributed.lockstep(world, batches, world.rounds(len(data), args.batch_size)):
             outgoing = [[local] if local else []] + [[] for _ in range(world.size - 1)]
-            for part in distributed.exchange(world, outgoing, error):
-                if cache is None:
-                    cache = _new_cache(args, len(data), part, folder, logger)
-                cache.put(part.indices, part.embedding, part.patch_tokens, part.masks, part.labels)
-                progress.update(len(part.indices))
+            for part in distributed.exchange(world, outgoing, error or storing_error):
+                if storing_error is None:
+                    _, storing_error = distributed.guarded(world, lambda part=part: store(part))
+        distributed.together(world, lambda: _raise_if(storing_error))
     finally:
         progress.close()
     if not world.is_main:
         return None
-    assert cache is not None, "an empty training set is refused when the dataset loads"
+    cache = holder[0]
     cache.seal(key)
     logger.info("frozen features of %d images cached (images per rank: %s)", len(data),
                 world.shard_sizes(len(data)))
     return cache
+
+
+def _raise_if(error: str | None) -> None:
+    if error:
+        raise AnomalyCLIPError(error)
 
 
 def _new_cache(args, n_images: int, first: CachedBatch, folder: Path, logger) -> FeatureCache:
