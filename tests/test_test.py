@@ -316,3 +316,22 @@ def test_vis_names_keep_the_extension(synthetic_datasets, trained_checkpoint, de
     folder = save_path / "imgs" / first_class / Path(item["img_path"]).parent.name
     names = {p.name for p in folder.iterdir()}
     assert {Path(item["img_path"]).name + ".overlay.png", Path(twin).name + ".overlay.png"} <= names
+
+
+def test_error_inside_a_dataloader_worker_is_one_line(synthetic_datasets, trained_checkpoint, design_args, tmp_path,
+                                                      capsys):
+    import shutil
+
+    from utils import run_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_datasets[1], data)
+    meta = json.loads((data / "meta.json").read_text())
+    broken = next(iter(meta["test"].values()))[0]["img_path"]
+    (data / broken).write_bytes(b"\x89PNG\r\n\x1a\n cut here")
+    args = ["--data_path", str(data), "--save_path", str(tmp_path / "out"), "--checkpoint_path", str(trained_checkpoint),
+            "--num_workers", "1", "--batch_size", "4", *design_args]
+    assert run_cli(evaluation.main, args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: cannot read image file") and Path(broken).name in error
+    assert "DataLoader worker" not in error and "Traceback" not in error
