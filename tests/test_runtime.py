@@ -190,3 +190,19 @@ def test_errors(exported, loaded, tmp_path):
 def test_module_imports_no_torch():
     source = (REPO_ROOT / "AnomalyCLIP_lib" / "runtime.py").read_text()
     assert "import torch" not in source and "from torch" not in source and "scipy" not in source
+
+
+def test_exported_scorer_has_the_module_interface(exported):
+    from AnomalyCLIP_lib.inference import ExportedScorer, load_scorer
+
+    module, dirs, _ = exported
+    images = random_images(2, seed=5)
+    expected = module.predict(images)
+    for runtime_name, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino")):
+        scorer = load_scorer(argparse.Namespace(runtime=runtime_name, model=str(dirs[fmt])))
+        assert isinstance(scorer, ExportedScorer) and scorer.config.image_size == TINY_SIZE
+        prediction = scorer.predict(images)
+        torch.testing.assert_close(prediction.scores, expected.scores, rtol=0, atol=TOL)
+        torch.testing.assert_close(prediction.maps, expected.maps, rtol=0, atol=TOL)
+    with pytest.raises(AnomalyCLIPError, match="needs --model DIR"):
+        load_scorer(argparse.Namespace(runtime="openvino", model=None))
