@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference
 from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from atomic import atomic_write, atomic_write_text

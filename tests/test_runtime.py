@@ -86,7 +86,7 @@ def loaded(exported):
 
 @pytest.mark.parametrize("runtime_name, fmt", [("onnxruntime", "onnx"), ("openvino", "openvino"), ("openvino", "onnx")])
 def test_runtime_equals_the_torch_module(exported, loaded, runtime_name, fmt):
-    module, dirs, _ = exported
+    module, _, _ = exported
     model = loaded(runtime_name, fmt)
     for batch, seed in ((1, 0), (3, 1)):  # the graph was traced with batch 1
         images = random_images(batch, seed=seed).numpy()
@@ -116,7 +116,7 @@ def _norm(folder):
 
 @pytest.mark.parametrize("runtime_name, fmt", [("onnxruntime", "onnx"), ("openvino", "openvino")])
 def test_files_equal_the_torch_path(exported, loaded, runtime_name, fmt):
-    module, dirs, files = exported
+    module, _, files = exported
     model = loaded(runtime_name, fmt)
     results = list(model.predict_files(files, batch_size=4))
     transform = image_transform(TINY_SIZE)
@@ -157,7 +157,7 @@ def test_runtime_runs_with_torch_unimportable(exported):
     module, dirs, files = exported
     folders = json.dumps({"onnxruntime": str(dirs["onnx"]), "openvino": str(dirs["openvino"])})
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    completed = subprocess.run([sys.executable, "-c", _TORCH_FREE, folders, *map(str, files)], env=env,
+    completed = subprocess.run([sys.executable, "-c", _TORCH_FREE, folders, *map(str, files)], check=False, env=env,
                                capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     out = json.loads(completed.stdout.strip().splitlines()[-1])

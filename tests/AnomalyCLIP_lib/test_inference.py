@@ -1,6 +1,7 @@
 """The inference module and the torch Gaussian filter, against scoring.predict and scipy."""
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -136,7 +137,7 @@ def test_batch_equals_single_images(tiny_model, learner):
 def test_config_is_frozen_and_round_trips():
     config = ScoringConfig(image_size=56, features_list=[24, 6, 6], sigma=2)
     assert config.features_list == (6, 24) and config.sigma == 2.0
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         config.sigma = 3.0
     assert ScoringConfig.from_dict(config.to_dict()) == config
     assert config.to_dict()["features_list"] == [6, 24]
