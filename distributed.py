@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, one_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
 
 T = TypeVar("T")
-
-
-class PeerFailed(AnomalyCLIPError):
-    """Another rank hit a user error and printed it; this rank stops without a second message."""
 
 
 @dataclass(frozen=True)

@@ -36,18 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+# Torch-free imports only: with --runtime the whole run needs numpy, Pillow and the runtime
+# (torch is imported in _torch_batches).
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
 from AnomalyCLIP_lib.precision import PRECISIONS
-from AnomalyCLIP_lib.transform import image_transform, load_image
+from AnomalyCLIP_lib.runtime import RUNTIMES, ExportedModel, load_image
 from atomic import atomic_write_text
+from cli import DPAM_LAYER, add_model_args, check_args, cli_parser, run_cli
 from thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
                         save_thresholds, select_thresholds)
-from utils import (DPAM_LAYER, add_model_args, check_args, cli_parser, load_model_and_prompts, resolve_device, run_cli,
-                   setup_seed)
 from visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
 
 logger = logging.getLogger(__name__)
@@ -85,7 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line (see the module docstring); checked further by :func:`validate_args`."""
     parser = cli_parser("Anomaly scores, verdicts, defect masks and heat maps for images.")
     parser.add_argument("--image_path", required=True, help="an image file, or a folder of images (read recursively)")
-    parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="prompt checkpoint (ours or the original's); not needed with --runtime")
     parser.add_argument("--save_path", default="./results/single", help="folder for overlays, masks, predictions")
     add_model_args(parser)
     parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
@@ -109,6 +109,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save_thresholds", default=None, help="with --calibrate: the thresholds.json to write")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
+    parser.add_argument("--runtime", choices=("torch", *RUNTIMES), default="torch",
+                        help="run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch")
+    parser.add_argument("--model", default=None,
+                        help="with --runtime: the folder export.py wrote (its design replaces the model flags)")
     return parser.parse_args(argv)
 
 
@@ -160,9 +164,41 @@ def _decision_from_flags(args: argparse.Namespace) -> Decision:
     return Decision(args.threshold, args.pixel_threshold, "--threshold")
 
 
+def _check_runtime_flags(args: argparse.Namespace) -> None:
+    """``--runtime`` needs ``--model``; the export's design then replaces the model flags."""
+    if args.runtime == "torch":
+        if args.model is not None:
+            raise AnomalyCLIPError("--model is an export folder for --runtime onnxruntime|openvino; add --runtime")
+        if not args.checkpoint_path:
+            raise AnomalyCLIPError("--checkpoint_path is required (or --runtime onnxruntime|openvino --model DIR)")
+        return
+    if not args.model:
+        raise AnomalyCLIPError(f"--runtime {args.runtime} needs --model DIR, a folder written by export.py")
+    args.exported = ExportedModel(args.model, args.runtime)
+    scoring = args.exported.scoring
+    args.image_size, args.sigma = args.exported.image_size, scoring["sigma"]
+    args.features_list, args.feature_map_layer = list(scoring["features_list"]), [scoring["feature_map_layer"]]
+    args.checkpoint_path = args.checkpoint_path or args.exported.manifest["checkpoint"]["path"]
+
+
+def _decision_from_export(args: argparse.Namespace) -> Decision | None:
+    """The thresholds export.py stored (a thresholds.json's content), when no threshold flag is given."""
+    stored = getattr(args, "exported", None) and args.exported.thresholds
+    if not isinstance(stored, dict) or not isinstance(stored.get("classes"), dict) or not stored["classes"]:
+        return None
+    source = f"{args.model}/anomalyclip.json"
+    image_threshold, pixel_threshold = select_thresholds(stored["classes"], args.class_name, source)
+    class_name = args.class_name if args.class_name is not None else next(iter(stored["classes"]))
+    if image_threshold is None:
+        return None
+    pixel = None if pixel_threshold is None else float(pixel_threshold)
+    return Decision(float(image_threshold), pixel, source, class_name)
+
+
 def validate_args(args: argparse.Namespace) -> Decision:
     """Check every flag before any work; returns the thresholds in force. Raises one-line errors."""
     check_args(args)
+    _check_runtime_flags(args)
     _check_finite(args.threshold, "--threshold")
     _check_finite(args.pixel_threshold, "--pixel_threshold")
     if args.calibrate:
@@ -171,7 +207,12 @@ def validate_args(args: argparse.Namespace) -> Decision:
     for flag in ("target_fpr", "save_thresholds"):
         if getattr(args, flag) is not None:
             raise AnomalyCLIPError(f"--{flag} is used only with --calibrate")
-    decision = _decision_from_file(args) if args.thresholds is not None else _decision_from_flags(args)
+    if args.thresholds is not None:
+        decision = _decision_from_file(args)
+    elif args.threshold is None and args.pixel_threshold is None and (stored := _decision_from_export(args)):
+        decision = stored
+    else:
+        decision = _decision_from_flags(args)
     if args.vis_scale == "fixed" and decision.pixel_threshold is None:
         raise AnomalyCLIPError("--vis_scale fixed needs a pixel threshold (--pixel_threshold or --thresholds)")
     if decision.pixel_threshold is not None and decision.pixel_threshold <= 0 and args.vis_scale != "per_image":
@@ -227,6 +268,30 @@ def output_path(save_path: Path, relative: Path, suffix: str) -> Path:
 def scored_batches(args: argparse.Namespace, files: Sequence[Path]
                    ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
     """Yield ``(file, (width, height), score, map)`` per image, in order, batch by batch."""
+    if getattr(args, "exported", None) is not None:
+        yield from _exported_batches(args.exported, files, args.batch_size)
+    else:
+        yield from _torch_batches(args, files)
+
+
+def _exported_batches(exported: ExportedModel, files: Sequence[Path], batch_size: int
+                      ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
+    """The exported graph's results (no torch)."""
+    for start in tqdm(range(0, len(files), batch_size), desc="scoring", unit="batch", disable=None):
+        chunk = files[start : start + batch_size]
+        for result in exported.predict_files(chunk, batch_size):
+            yield Path(result.path), load_image(result.path).size, float(result.score), result.anomaly_map
+
+
+def _torch_batches(args: argparse.Namespace, files: Sequence[Path]
+                   ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
+    """The inference module's results (the reference path)."""
+    import torch
+
+    from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
+    from AnomalyCLIP_lib.transform import image_transform
+    from utils import load_model_and_prompts, resolve_device, setup_seed
+
     setup_seed(args.seed)
     device = resolve_device(args.device)
     model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)

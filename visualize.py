@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from AnomalyCLIP_lib.transform import load_image
+from AnomalyCLIP_lib.runtime import load_image
 from atomic import atomic_write_bytes
 
 VIS_SCALES = ("fixed", "per_image")

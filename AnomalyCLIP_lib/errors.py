@@ -9,6 +9,10 @@ class AnomalyCLIPError(Exception):
     """A user-facing error whose message is one line naming the offending input and the fix."""
 
 
+class PeerFailed(AnomalyCLIPError):
+    """Another rank hit a user error; that rank prints the line, this one stops quietly."""
+
+
 def one_line(exc: BaseException) -> str:
     """The user-facing line of ``exc``, also when a DataLoader worker wrapped it in a traceback.
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import AnomalyCLIPError
 
+if TYPE_CHECKING:
+    import torch
+
 PRECISIONS = ("fp32", "fp16", "bf16")
-_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_AUTOCAST_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # torch dtype names; torch loads lazily, so the
+# deployment path (PRECISIONS only) runs without it
 
 
 @contextlib.contextmanager
@@ -29,7 +32,9 @@ def autocast(device: str | torch.device, precision: str = "fp32") -> Iterator[No
     if precision == "fp32":
         yield
         return
+    import torch
+
     if torch.device(device).type != "cuda":
         raise AnomalyCLIPError(f"--precision {precision} needs a CUDA device; use fp32 on {device}")
-    with torch.autocast(device_type="cuda", dtype=_AUTOCAST_DTYPES[precision]):
+    with torch.autocast(device_type="cuda", dtype=getattr(torch, _AUTOCAST_DTYPES[precision])):
         yield

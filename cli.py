@@ -1,0 +1,123 @@
+"""The command-line layer shared by train.py, test.py and test_one_example.py (and export.py).
+
+Flag definitions, their checks, and how a CLI reports a user error (one ``error: ...`` line, exit
+status 2). Free of torch, so the deployment path of ``test_one_example.py --runtime`` runs where
+only numpy, Pillow and an inference runtime are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import math
+import sys
+from collections.abc import Callable, Sequence
+
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line
+from AnomalyCLIP_lib.pretrained import available_models
+
+DEFAULT_BACKBONE = "ViT-L/14@336px"
+DPAM_LAYER = 20
+DPAM_DEPTH = 24  # vision layers of the backbones the method is defined for (ViT-L/14)
+
+
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """The argument parser of every command-line tool: ``--help`` shows each flag's default."""
+    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags that describe the backbone and the prompt design (the original's names)."""
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                        help=f"registry name ({', '.join(available_models())}) or a CLIP checkpoint file")
+    parser.add_argument("--trust_backbone", action="store_true",
+                        help="load a TorchScript --backbone whose SHA-256 is not a registered one (it runs code)")
+    parser.add_argument("--depth", type=int, default=9, help="deep text-token depth")
+    parser.add_argument("--n_ctx", type=int, default=12, help="learnable prompt length")
+    parser.add_argument("--t_n_ctx", type=int, default=4, help="deep text-token length")
+    parser.add_argument("--features_list", type=int, nargs="+", default=[24],
+                        help="vision layers whose patch tokens make the maps (released: 24; paper: 6 12 18 24)")
+    parser.add_argument("--feature_map_layer", type=int, nargs="+", default=[0, 1, 2, 3],
+                        help="only the first value is used: index of the first features_list layer summed")
+    parser.add_argument("--image_size", type=int, default=518, help="input side in pixels")
+    parser.add_argument("--seed", type=int, default=111, help="random seed")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--reference_arithmetic", action="store_true",
+                        help="compute DPAM attention with the released code's arithmetic: bit-identical to the "
+                             "original on the same CPU kernels, slower (default: fused attention, equal to ~1e-6)")
+
+
+def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> None:
+    """The checks of the flags that every CLI shares, before anything heavy runs; one-line errors.
+
+    Args:
+        args: Parsed flags of ``train.py``, ``test.py`` or ``test_one_example.py``; checks apply to
+            the flags the namespace has.
+        at_least_one: Further integer flags of the calling CLI that must be >= 1.
+    """
+    for name in ("batch_size", "image_size", "n_ctx", "depth", "t_n_ctx", *at_least_one):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise AnomalyCLIPError(f"--{name} {value} must be at least 1")
+    workers = getattr(args, "num_workers", None)
+    if workers is not None and workers < 0:
+        raise AnomalyCLIPError(f"--num_workers {workers} must be >= 0 (0 decodes images in the main process)")
+    sigma = getattr(args, "sigma", None)
+    if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+        raise AnomalyCLIPError(f"--sigma {sigma} must be a finite number >= 0 (0 turns the smoothing off; "
+                               "the original uses 4)")
+    if hasattr(args, "features_list"):
+        if len(set(args.features_list)) != len(args.features_list):
+            raise AnomalyCLIPError(f"--features_list {' '.join(map(str, args.features_list))} repeats a layer")
+        first = args.feature_map_layer[0]
+        if not 0 <= first < len(args.features_list):
+            raise AnomalyCLIPError(
+                f"--feature_map_layer {first} must index --features_list ({len(args.features_list)} layer(s)): "
+                f"use 0..{len(args.features_list) - 1} (0 sums the maps of every layer)")
+
+
+def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
+    """``--batch_size`` and ``--num_workers`` (the latter resolved per device by :func:`resolve_num_workers`)."""
+    parser.add_argument("--batch_size", type=int, default=8, help=batch_help)
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="DataLoader worker processes (default: 2 on a GPU; on a CPU, 2 at most and only "
+                             "on cores that PyTorch's threads leave free)")
+
+
+# Operating-system errors that are the user's to fix (full disk, read-only or forbidden folder).
+_USER_OS_ERRORS = {
+    errno.ENOSPC: "the disk is full: free space there or choose another folder",
+    errno.EDQUOT: "the disk quota is used up: free space there or choose another folder",
+    errno.EROFS: "the folder is on a read-only file system: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "permission denied: choose a folder you can write to",
+}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """One line for an OSError a user can fix (naming the file), else ``None``."""
+    advice = _USER_OS_ERRORS.get(exc.errno)
+    if advice is None:
+        return None
+    where = f"cannot write {exc.filename}" if exc.filename else "cannot write a file"
+    return f"{where}: {advice}"
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a CLI entry point; user errors print one ``error: ...`` line and exit with status 2."""
+    try:
+        return main(argv)
+    except PeerFailed:
+        return 2  # the rank that failed has printed the error line
+    except AnomalyCLIPError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        line = os_error_line(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
