@@ -1,4 +1,4 @@
-"""The dataset of training and evaluation: items of a ``meta.json`` (SPEC §8), preprocessed (SPEC §2).
+"""The dataset of training and evaluation: items of a ``meta.json`` (method §8), preprocessed (method §2).
 
 Typical use::
 

@@ -1,6 +1,6 @@
 """Frozen image features for training, computed once and reused by every epoch (and by later runs).
 
-The image tower is frozen and training has no augmentation or dropout (SPEC §2, §6), so an image's
+The image tower is frozen and training has no augmentation or dropout (method §2, §6), so an image's
 embedding and patch tokens are the same in every epoch. :class:`FeatureCache` holds them per
 dataset index, together with the ground-truth mask (uint8) and label of each image:
 

@@ -1,4 +1,4 @@
-"""AnomalyCLIP's training losses (SPEC §6).
+"""AnomalyCLIP's training losses (method §6).
 
 The local loss (focal + two dice terms per layer, scaled by lambda = 4) supervises the
 anomaly maps, the global loss (cross-entropy) the image score. :func:`anomalyclip_loss` is the
@@ -90,7 +90,7 @@ def anomalyclip_loss(
     gt_masks: torch.Tensor,
     local_weight: float = LOCAL_LOSS_WEIGHT,
 ) -> LossTerms:
-    """AnomalyCLIP's training objective (SPEC §6).
+    """AnomalyCLIP's training objective (method §6).
 
     Args:
         image_logits: ``(B, 2)`` from :func:`AnomalyCLIP_lib.scoring.image_logits`.

@@ -1,4 +1,4 @@
-"""Evaluation metrics of AnomalyCLIP (SPEC §7) and the results table.
+"""Evaluation metrics of AnomalyCLIP (method §7) and the results table.
 
 All functions take numpy arrays and return python floats:
 

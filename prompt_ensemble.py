@@ -1,4 +1,4 @@
-"""AnomalyCLIP's object-agnostic prompt learner (SPEC §4) and its checkpoint I/O.
+"""AnomalyCLIP's object-agnostic prompt learner (method §4) and its checkpoint I/O.
 
 Parameters, buffers and state-dict keys are exactly the original's, so prompt checkpoints
 move between the two implementations in both directions.

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation of learned prompts on a dataset (SPEC §7).
+"""Zero-shot evaluation of learned prompts on a dataset (method §7).
 
 Example::
 

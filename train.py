@@ -1,4 +1,4 @@
-"""Learn AnomalyCLIP's object-agnostic prompts on an auxiliary dataset (SPEC §6).
+"""Learn AnomalyCLIP's object-agnostic prompts on an auxiliary dataset (method §6).
 
 Example::
 
@@ -106,7 +106,7 @@ def train_step(
     feature_map_layer: int = 0,
     image_loss_only: bool = False,
 ) -> LossTerms:
-    """One optimisation step of the prompt learner (SPEC §6): frozen image forward, then :func:`prompt_step`.
+    """One optimisation step of the prompt learner (method §6): frozen image forward, then :func:`prompt_step`.
 
     Args:
         images: ``(B, 3, S, S)`` preprocessed images on the model's device.

@@ -88,7 +88,7 @@ def load(
 ) -> tuple[CLIP, Callable[[Image.Image], torch.Tensor]]:
     """Load a CLIP backbone for AnomalyCLIP.
 
-    The model runs in fp32 on CPU and CUDA alike, as the original code does (SPEC §9); the
+    The model runs in fp32 on CPU and CUDA alike, as the original code does (method §9); the
     opt-in fp16/bf16 autocast lives in :mod:`AnomalyCLIP_lib.precision`.
 
     Args:

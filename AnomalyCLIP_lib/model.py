@@ -1,12 +1,12 @@
 """CLIP ViT with AnomalyCLIP's DPAM image encoder and deep learnable text tokens.
 
-The architecture is OpenAI CLIP (SPEC §2). Two things are AnomalyCLIP's own:
+The architecture is OpenAI CLIP (method §2). Two things are AnomalyCLIP's own:
 
 * :meth:`VisionTransformer.encode` runs the last ``dpam_layer - 1`` blocks in DPAM mode
-  (SPEC §3) and returns the image embedding plus patch tokens of requested layers. DPAM is a
+  (method §3) and returns the image embedding plus patch tokens of requested layers. DPAM is a
   mode of the forward pass: the loaded weights are neither copied nor changed.
 * :meth:`CLIP.encode_text_learn` replaces token positions ``1..t_n_ctx`` with learnable deep
-  tokens before the first blocks of the text tower (SPEC §4).
+  tokens before the first blocks of the text tower (method §4).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .transformer import LayerNorm, Transformer
 
 
 def normalize_layers(features_list: Iterable[int], num_layers: int) -> list[int]:
-    """Distinct 1-based layer numbers in ascending order (SPEC §3), validated.
+    """Distinct 1-based layer numbers in ascending order (method §3), validated.
 
     Raises:
         AnomalyCLIPError: A layer outside ``1..num_layers``.
@@ -73,7 +73,7 @@ class VisionTransformer(nn.Module):
         return self.transformer.layers
 
     def positional_embedding_for(self, grid: int) -> torch.Tensor:
-        """The positional table for a ``grid x grid`` token grid (SPEC §2).
+        """The positional table for a ``grid x grid`` token grid (method §2).
 
         The patch part is resized bilinearly (align_corners=False, no antialias) when the grid
         differs from the checkpoint's; the class position is kept. Computed per call, never
@@ -109,7 +109,7 @@ class VisionTransformer(nn.Module):
     def encode(
         self, images: torch.Tensor, features_list: Sequence[int] = (24,), dpam_layer: int | None = 20
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Image embedding and per-layer patch tokens (SPEC §3).
+        """Image embedding and per-layer patch tokens (method §3).
 
         Work whose result is not returned is skipped: the DPAM stream stops at the deepest
         requested layer, and in the last block only the class token of the original stream is
@@ -229,7 +229,7 @@ class CLIP(nn.Module):
         tokenized_prompts: torch.Tensor,
         deep_prompts: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Text features of prompt embeddings with deep learnable tokens (SPEC §4).
+        """Text features of prompt embeddings with deep learnable tokens (method §4).
 
         Before block ``i`` (0-based) for ``i = 1..len(deep_prompts)``, token positions
         ``1..t_n_ctx`` are replaced by ``deep_prompts[i - 1]``, rounded to fp16 values as the
@@ -274,7 +274,7 @@ def _count_prefixed(state_dict: dict[str, torch.Tensor], prefix: str, suffix: st
 
 
 def model_config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Architecture of a CLIP ViT read from tensor shapes (SPEC §2).
+    """Architecture of a CLIP ViT read from tensor shapes (method §2).
 
     Raises:
         AnomalyCLIPError: Not a CLIP ViT state dict.

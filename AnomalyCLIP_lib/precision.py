@@ -1,6 +1,6 @@
 """Numeric precision of the forward pass.
 
-The reference behaviour is fp32 everywhere (SPEC §9). On a CUDA GPU, ``fp16`` or ``bf16``
+The reference behaviour is fp32 everywhere (method §9). On a CUDA GPU, ``fp16`` or ``bf16``
 autocast is an opt-in speed option; it changes results beyond the parity tolerance.
 """
 

@@ -1,7 +1,7 @@
 """Registry of downloadable CLIP backbones, with hash-checked, atomic downloads.
 
 Only OpenAI's ViT-L/14@336px is registered: it is the backbone AnomalyCLIP's released prompts
-were trained against (SPEC §2). The URL's long hex folder is the file's SHA-256.
+were trained against (method §2). The URL's long hex folder is the file's SHA-256.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one scoring path (SPEC §5): text features, image scores and anomaly maps.
+"""The one scoring path (method §5): text features, image scores and anomaly maps.
 
 ``test.py``, ``train.py`` and single-image inference all go through these functions:
 training uses :func:`image_logits` and :func:`similarity_maps` (differentiable in the text
@@ -50,7 +50,7 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def text_features(model: CLIP, prompt_learner: torch.nn.Module) -> torch.Tensor:
-    """Normalised text features ``(1, 2, D)``: index 0 normal, 1 abnormal (SPEC §4).
+    """Normalised text features ``(1, 2, D)``: index 0 normal, 1 abnormal (method §4).
 
     They do not depend on the image: compute them once per evaluation (under
     ``torch.inference_mode``) or once per training step (with gradients).
@@ -71,7 +71,7 @@ def image_logits(image_embedding: torch.Tensor, text_feats: torch.Tensor) -> tor
 def similarity_maps(
     patch_tokens: Sequence[torch.Tensor], text_feats: torch.Tensor, image_size: int, feature_map_layer: int = 0
 ) -> list[torch.Tensor]:
-    """Per-layer two-class probability maps ``(B, 2, S, S)`` before any filtering (SPEC §5).
+    """Per-layer two-class probability maps ``(B, 2, S, S)`` before any filtering (method §5).
 
     Args:
         patch_tokens: ``(B, 1 + g*g, D)`` tokens per layer, as :meth:`CLIP.encode_image` returns.
@@ -212,7 +212,7 @@ def predict(
     sigma: float = 4.0,
     feature_map_layer: int = 0,
 ) -> AnomalyPrediction:
-    """Image anomaly scores and filtered anomaly maps for a batch (SPEC §5).
+    """Image anomaly scores and filtered anomaly maps for a batch (method §5).
 
     Every image is scored independently: a batch gives the same results as one image at a time.
 

@@ -1,4 +1,4 @@
-"""CLIP's byte-level BPE tokenizer (SPEC §2), from the ``open_clip`` package.
+"""CLIP's byte-level BPE tokenizer (method §2), from the ``open_clip`` package.
 
 open_clip ships OpenAI's ``bpe_simple_vocab_16e6`` vocabulary and the same cleaning
 (ftfy, HTML unescape, whitespace folding, lower case), so ids equal OpenAI's.

@@ -1,4 +1,4 @@
-"""Image and mask preprocessing (SPEC §2), done on the PIL side exactly like the original.
+"""Image and mask preprocessing (method §2), done on the PIL side exactly like the original.
 
 Images are resized in the mode they are stored in (no conversion before the resize): PIL's
 own bicubic filter to S×S ignoring the aspect ratio, a center crop (a no-op), ``convert('RGB')``,
@@ -44,7 +44,7 @@ def _convert_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """The image preprocessing of SPEC §2.
+    """The image preprocessing of method §2.
 
     Args:
         image_size: S, the side of the square output.
@@ -66,7 +66,7 @@ def image_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def mask_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """The mask preprocessing of SPEC §2, before the threshold.
+    """The mask preprocessing of method §2, before the threshold.
 
     Args:
         image_size: S, the side of the square output.

@@ -1,4 +1,4 @@
-"""Transformer building blocks of CLIP, with the DPAM dual-attention mode (SPEC §2, §3).
+"""Transformer building blocks of CLIP, with the DPAM dual-attention mode (method §2, §3).
 
 Tensors are batch-first, ``(B, tokens, width)``. Parameter names follow OpenAI's state-dict
 layout (``attn.in_proj_weight``, ``attn.out_proj``, ``ln_1``, ``mlp.c_fc``, ...), so an OpenAI
@@ -73,7 +73,7 @@ class SelfAttention(nn.Module):
     def forward_dpam(
         self, x: torch.Tensor, query_tokens: int | None = None, reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ordinary and value-value attention from one qkv projection (SPEC §3).
+        """Ordinary and value-value attention from one qkv projection (method §3).
 
         Args:
             x: ``(B, N, width)`` normalised input.
@@ -131,7 +131,7 @@ class ResidualAttentionBlock(nn.Module):
     def forward_dpam(
         self, x_ori: torch.Tensor, x_dpam: torch.Tensor, query_tokens: int | None = None, reference: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One block in DPAM mode (SPEC §3).
+        """One block in DPAM mode (method §3).
 
         Both attentions read ``ln_1`` of the original stream. The original stream gets the
         usual residual and MLP; the DPAM stream only accumulates the value-value attention.

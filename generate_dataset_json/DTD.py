@@ -2,7 +2,7 @@
 
 Layout: the MVTec AD one (``<class>/{train,test}/<type>/*.png``, masks
 ``<class>/ground_truth/<type>/<stem>_mask.png``, normal type ``good``); classes in the order of
-the original (SPEC §8).
+the original (method §8).
 """
 
 import sys

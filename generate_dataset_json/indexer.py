@@ -5,7 +5,7 @@ Each ``generate_dataset_json/<name>.py`` script is a thin description of one dow
 are not folders of images per type) handed to :func:`run_cli`. :func:`index_dataset` is the
 library entry point.
 
-``meta.json`` (SPEC §8)::
+``meta.json`` (method §8)::
 
     {"train": {cls: [item, ...], ...}, "test": {cls: [item, ...], ...}}
 
@@ -19,8 +19,8 @@ Choices made here (the README can quote them):
 
 * Both ``train`` and ``test`` keys are always written. A class whose download has no train
   folder has no entry in ``train``; test-only datasets therefore write ``"train": {}``.
-* Class order: the dataset's list in the SPEC §8 table (for MVTec AD the original result-table
-  order of SPEC §7). Classes of the list missing from the download are skipped with one
+* Class order: the dataset's list in the method §8 table (for MVTec AD the original result-table
+  order of method §7). Classes of the list missing from the download are skipped with one
   warning, so a partial download indexes what it has; when none is present the indexer fails.
   Folders that are not classes of the dataset are ignored with a warning (index your own
   data with ``folder.py``).

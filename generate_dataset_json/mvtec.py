@@ -1,7 +1,7 @@
 """Index MVTec AD: ``python generate_dataset_json/mvtec.py --root DATASET_ROOT``.
 
 Layout: ``<class>/{train,test}/<type>/*.png``, masks ``<class>/ground_truth/<type>/<stem>_mask.png``,
-normal type ``good``. Classes are written in the original result-table order (SPEC §7).
+normal type ``good``. Classes are written in the original result-table order (method §7).
 """
 
 import sys
