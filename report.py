@@ -335,3 +335,40 @@ def write_report(path: str | Path, title: str, summary: Mapping[str, object], co
         class_thresholds: ``{class: thresholds.json entry}``.
     """
     return atomic_write_text(render_html(title, summary, columns, class_reports, class_thresholds), path)
+
+
+@dataclass
+class FolderTile:
+    """One image of a folder report: its overlay (a path relative to the report) and its results."""
+
+    path: str
+    score: float
+    overlay: str
+    verdict: str | None = None
+    defect_pixels: int | None = None
+
+
+def folder_report_html(title: str, tiles: Sequence[FolderTile], thresholds_note: str) -> str:
+    """A gallery of every image, highest score first, linking the overlays already written."""
+    ordered = sorted(tiles, key=lambda tile: -tile.score)
+    figures = []
+    for tile in ordered:
+        details = [f"score {tile.score:.4f}"]
+        details += [tile.verdict] if tile.verdict else []
+        details += [f"{tile.defect_pixels} defect px"] if tile.defect_pixels is not None else []
+        caption = f"{tile.path} · {' · '.join(details)}"
+        verdict_class = f' class="{tile.verdict}"' if tile.verdict else ""
+        figures.append(f'<figure{verdict_class}><img src="{html.escape(tile.overlay)}" alt="{html.escape(tile.path)}">'
+                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    counts = {v: sum(t.verdict == v for t in tiles) for v in ("anomalous", "normal")}
+    summary = (f"{len(tiles)} images, highest score first; {thresholds_note}"
+               + (f"; {counts['anomalous']} anomalous, {counts['normal']} normal" if any(counts.values()) else ""))
+    style = _STYLE + "figure.anomalous figcaption { color: #b00; font-weight: bold; }\n"
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(summary)}</p>"
+            f'<div class="gallery" id="gallery">{"".join(figures) or "<p>no images</p>"}</div></body></html>\n')
+
+
+def write_folder_report(path: str | Path, title: str, tiles: Sequence[FolderTile], thresholds_note: str) -> Path:
+    """Write a folder's ``report.html`` atomically (overlay links are relative to its folder)."""
+    return atomic_write_text(folder_report_html(title, tiles, thresholds_note), path)

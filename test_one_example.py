@@ -109,6 +109,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save_thresholds", default=None, help="with --calibrate: the thresholds.json to write")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
+    parser.add_argument("--report", action="store_true",
+                        help="write save_path/report.html: every image's overlay, highest score first, with verdicts")
     parser.add_argument("--runtime", choices=("torch", *RUNTIMES), default="torch",
                         help="run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch")
     parser.add_argument("--model", default=None,
@@ -437,7 +439,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     predictions = score_images(args, decision)
     csv_path, _ = write_predictions(args.save_path, predictions, decision, args)
     logger.info("wrote %s and predictions.json", csv_path)
+    if args.report:
+        logger.info("report: %s", write_report(args, predictions, decision))
     return 0
+
+
+def write_report(args: argparse.Namespace, predictions: Sequence[Prediction], decision: Decision) -> Path:
+    """``save_path/report.html``: the gallery of :func:`report.write_folder_report`."""
+    import report  # matplotlib and scikit-learn: only when a report is asked for
+
+    save_path = Path(args.save_path)
+    tiles = [report.FolderTile(path=str(relative_name(p.path, args.image_path)), score=p.score,
+                               overlay=p.overlay.relative_to(save_path).as_posix(), verdict=p.verdict,
+                               defect_pixels=p.defect_pixels) for p in predictions]
+    if decision.image_threshold is None:
+        note = "no thresholds (scores only)"
+    else:
+        note = f"image threshold {decision.image_threshold:.6g}"
+        note += "" if decision.pixel_threshold is None else f", pixel threshold {decision.pixel_threshold:.6g}"
+        note += f" from {decision.source}"
+    return report.write_folder_report(save_path / "report.html", f"AnomalyCLIP on {args.image_path}", tiles, note)
 
 
 if __name__ == "__main__":

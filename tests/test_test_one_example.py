@@ -297,3 +297,31 @@ def test_runtime_path_runs_without_torch_and_equals_torch(synthetic_datasets, tr
         if abs(float(a["score"]) - 0.5) > 1e-4:
             assert a["verdict"] == b["verdict"]
         assert abs(int(a["defect_pixels"]) - int(b["defect_pixels"])) <= 0.001 * 48 * 64 + 1
+
+
+def test_folder_report_lists_every_image_by_score(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
+    import re
+    from html.parser import HTMLParser
+
+    folder = _visa_images(synthetic_datasets, "Anomaly")
+    save_path = tmp_path / "out"
+    assert test_one_example.main(["--image_path", str(folder), "--checkpoint_path", str(trained_checkpoint),
+                                  "--save_path", str(save_path), "--threshold", "0.1", "--report", *design_args]) == 0
+    rows = _read_csv(save_path / "predictions.csv")
+
+    class Images(HTMLParser):
+        sources: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.sources.append(dict(attrs)["src"])
+
+    page = (save_path / "report.html").read_text()
+    parser = Images()
+    parser.sources = []
+    parser.feed(page)
+    by_score = sorted(rows, key=lambda row: -float(row["score"]))
+    assert parser.sources == [row["overlay"] for row in by_score]  # highest first, links relative to save_path
+    assert all((save_path / source).is_file() for source in parser.sources)
+    anomalous = sum(row["verdict"] == "anomalous" for row in rows)
+    assert re.search(rf"{anomalous} anomalous, {len(rows) - anomalous} normal", page)
