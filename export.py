@@ -111,7 +111,8 @@ def _openvino():
     try:
         import openvino
     except ImportError:
-        raise AnomalyCLIPError("--format openvino needs the openvino package: pip install -r requirements-deploy.txt") from None
+        raise AnomalyCLIPError("--format openvino needs the openvino package: "
+                               "pip install -r requirements-deploy.txt") from None
     return openvino
 
 

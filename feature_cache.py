@@ -195,7 +195,8 @@ def _reserve(path: Path) -> None:
         try:
             os.posix_fallocate(handle.fileno(), 0, size)
         except OSError as exc:
-            if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: the file system cannot reserve; the free-space check stands
+            # EOPNOTSUPP / EINVAL: the file system cannot reserve; the free-space check stands
+            if exc.errno in (95, 22):
                 return
             raise AnomalyCLIPError(f"cannot reserve {size / _GB:.2f} GB for the feature cache in {path.parent} "
                                    f"({exc.strerror}): give --cache_dir on a larger disk, or --no_cache") from None

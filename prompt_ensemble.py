@@ -88,9 +88,11 @@ class AnomalyCLIP_PromptLearner(nn.Module):
 
     def _validate(self, clip_model: CLIP) -> None:
         if self.n_ctx < 1 or self.depth < 1 or self.t_n_ctx < 1:
-            raise AnomalyCLIPError(f"n_ctx, depth and t_n_ctx must be positive; got {self.n_ctx}, {self.depth}, {self.t_n_ctx}")
+            raise AnomalyCLIPError(f"n_ctx, depth and t_n_ctx must be positive; "
+                                   f"got {self.n_ctx}, {self.depth}, {self.t_n_ctx}")
         if self.depth > clip_model.transformer.layers:
-            raise AnomalyCLIPError(f"--depth {self.depth} exceeds the backbone's {clip_model.transformer.layers} text layers")
+            raise AnomalyCLIPError(f"--depth {self.depth} exceeds the backbone's "
+                                   f"{clip_model.transformer.layers} text layers")
         if self.t_n_ctx > self.n_ctx + 2:
             raise AnomalyCLIPError(f"--t_n_ctx {self.t_n_ctx} is longer than the prompt it overwrites")
 
@@ -172,7 +174,8 @@ def load_prompt_state(prompt_learner: AnomalyCLIP_PromptLearner, path: str | os.
             )
         raise AnomalyCLIPError(
             f"{path} was trained with --n_ctx {found['n_ctx']} --depth {found['depth']} --t_n_ctx {found['t_n_ctx']}, "
-            f"not --n_ctx {expected['n_ctx']} --depth {expected['depth']} --t_n_ctx {expected['t_n_ctx']}; pass the former"
+            f"not --n_ctx {expected['n_ctx']} --depth {expected['depth']} --t_n_ctx {expected['t_n_ctx']}; "
+            "pass the former"
         )
     try:
         missing, unexpected = prompt_learner.load_state_dict(state, strict=False)

@@ -323,7 +323,8 @@ def render_html(title: str, summary: Mapping[str, object], columns: Sequence[str
 
 
 def write_report(path: str | Path, title: str, summary: Mapping[str, object], columns: Sequence[str],
-                 class_reports: Mapping[str, ClassReport], class_thresholds: Mapping[str, Mapping[str, object]]) -> Path:
+                 class_reports: Mapping[str, ClassReport],
+                 class_thresholds: Mapping[str, Mapping[str, object]]) -> Path:
     """Write ``report.html`` atomically; returns its path.
 
     Args:

@@ -54,8 +54,8 @@ from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from atomic import atomic_write_texts, remove_leftovers
 from dataset import AnomalyDataset
 from dump import DumpWriter
-from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger, load_model_and_prompts,
-                   project_version, resolve_device, resolve_num_workers, run_cli, setup_seed)
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger,
+                   load_model_and_prompts, project_version, resolve_device, resolve_num_workers, run_cli, setup_seed)
 from visualize import save_overlay
 
 METRIC_SETS = ("image-level", "pixel-level", "image-pixel-level")
@@ -90,7 +90,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extra_metrics", action="store_true",
                         help="add image F1-max, pixel AP and pixel F1-max to the printed table")
     parser.add_argument("--threshold_method", choices=thresholds.METHODS, default="f1",
-                        help="thresholds.json: f1 = the F1-max thresholds (default); normal_fpr = from normal images only")
+                        help="thresholds.json: f1 = the F1-max thresholds (default); "
+                             "normal_fpr = from normal images only")
     parser.add_argument("--target_fpr", type=float, default=0.01,
                         help="normal_fpr: fraction of normal images (pixels) the threshold may flag (default 0.01)")
     parser.add_argument("--report", action="store_true", help="write save_path/report.html (curves, galleries)")
@@ -124,8 +125,8 @@ class ImageResult:
 
     def without_arrays(self) -> ImageResult:
         """The result without its map and mask (what scores.csv needs)."""
-        return ImageResult(self.index, self.img_path, self.image_file, self.cls_name, self.label, self.score, None, None,
-                           self.specie_name)
+        return ImageResult(self.index, self.img_path, self.image_file, self.cls_name, self.label, self.score, None,
+                           None, self.specie_name)
 
 
 @dataclass
@@ -249,7 +250,8 @@ def class_outcome(finished: ClassResults, options: OutcomeOptions) -> ClassOutco
     values.update(decision)
     per_type = metrics.per_defect_type_auroc(labels, scores, masks, maps, finished.types)
     entry = thresholds.choose_class_thresholds(
-        labels, scores, finished.maps, masks, (decision[metrics.IMAGE_F1_THRESHOLD], decision[metrics.PIXEL_F1_THRESHOLD]),
+        labels, scores, finished.maps, masks,
+        (decision[metrics.IMAGE_F1_THRESHOLD], decision[metrics.PIXEL_F1_THRESHOLD]),
         options.threshold_method, options.target_fpr)
     if entry["warning"]:
         logger.warning("thresholds of %s: %s", finished.cls_name, entry["warning"])
@@ -349,7 +351,8 @@ def choose_metric_set(dataset: AnomalyDataset, requested: str | None) -> str:
                                    "or masks); check its meta.json")
         return available.metrics
     if "pixel" in requested and not available.pixel_level:
-        raise AnomalyCLIPError(f"--metrics {requested} needs masks, and {dataset.root} has none; use --metrics image-level")
+        raise AnomalyCLIPError(f"--metrics {requested} needs masks, and {dataset.root} has none; "
+                               "use --metrics image-level")
     if requested.startswith("image") and not available.image_level:
         raise AnomalyCLIPError(f"--metrics {requested} needs normal and anomalous images; {dataset.root} has only "
                                f"{'anomalous' if available.n_anomalous else 'normal'} ones; use --metrics pixel-level")
@@ -403,7 +406,8 @@ def _prepare(args: argparse.Namespace, device: torch.device
     if exported is not None:
         return dataset, metric_set, exported
     model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
-    return dataset, metric_set, AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args, DPAM_LAYER))
+    return dataset, metric_set, AnomalyCLIPInference.from_model(model, prompt_learner,
+                                                                config_from_args(args, DPAM_LAYER))
 
 
 def _use_export_settings(args: argparse.Namespace, exported: ExportedScorer) -> None:
@@ -508,7 +512,8 @@ def _model_hashes(args: argparse.Namespace, inference: AnomalyCLIPInference | Ex
     """SHA-256 of the checkpoint and the backbone (as the export recorded them, for an exported graph)."""
     if isinstance(inference, ExportedScorer):
         manifest = inference.exported.manifest
-        return {"checkpoint_sha256": manifest["checkpoint"]["sha256"], "backbone_sha256": manifest["backbone"]["sha256"],
+        return {"checkpoint_sha256": manifest["checkpoint"]["sha256"],
+                "backbone_sha256": manifest["backbone"]["sha256"],
                 "runtime": args.runtime, "model": str(args.model)}
     return {"checkpoint_sha256": sha256_of(args.checkpoint_path), "backbone_sha256": backbone_sha256(args.backbone)}
 

@@ -249,7 +249,8 @@ def _encoded_batches(model: CLIP, data: AnomalyDataset, indices: Sequence[int], 
         yield CachedBatch(indices=list(indices[position:position + count]),
                           embedding=embedding.float().cpu().numpy(),
                           patch_tokens=[t.float().cpu().numpy() for t in tokens],
-                          masks=batch["img_mask"].reshape(count, *batch["img_mask"].shape[-2:]).numpy().astype(np.uint8),
+                          masks=batch["img_mask"].reshape(count, *batch["img_mask"].shape[-2:]).numpy()
+                          .astype(np.uint8),
                           labels=batch["anomaly"].numpy().astype(np.int64))
         position += count
 
@@ -342,7 +343,8 @@ def _end_epoch(epoch: int, args, prompt_learner, optimizer, local_losses, image_
         logger.info("epoch [%d/%d], loss:%.4f, image_loss:%.4f", epoch, args.epoch,
                     np.mean(local_losses), np.mean(image_losses))
     if epoch % args.save_freq == 0 or epoch == args.epoch:
-        atomic_torch_save(_checkpoint(prompt_learner, optimizer, epoch, args), Path(args.save_path) / f"epoch_{epoch}.pth")
+        atomic_torch_save(_checkpoint(prompt_learner, optimizer, epoch, args),
+                          Path(args.save_path) / f"epoch_{epoch}.pth")
 
 
 def _train_uncached(args, model, prompt_learner, optimizer, data, device, epochs: range, logger) -> int:

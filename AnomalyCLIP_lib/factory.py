@@ -77,7 +77,8 @@ def read_state_dict(path: str | os.PathLike, trusted: bool = False) -> dict[str,
     except AnomalyCLIPError:
         raise
     except Exception as exc:  # torch raises many types for corrupt files
-        raise AnomalyCLIPError(f"cannot read backbone checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        raise AnomalyCLIPError(
+            f"cannot read backbone checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
 
 
 def load(
@@ -107,7 +108,8 @@ def load(
     path = download(name, download_root) if name in PRETRAINED else Path(name).expanduser()
     # A registry download was just checked against its registered SHA-256.
     model = build_model(read_state_dict(path, trusted=trust_backbone or name in PRETRAINED)).to(device)
-    logger.info("loaded backbone %s (%d vision layers, width %d)", path, model.visual.num_layers, model.visual.conv1.weight.shape[0])
+    logger.info("loaded backbone %s (%d vision layers, width %d)", path, model.visual.num_layers,
+                model.visual.conv1.weight.shape[0])
     from .transform import image_transform
 
     return model, image_transform(model.visual.input_resolution)

@@ -74,7 +74,8 @@ class ScoringConfig:
         object.__setattr__(self, "features_list", tuple(sorted({int(layer) for layer in self.features_list})))
         object.__setattr__(self, "sigma", float(self.sigma))
         if self.image_size < 1 or self.sigma < 0:
-            raise AnomalyCLIPError(f"image_size must be positive and sigma non-negative; got {self.image_size}, {self.sigma}")
+            raise AnomalyCLIPError(f"image_size must be positive and sigma non-negative; "
+                                   f"got {self.image_size}, {self.sigma}")
         if not self.features_list:
             raise AnomalyCLIPError("features_list is empty; pass at least one layer, e.g. --features_list 24")
         if not 0 <= self.feature_map_layer < len(self.features_list):
@@ -212,7 +213,8 @@ class AnomalyCLIPInference(nn.Module):
 
     @classmethod
     def from_args(
-        cls, args: argparse.Namespace, device: str | torch.device = "cpu", checkpoint_path: str | os.PathLike | None = None
+        cls, args: argparse.Namespace, device: str | torch.device = "cpu",
+        checkpoint_path: str | os.PathLike | None = None
     ) -> AnomalyCLIPInference:
         """:meth:`from_checkpoint` with a CLI's model flags (``utils.add_model_args``)."""
         return cls.from_checkpoint(args.backbone, checkpoint_path, config_from_args(args), device,

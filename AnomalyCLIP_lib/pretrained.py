@@ -83,7 +83,8 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 
 def backbone_sha256(name_or_path: str | os.PathLike) -> str:
-    """SHA-256 of a backbone: the registered hash of a registry name (downloads are checked against it), else the file's."""
+    """SHA-256 of a backbone: the registered hash of a registry name (downloads are checked against it), else the
+    file's."""
     name = str(name_or_path)
     if name in PRETRAINED:
         return PRETRAINED[name].sha256

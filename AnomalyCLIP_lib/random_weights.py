@@ -60,7 +60,8 @@ def _random_like(key: str, value: torch.Tensor, generator: torch.Generator) -> t
     return next(std for suffix, std in _STD_BY_SUFFIX.items() if key.endswith(suffix)) * noise
 
 
-def random_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32, **architecture: int) -> dict[str, torch.Tensor]:
+def random_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32,
+                      **architecture: int) -> dict[str, torch.Tensor]:
     """A seeded random CLIP state dict in OpenAI's layout, with its integer entries.
 
     Args:

@@ -67,7 +67,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as image:
             image.load()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise AnomalyCLIPError(f"cannot read image file {path} ({error}); the file is corrupt or not an image") from error
+        raise AnomalyCLIPError(f"cannot read image file {path} ({error}); "
+                               "the file is corrupt or not an image") from error
     if image.mode in _HIGH_BIT_MODES:
         return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L")
     return image

@@ -38,7 +38,8 @@ def load_tensors(path: str | os.PathLike, what: str) -> object:
                                "path, or save the file again") from None
     except (RuntimeError, KeyError, EOFError, ValueError, OSError, AttributeError, IndexError) as exc:
         # torch's readers fail in many ways on foreign or truncated files (KeyError, "PytorchStreamReader ...").
-        kind = "truncated or damaged" if path.stat().st_size > 0 and _looks_like_zip(path) else "not a PyTorch checkpoint"
+        kind = ("truncated or damaged" if path.stat().st_size > 0 and _looks_like_zip(path)
+                else "not a PyTorch checkpoint")
         raise AnomalyCLIPError(f"{what} {path} is {kind} ({type(exc).__name__}); check the path, or save or "
                                "download the file again") from None
 

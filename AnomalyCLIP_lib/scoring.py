@@ -199,7 +199,8 @@ def raw_predict(
     else:
         image_embedding, patch_tokens = visual.encode(images, features_list, dpam_layer)
     scores = image_logits(image_embedding.float(), text_feats).softmax(-1)[:, 1]
-    maps = anomaly_map(similarity_maps([t.float() for t in patch_tokens], text_feats, images.shape[-1], feature_map_layer))
+    maps = anomaly_map(similarity_maps([t.float() for t in patch_tokens], text_feats, images.shape[-1],
+                                       feature_map_layer))
     return scores.float(), maps
 
 

@@ -23,8 +23,8 @@ File reading (:func:`load_image`, :func:`load_mask`) adds what the original lack
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

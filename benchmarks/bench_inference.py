@@ -467,7 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     result = speed_results(timer, args.batch_sizes, forward_flops(config, args.image_size, features, dpam, False))
     if compare:
-        result.update(comparison_results(timer, first_outputs, forward_flops(config, args.image_size, features, dpam, True)))
+        result.update(comparison_results(timer, first_outputs,
+                                         forward_flops(config, args.image_size, features, dpam, True)))
     if max_batch > 1 and 1 in first_outputs:
         batched = first_outputs[max_batch]
         diff = max_diff((batched[0][:1], [tokens[:1] for tokens in batched[1]]), first_outputs[1])[0]

@@ -124,8 +124,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 def spawn_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`run_worker` in a fresh interpreter; its JSON line, or ``{"error": ...}``."""
     print(f"{spec['name']}:", file=sys.stderr, flush=True)
-    completed = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=False, capture_output=True,
-                               text=True, cwd=REPO_ROOT)
+    completed = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], check=False,
+                               capture_output=True, text=True, cwd=REPO_ROOT)
     sys.stderr.write(completed.stderr)
     if completed.returncode != 0:
         lines = [line for line in completed.stderr.strip().splitlines() if line.strip()]
@@ -144,7 +144,8 @@ def matmul_gflop_s(config: dict[str, int], image_size: int, repeats: int = 3) ->
     width = config["vision_width"]
     generator = torch.Generator().manual_seed(0)
     shapes = [(width, 3 * width), (width, width), (width, 4 * width), (4 * width, width)]
-    operands = [(torch.randn(tokens, k, generator=generator), torch.randn(k, n, generator=generator)) for k, n in shapes]
+    operands = [(torch.randn(tokens, k, generator=generator), torch.randn(k, n, generator=generator))
+                for k, n in shapes]
     flops = sum(2 * tokens * k * n for k, n in shapes)
     rounds = max(1, int(2e11 // flops)) if tokens > 500 else 50  # ~200 GFLOP per timing at full size
 
@@ -185,7 +186,8 @@ def export_variants(module, folder: Path, args: argparse.Namespace) -> dict[str,
 
     info: dict[str, Any] = {}
     manifest = {"manifest_version": 1, "image_size": args.image_size, "graph": "anomalyclip.onnx",
-                "preprocessing": {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)}, "scoring": module.config.to_dict()}
+                "preprocessing": {"mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)},
+                "scoring": module.config.to_dict()}
     started = time.perf_counter()
     export.write_graph(module.export_copy(), folder, "onnx")
     info["onnx_export_s"] = round(time.perf_counter() - started, 1)
@@ -300,7 +302,8 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     module = build_module(args, config)
     load_s = time.perf_counter() - load_started
     load_peak = _status_mb("VmHWM")
-    images = np.random.default_rng(args.seed).standard_normal((1, 3, args.image_size, args.image_size)).astype(np.float32)
+    images = np.random.default_rng(args.seed).standard_normal(
+        (1, 3, args.image_size, args.image_size)).astype(np.float32)
     np.save(folder / "input.npy", images)
     tensor = torch.from_numpy(images)
     reset_peak_rss()

@@ -5,8 +5,8 @@ cost of a forward does not depend on the weights' values) and a small synthetic 
 dataset, then runs ``train.py`` in this process:
 
 * cached, 1 epoch and ``--epochs`` epochs; uncached (``--no_cache``), ``--epochs`` epochs;
-* an untimed warm-up run, then a start-up run (model and data loading only: a resume from the last epoch, which has nothing
-  to do), subtracted from each wall time to give the training time proper;
+* an untimed warm-up run, then a start-up run (model and data loading only: a resume from the last epoch, which has
+  nothing to do), subtracted from each wall time to give the training time proper;
 * the number of frozen image forwards of each run (from its log), and the largest difference
   between the cached and the uncached checkpoints of the last epoch.
 

@@ -47,10 +47,11 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
 from tabulate import tabulate
