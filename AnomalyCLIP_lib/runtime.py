@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import AnomalyCLIPError
+from .images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -40,38 +41,9 @@ MANIFEST_NAME = "anomalyclip.json"
 SUPPORTED_MANIFEST_VERSION = 1
 RUNTIMES = ("onnxruntime", "openvino")
 OPENVINO_PRECISIONS = ("f32", "f16", "bf16")
-_HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
 # --- preprocessing (numpy / Pillow) ------------------------------------------------------------
-
-
-def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Linear min..max -> 0..255 stretch of one image (all zeros when constant)."""
-    values = values.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Read an image file as ``transform.load_image`` does (same modes, same errors).
-
-    Raises:
-        AnomalyCLIPError: The file is missing or cannot be decoded.
-    """
-    if not Path(path).is_file():
-        raise AnomalyCLIPError(f"image file {path} does not exist or is not a file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise AnomalyCLIPError(f"cannot read image file {path} ({error}); "
-                               "the file is corrupt or not an image") from error
-    if image.mode in _HIGH_BIT_MODES:
-        return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L")
-    return image
 
 
 def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -24,19 +24,16 @@ File reading (:func:`load_image`, :func:`load_mask`) adds what the original lack
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms
 
-from .errors import AnomalyCLIPError
+from .images import load_image, load_mask  # noqa: F401  (re-exported: the readers live in images.py)
 
 OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
 def _convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -89,68 +86,3 @@ def mask_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
 def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
     """Threshold a resized mask: ``> 0.5`` gives 1.0, anything else 0.0 (same dtype as input)."""
     return (mask > 0.5).to(mask.dtype if mask.is_floating_point() else torch.float32)
-
-
-def _open(path: str | Path, what: str) -> Image.Image:
-    """Open and fully decode ``path`` (so no file handle stays open), or raise naming it."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except FileNotFoundError as error:
-        raise AnomalyCLIPError(
-            f"{what} {path} does not exist; restore it, or re-run the dataset indexer if it was removed"
-        ) from error
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise AnomalyCLIPError(
-            f"cannot read {what} {path} ({error}); the file is corrupt or not an image: "
-            "replace it, or remove it and re-run the dataset indexer"
-        ) from error
-
-
-def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
-    values = values.astype(np.float64)
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file as the preprocessing expects it.
-
-    Args:
-        path: The image file.
-
-    Returns:
-        The decoded PIL image in its stored mode for 8-bit files (untouched, so results match
-        the original bit for bit); high-bit-depth single-channel files become ``'L'`` by a
-        per-image min-max stretch (module docstring).
-
-    Raises:
-        AnomalyCLIPError: The file is missing or cannot be decoded.
-    """
-    image = _open(path, "image file")
-    if image.mode in _HIGH_BIT_MODES:
-        return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L")
-    return image
-
-
-def load_mask(path: str | Path) -> Image.Image:
-    """Read a mask file and binarise it as the original does: luma ``> 0`` -> 255, else 0.
-
-    Args:
-        path: The mask file (any mode; high-bit-depth files are binarised on raw values).
-
-    Returns:
-        An ``'L'`` image holding only 0 and 255, the input of :func:`mask_transform`.
-
-    Raises:
-        AnomalyCLIPError: The file is missing or cannot be decoded.
-    """
-    image = _open(path, "mask file")
-    if image.mode in _HIGH_BIT_MODES:
-        foreground = np.asarray(image) > 0
-    else:
-        foreground = np.asarray(image.convert("L")) > 0
-    return Image.fromarray(foreground.astype(np.uint8) * 255, mode="L")
