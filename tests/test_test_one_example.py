@@ -10,12 +10,20 @@ from utils import run_cli
 
 
 def test_folder_and_single_image(synthetic_datasets, trained_checkpoint, design_args, tmp_path, capsys):
-    folder = synthetic_datasets[1] / "blobs" / "Data" / "Images" / "Anomaly"
-    (tmp_path / "notes.txt").write_text("not an image")
+    """A folder is scored image by image in name order; non-image files and sub-folders are skipped."""
+    source = synthetic_datasets[1] / "blobs" / "Data" / "Images" / "Anomaly"
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = ["b.JPG", "a.jpg", "c.png"]  # upper- and lower-case suffixes
+    for name, image in zip(names, sorted(source.iterdir())):
+        Image.open(image).convert("RGB").save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "Thumbs.db").write_bytes(b"\x00\x01")
+    (folder / "nested.png").mkdir()  # a folder with an image suffix is no image
     results = test_one_example.score_images(test_one_example.parse_args(
         ["--image_path", str(folder), "--checkpoint_path", str(trained_checkpoint), "--save_path", str(tmp_path / "out"),
          "--threshold", "0.5", "--batch_size", "2", *design_args]))
-    files = sorted(p for p in folder.iterdir())
+    files = [folder / name for name in ("a.jpg", "b.JPG", "c.png")]
     assert [r[0] for r in results] == files
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(files)
@@ -30,7 +38,8 @@ def test_folder_and_single_image(synthetic_datasets, trained_checkpoint, design_
         ["--image_path", str(files[1]), "--checkpoint_path", str(trained_checkpoint), "--save_path", str(tmp_path / "one"),
          *design_args]))
     assert single[0][1] == pytest.approx(results[1][1], abs=1e-6)  # batching does not change a score
-    assert "\t" in capsys.readouterr().out
+    path, printed, written = capsys.readouterr().out.strip().split("\t")  # no verdict without --threshold
+    assert path == str(files[1]) and printed == f"{single[0][1]:.4f}" and written == str(tmp_path / "one" / "b.png")
 
 
 def test_scores_equal_test_py(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
