@@ -81,6 +81,7 @@ def _compare(record, save_path: Path, exact: bool) -> None:
                 assert ours == reference and np.signbit(ours) == np.signbit(reference), (name, ours_name, ours, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_reference_arithmetic_on_avx2_kernels_matches_original(goldens_dir, btad_copy, tmp_path, setting):
     record = np.load(goldens_dir / f"eval_btad_{setting}.npz")

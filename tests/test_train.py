@@ -31,6 +31,7 @@ def test_checkpoint_layout_and_log(trained_checkpoint):
     assert not list(trained_checkpoint.parent.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_resume_equals_unbroken_run(synthetic_datasets, design_args, tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert _train(synthetic_datasets[0], straight, design_args, "--epoch", "2") == 0
@@ -44,6 +45,7 @@ def test_resume_equals_unbroken_run(synthetic_datasets, design_args, tmp_path):
     assert "epoch [2/2]" in (broken / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_start_from_original_format_checkpoint(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
     original = tmp_path / "original.pth"
     prompts = torch.load(trained_checkpoint, weights_only=True)["prompt_learner"]

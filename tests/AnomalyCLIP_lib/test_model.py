@@ -127,7 +127,6 @@ def test_batched_pass_with_class_token_only_last_block_equals_single_images(tiny
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("features_list, dpam_layer", [([24], 20), ([6, 12, 18, 24], 20), ([12], None)])
 def test_cuda_batch_equals_single_images_and_cpu(tiny_clip_state, features_list, dpam_layer):
     """On CUDA ``encode`` runs the batch in one pass; each image equals its own pass and the CPU result."""

@@ -111,6 +111,7 @@ def test_train_step_matches_original(goldens_dir, variant):
     _check_step(compare_train_step(goldens_dir, variant), exact=False)
 
 
+@pytest.mark.slow
 def test_bit_exact_on_avx2_kernels_with_reference_arithmetic(goldens_dir):
     script = REPO_ROOT / "tests" / "AnomalyCLIP_lib" / "golden_train_step.py"
     result = json.loads(run_on_avx2_kernels([str(script), str(goldens_dir)]).stdout.strip().splitlines()[-1])
