@@ -395,7 +395,8 @@ def test_compute_class_metrics_by_metric_set() -> None:
     labels = masks.reshape(len(masks), -1).max(axis=1)
     scores = maps.reshape(len(maps), -1).max(axis=1)
     image_only = metrics.compute_class_metrics(labels, scores, metric_set="image-level")
-    assert image_only == {"image_auroc": roc_auc_score(labels, scores), "image_ap": average_precision_score(labels, scores)}
+    assert image_only == {"image_auroc": roc_auc_score(labels, scores),
+                          "image_ap": average_precision_score(labels, scores)}
     both = metrics.compute_class_metrics(labels, scores, masks, maps, aupro_mode="exact")
     assert list(both) == ["pixel_auroc", "pixel_aupro", "image_auroc", "image_ap"]
     assert abs(both["pixel_auroc"] - roc_auc_score(masks.ravel(), maps.ravel())) <= 1e-9

@@ -86,7 +86,8 @@ def test_dump_holds_every_image_in_dataset_order(full_run, synthetic_datasets):
         labels, scores, masks, maps = (dump[key][chosen] for key in ("labels", "scores", "masks", "maps"))
         independent = {"pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
                        "pixel_aupro": reference_cflow_aupro(masks, maps),
-                       "image_auroc": roc_auc_score(labels, scores), "image_ap": average_precision_score(labels, scores)}
+                       "image_auroc": roc_auc_score(labels, scores),
+                       "image_ap": average_precision_score(labels, scores)}
         assert summary["per_class"][name] == pytest.approx(independent, abs=1e-9), name
     assert not list(dump_path.parent.glob(".dump.npz.*"))
 

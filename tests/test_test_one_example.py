@@ -21,8 +21,8 @@ def test_folder_and_single_image(synthetic_datasets, trained_checkpoint, design_
     (folder / "Thumbs.db").write_bytes(b"\x00\x01")
     (folder / "nested.png").mkdir()  # a folder with an image suffix is no image
     results = test_one_example.score_images(test_one_example.parse_args(
-        ["--image_path", str(folder), "--checkpoint_path", str(trained_checkpoint), "--save_path", str(tmp_path / "out"),
-         "--threshold", "0.5", "--batch_size", "2", *design_args]))
+        ["--image_path", str(folder), "--checkpoint_path", str(trained_checkpoint),
+         "--save_path", str(tmp_path / "out"), "--threshold", "0.5", "--batch_size", "2", *design_args]))
     files = [folder / name for name in ("a.jpg", "b.JPG", "c.png")]
     assert [r[0] for r in results] == files
     lines = capsys.readouterr().out.strip().splitlines()
