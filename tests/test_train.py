@@ -45,7 +45,6 @@ def test_resume_equals_unbroken_run(synthetic_datasets, design_args, tmp_path):
     assert "epoch [2/2]" in (broken / "log.txt").read_text()
 
 
-@pytest.mark.slow
 def test_start_from_original_format_checkpoint(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
     original = tmp_path / "original.pth"
     prompts = torch.load(trained_checkpoint, weights_only=True)["prompt_learner"]
