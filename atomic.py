@@ -46,3 +46,42 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_texts(texts: dict[str | os.PathLike, str]) -> list[Path]:
+    """Write several text files so that a failure leaves all the old ones or all the new ones.
+
+    Every temporary file is written first; only when all succeeded are they renamed into place
+    (a rename cannot fail for lack of space).
+    """
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, text in texts.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            staged.append((tmp_name, path))
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(tmp_name, 0o666 & ~_umask())
+        for tmp_name, path in staged:
+            os.replace(tmp_name, path)
+    finally:
+        for tmp_name, _ in staged:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+    return [path for _, path in staged]
+
+
+def remove_leftovers(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Delete the temporary files a killed atomic write of ``folder/pattern`` left behind.
+
+    ``pattern`` is a glob of target names (``"epoch_*.pth"``); only files named like our
+    temporaries (``.<target>.<random>.tmp``) are touched.
+    """
+    removed = []
+    for leftover in Path(folder).glob(f".{pattern}.*.tmp"):
+        if leftover.is_file():
+            leftover.unlink()
+            removed.append(leftover)
+    return removed

@@ -152,6 +152,20 @@ class AnomalyDataset(Dataset):
                 self.items.append(self._checked(entry))
                 self._cls_ids.append(cls_id)
         self._files = [self._resolve(item) for item in self.items]
+        self._check_files_exist()
+
+    def _check_files_exist(self, shown: int = 5) -> None:
+        """Fail before any model loads when files of the index are gone, naming all of them at once."""
+        wanted = [(image, mask if int(item["anomaly"]) else "") for item, (image, mask) in zip(self.items, self._files)]
+        missing = [path for image, mask in wanted for path in (image, mask) if path and not os.path.isfile(path)]
+        if not missing:
+            return
+        listed = ", ".join(os.path.relpath(path, self.root) for path in missing[:shown])
+        more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
+        raise AnomalyCLIPError(
+            f"{self._meta_path()} lists {len(missing)} file(s) that do not exist: {listed}{more}; restore them, "
+            f"or re-create the index: {INDEX_FIX.format(root=self.root)}"
+        )
 
     def _meta_path(self) -> str:
         return os.path.join(self.root, "meta.json")

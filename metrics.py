@@ -10,6 +10,7 @@ All functions take numpy arrays and return python floats:
 * decision metrics: :func:`image_f1_max`, :func:`pixel_ap` and :func:`pixel_f1_max` (sklearn's
   precision-recall curve, the pixel ones in bounded memory), gathered by :func:`decision_metrics`;
 * :func:`per_defect_type_auroc`: image and pixel AUROC of each defect type against the normals.
+* :func:`pro_curve`: the PRO curve :func:`pixel_aupro` integrates, for plots.
 
 The pixel AUROC, AP and F1-max share one counting step (:func:`_tie_counts`): the pixel scores
 are split into two sorted copies and, chunk by chunk, every distinct score of one population is
@@ -456,7 +457,7 @@ def pixel_f1_max(masks: np.ndarray, maps: np.ndarray) -> tuple[float, float]:
 
 
 def decision_metrics(
-    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray
+    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None, maps: np.ndarray | None
 ) -> dict[str, float]:
     """Image F1-max, pixel AP and pixel F1-max of one class, with the F1-max thresholds.
 
@@ -465,21 +466,24 @@ def decision_metrics(
     Args:
         labels: (N,) 0/1 image labels (1 = anomalous).
         scores: (N,) image anomaly scores.
-        masks: (N, H, W) ground truth, nonzero = anomalous.
-        maps: (N, H, W) anomaly scores.
+        masks: (N, H, W) ground truth, nonzero = anomalous; None when the data have no masks.
+        maps: (N, H, W) anomaly scores; None when the data have no masks.
 
     Returns:
         ``{key: value}`` for the keys of ``DECISION_KEYS``, in that order. The image keys are NaN
         (one :class:`UndefinedMetricWarning`) unless both image labels occur; the pixel keys are
-        NaN (one warning) unless there are both anomalous and normal pixels.
+        NaN (one warning) unless there are both anomalous and normal pixels, and NaN without a
+        warning when ``masks`` or ``maps`` is None.
     """
     anomalous_images, scores = _binary_image_inputs(labels, scores)
-    masks, maps = _pixel_inputs(masks, maps)
     if anomalous_images.any() and not anomalous_images.all():
         image = _image_summary(anomalous_images, scores)
         image_values = (image.f1_max, image.threshold)
     else:
         image_values = (_undefined("image F1-max", "the labels hold a single class"), math.nan)
+    if masks is None or maps is None:
+        return dict(zip(DECISION_KEYS, (*image_values, math.nan, math.nan, math.nan), strict=True))
+    masks, maps = _pixel_inputs(masks, maps)
     normal, anomalous = _sorted_split(masks, maps)
     if anomalous.size and normal.size:
         pixel = _precision_recall_summary(normal, anomalous)
@@ -495,38 +499,46 @@ def decision_metrics(
 
 
 def per_defect_type_auroc(
-    labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray, types: Sequence[str]
+    labels: np.ndarray,
+    scores: np.ndarray,
+    masks: np.ndarray | None,
+    maps: np.ndarray | None,
+    types: Sequence[str],
 ) -> dict[str, dict[str, float]]:
     """Image and pixel AUROC of each defect type's images against the class's normal images.
 
     Args:
         labels: (N,) image labels, 0 = normal (its type is ignored), 1 = anomalous.
         scores: (N,) image anomaly scores.
-        masks: (N, H, W) ground truth, nonzero = anomalous.
-        maps: (N, H, W) anomaly scores.
+        masks: (N, H, W) ground truth, nonzero = anomalous; None when the data have no masks.
+        maps: (N, H, W) anomaly scores; None when the data have no masks.
         types: N defect type names, one per image.
 
     Returns:
         ``{type: {"image_auroc": ..., "pixel_auroc": ...}}`` over the types of the anomalous
         images, sorted by name. Each value is :func:`image_auroc` / :func:`pixel_auroc` on the
         normal images plus that type's images (NaN with a warning where those are undefined,
-        e.g. with no normal image or no anomalous pixel).
+        e.g. with no normal image or no anomalous pixel; the pixel AUROC is NaN without a warning
+        when ``masks`` or ``maps`` is None).
 
     Raises:
         ValueError: When labels, scores, maps and types differ in length.
     """
     labels, scores = _image_inputs(labels, scores)
-    masks, maps = _pixel_inputs(masks, maps)
+    pixel = masks is not None and maps is not None
+    if pixel:
+        masks, maps = _pixel_inputs(masks, maps)
     types = np.array([str(name) for name in types])
-    if not len(labels) == len(types) == len(maps):
-        raise ValueError(f"{len(labels)} labels, {len(types)} types and {len(maps)} maps differ in number")
+    if not len(labels) == len(types) == (len(maps) if pixel else len(labels)):
+        raise ValueError(f"{len(labels)} labels, {len(types)} types and {len(maps) if pixel else 'no'} maps "
+                         "differ in number")
     normal = labels == 0
     results = {}
     for name in sorted(set(types[~normal])):
         subset = np.flatnonzero(normal | (types == name))
         results[name] = {
             IMAGE_AUROC: image_auroc(labels[subset], scores[subset]),
-            PIXEL_AUROC: _subset_pixel_auroc(masks, maps, subset),
+            PIXEL_AUROC: _subset_pixel_auroc(masks, maps, subset) if pixel else math.nan,
         }
     return results
 
@@ -732,19 +744,40 @@ def _float32_normal_count(masks: np.ndarray) -> np.float32:
 
 
 def _exact_aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float) -> float:
-    """MVTec AD official AUPRO from sorted normal scores and weighted anomalous scores.
-
-    Along the exact curve (thresholds descending over every distinct score), area accrues only
-    where the FPR grows, i.e. at distinct normal scores u: the segment runs from
-    (FPR(> u), PRO(> u)) to (FPR(>= u), PRO(>= u)). Only the top ``max_fpr`` share of normal
-    scores can start such a segment below ``max_fpr``.
-    """
+    """MVTec AD official AUPRO: the area under :func:`_exact_pro_segments` up to ``max_fpr``."""
     name = "pixel AUPRO (exact)"
+    segments = _exact_pro_segments(masks, maps, max_fpr)
+    if isinstance(segments, str):
+        return _undefined(name, segments)
+    x0, x1, y0, y1 = segments
+    inside = x1 <= max_fpr
+    area = float(np.sum(0.5 * (y0[inside] + y1[inside]) * (x1[inside] - x0[inside])))
+    crossing = np.flatnonzero((x0 < max_fpr) & (x1 > max_fpr))
+    if crossing.size:
+        i = crossing[0]
+        y_cut = y0[i] + (y1[i] - y0[i]) * (max_fpr - x0[i]) / (x1[i] - x0[i])
+        area += 0.5 * (y0[i] + y_cut) * (max_fpr - x0[i])
+    return area / max_fpr
+
+
+def _exact_pro_segments(
+    masks: np.ndarray, maps: np.ndarray, max_fpr: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | str:
+    """The exact PRO curve's segments that start below ``max_fpr``, or why there are none.
+
+    Along the exact curve (thresholds descending over every distinct score), the FPR grows only
+    at distinct normal scores u: the segment runs from (FPR(> u), PRO(> u)) to
+    (FPR(>= u), PRO(>= u)). Only the top ``max_fpr`` share of normal scores can start such a
+    segment below ``max_fpr``.
+
+    Returns:
+        ``(x0, x1, y0, y1)`` with FPR ascending, or the reason the curve is undefined.
+    """
     normal, anomalous, weights, n_regions = _exact_inputs(masks, maps)
     if n_regions == 0:
-        return _undefined(name, "the masks hold no anomalous region")
+        return "the masks hold no anomalous region"
     if normal.size == 0:
-        return _undefined(name, "the masks hold no normal pixel")
+        return "the masks hold no normal pixel"
     normal.sort()
     order = np.argsort(anomalous, kind="stable")
     anomalous = anomalous[order]
@@ -758,15 +791,50 @@ def _exact_aupro(masks: np.ndarray, maps: np.ndarray, max_fpr: float) -> float:
     x1 = (n_normal - np.searchsorted(normal, distinct, side="left")) / n_normal
     y0 = np.minimum(pro_from[np.searchsorted(anomalous, distinct, side="right")], 1.0)
     y1 = np.minimum(pro_from[np.searchsorted(anomalous, distinct, side="left")], 1.0)
+    return x0, x1, y0, y1
 
-    inside = x1 <= max_fpr
-    area = float(np.sum(0.5 * (y0[inside] + y1[inside]) * (x1[inside] - x0[inside])))
-    crossing = np.flatnonzero((x0 < max_fpr) & (x1 > max_fpr))
-    if crossing.size:
-        i = crossing[0]
-        y_cut = y0[i] + (y1[i] - y0[i]) * (max_fpr - x0[i]) / (x1[i] - x0[i])
-        area += 0.5 * (y0[i] + y_cut) * (max_fpr - x0[i])
-    return area / max_fpr
+
+def pro_curve(
+    masks: np.ndarray, maps: np.ndarray, mode: str = "cflow", max_fpr: float = 0.3, num_thresholds: int = 200
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The PRO curve that :func:`pixel_aupro` integrates, as points with FPR in [0, ``max_fpr``].
+
+    * ``"cflow"``: the original's thresholds with FPR < ``max_fpr``; FPRs as measured, not
+      min-max normalised as the area computation does.
+    * ``"exact"``: every vertex of the exact curve, cut at ``max_fpr`` by linear interpolation.
+
+    Args:
+        masks: (N, H, W) ground truth, nonzero = anomalous.
+        maps: (N, H, W) anomaly scores.
+        mode: ``"cflow"`` or ``"exact"``.
+        max_fpr: FPR limit.
+        num_thresholds: cflow threshold steps.
+
+    Returns:
+        ``(fprs, pros)`` ordered by ascending FPR, or None where :func:`pixel_aupro` is NaN for
+        want of a curve (no anomalous region, no normal pixel, constant maps in cflow mode).
+    """
+    if mode not in AUPRO_MODES:
+        raise ValueError(f"unknown AUPRO mode {mode!r}; expected one of {AUPRO_MODES}")
+    masks, maps = _pixel_inputs(masks, maps)
+    if mode == "cflow":
+        if not np.any(masks) or np.all(masks) or not maps.max() > maps.min():
+            return None
+        _, fprs, pros = _cflow_pro_curve(masks, maps, num_thresholds)
+        kept = np.flatnonzero(fprs < max_fpr)[::-1]  # thresholds ascend, so FPRs descend
+        return fprs[kept].astype(np.float64), pros[kept]
+    segments = _exact_pro_segments(masks, maps, max_fpr)
+    if isinstance(segments, str):
+        return None
+    x0, x1, y0, y1 = segments
+    fprs = np.column_stack([x0, x1]).ravel()
+    pros = np.column_stack([y0, y1]).ravel()
+    beyond = np.flatnonzero(fprs > max_fpr)
+    if beyond.size:
+        i = beyond[0]  # i > 0: every segment starts below max_fpr
+        cut = pros[i - 1] + (pros[i] - pros[i - 1]) * (max_fpr - fprs[i - 1]) / (fprs[i] - fprs[i - 1])
+        fprs, pros = np.append(fprs[:i], max_fpr), np.append(pros[:i], cut)
+    return fprs, pros
 
 
 def _exact_inputs(
@@ -843,7 +911,7 @@ def compute_class_metrics(
     return results
 
 
-def _cell(value: float) -> str:
+def format_cell(value: float) -> str:
     """The original's cell text: ``str(np.round(value * 100, decimals=1))``."""
     return str(np.round(value * 100, decimals=1))
 
@@ -871,7 +939,7 @@ def format_results_table(per_class: Mapping[str, Mapping[str, float]], columns: 
         per_class: ``{class name: {column: value in [0, 1]}}``.
         columns: Metric columns, e.g. ``metric_columns("image-pixel-level")``.
     """
-    rows = [[name, *(_cell(values[column]) for column in columns)] for name, values in per_class.items()]
+    rows = [[name, *(format_cell(values[column]) for column in columns)] for name, values in per_class.items()]
     means = mean_over_classes(per_class, columns)
-    rows.append(["mean", *(_cell(means[column]) for column in columns)])
+    rows.append(["mean", *(format_cell(means[column]) for column in columns)])
     return tabulate(rows, headers=["objects", *columns], tablefmt="pipe")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.safe_load import check_is_file, load_tensors
 from AnomalyCLIP_lib.model import CLIP
 from AnomalyCLIP_lib.tokenizer import tokenize
 
@@ -138,12 +139,8 @@ def read_prompt_checkpoint(path: str | os.PathLike) -> dict[str, object]:
         AnomalyCLIPError: Missing or unreadable file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise AnomalyCLIPError(f"prompt checkpoint {path} does not exist; check --checkpoint_path")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AnomalyCLIPError(f"cannot read prompt checkpoint {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    check_is_file(path, "prompt checkpoint", "check --checkpoint_path")
+    checkpoint = load_tensors(path, "prompt checkpoint")
     if not isinstance(checkpoint, dict):
         raise AnomalyCLIPError(f"{path} is not a prompt checkpoint (it holds a {type(checkpoint).__name__})")
     return checkpoint

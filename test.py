@@ -8,8 +8,11 @@ Example::
 
 Writes the original's table (printed and appended to ``save_path/log.txt``),
 ``save_path/results.json`` (per-class and mean metrics, config, versions, wall time) and
-``save_path/scores.csv`` (one row per image). ``--vis`` adds heat-map overlays under
-``save_path/imgs/<class>/<type>/``; ``--dump FILE.npz`` saves every score, map and mask.
+``save_path/scores.csv`` (one row per image) and ``save_path/thresholds.json`` (per class image
+and pixel decision thresholds, see :mod:`thresholds`). ``results.json`` also holds image F1-max,
+pixel AP and pixel F1-max (``--extra_metrics`` prints them too) and the AUROCs per defect type.
+``--vis`` adds heat-map overlays under ``save_path/imgs/<class>/<type>/``; ``--dump FILE.npz``
+saves every score, map and mask; ``--report`` writes ``save_path/report.html`` (see :mod:`report`).
 
 Evaluation is a loop over per-image results gathered per class: a class's metrics are
 computed as soon as its last image is scored and its maps are then dropped, so memory holds
@@ -26,6 +29,7 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import platform
 import time
@@ -40,21 +44,29 @@ from tqdm import tqdm
 
 import distributed
 import metrics
+import report
+import thresholds
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.precision import PRECISIONS, autocast
-from atomic import atomic_write_text
+from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
+from atomic import atomic_write_texts, remove_leftovers
 from dataset import AnomalyDataset
 from dump import DumpWriter
-from utils import (DPAM_LAYER, add_loader_args, add_model_args, get_logger, load_model_and_prompts, resolve_device,
-                   resolve_num_workers, run_cli, setup_seed)
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger, load_model_and_prompts,
+                   project_version, resolve_device, resolve_num_workers, run_cli, setup_seed)
 from visualize import save_overlay
 
 METRIC_SETS = ("image-level", "pixel-level", "image-pixel-level")
+# Decision metrics: always in results.json, in the table with --extra_metrics.
+EXTRA_COLUMNS = (metrics.IMAGE_F1_MAX, metrics.PIXEL_AP, metrics.PIXEL_F1_MAX)
+UNNAMED_DEFECT_TYPE = "unspecified"  # the defect type of an anomalous item whose specie_name is empty
+
+logger = logging.getLogger("anomalyclip.test")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate AnomalyCLIP prompts zero-shot on a dataset.")
+    parser = cli_parser("Evaluate AnomalyCLIP prompts zero-shot on a dataset.")
     parser.add_argument("--data_path", default="./data/visa", help="dataset root holding meta.json")
     parser.add_argument("--save_path", default="./results", help="folder for log.txt, results.json, scores.csv")
     parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
@@ -70,11 +82,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
     parser.add_argument("--vis", action="store_true", help="write heat-map overlays under save_path/imgs/")
     parser.add_argument("--dump", default=None, metavar="FILE.npz", help="save paths, labels, scores, maps and masks")
+    parser.add_argument("--extra_metrics", action="store_true",
+                        help="add image F1-max, pixel AP and pixel F1-max to the printed table")
+    parser.add_argument("--threshold_method", choices=thresholds.METHODS, default="f1",
+                        help="thresholds.json: f1 = the F1-max thresholds (default); normal_fpr = from normal images only")
+    parser.add_argument("--target_fpr", type=float, default=0.01,
+                        help="normal_fpr: fraction of normal images (pixels) the threshold may flag (default 0.01)")
+    parser.add_argument("--report", action="store_true", help="write save_path/report.html (curves, galleries)")
+    parser.add_argument("--report_k", type=int, default=5,
+                        help="report: highest-scored normal and lowest-scored anomalous images per class (default 5)")
     args = parser.parse_args(argv)
-    if args.num_workers is not None and args.num_workers < 0:
-        parser.error("--num_workers must be >= 0")
-    if args.batch_size < 1 or args.image_size < 1 or args.sigma < 0:
-        parser.error("--batch_size and --image_size must be positive, --sigma non-negative")
+    check_args(args)
+    if args.report_k < 0:
+        raise AnomalyCLIPError(f"--report_k {args.report_k} must be >= 0")
+    thresholds.check_target_fpr(args.target_fpr)
     return args
 
 
@@ -90,10 +111,12 @@ class ImageResult:
     score: float
     anomaly_map: np.ndarray | None  # None in the light copy rank 0 gets for scores.csv
     mask: np.ndarray | None
+    specie_name: str = ""  # the defect type (meta.json's specie_name)
 
     def without_arrays(self) -> ImageResult:
         """The result without its map and mask (what scores.csv needs)."""
-        return ImageResult(self.index, self.img_path, self.image_file, self.cls_name, self.label, self.score, None, None)
+        return ImageResult(self.index, self.img_path, self.image_file, self.cls_name, self.label, self.score, None, None,
+                           self.specie_name)
 
 
 @dataclass
@@ -105,6 +128,9 @@ class ClassResults:
     scores: np.ndarray
     masks: np.ndarray
     maps: np.ndarray
+    types: list[str]  # defect type per image (see UNNAMED_DEFECT_TYPE)
+    image_files: list[str]
+    img_paths: list[str]
 
 
 @dataclass
@@ -132,6 +158,9 @@ class ClassGatherer:
             scores=np.array([r.score for r in bucket], dtype=np.float32),
             masks=np.stack([r.mask for r in bucket]),
             maps=np.stack([r.anomaly_map for r in bucket]),
+            types=[r.specie_name or UNNAMED_DEFECT_TYPE for r in bucket],
+            image_files=[r.image_file for r in bucket],
+            img_paths=[r.img_path for r in bucket],
         )
 
 
@@ -163,39 +192,100 @@ def score_batches(
         for i in range(len(prediction.scores)):
             index = indices[position]
             position += 1
-            result = ImageResult(index=index, img_path=dataset.items[index]["img_path"],
+            item = dataset.items[index]
+            result = ImageResult(index=index, img_path=item["img_path"],
                                  image_file=batch["img_path"][i], cls_name=batch["cls_name"][i],
                                  label=int(batch["anomaly"][i]), score=float(prediction.scores[i]),
-                                 anomaly_map=prediction.maps[i].numpy(), mask=masks[i])
+                                 anomaly_map=prediction.maps[i].numpy(), mask=masks[i],
+                                 specie_name=str(item.get("specie_name") or ""))
             if on_image is not None:
                 on_image(result)
             results.append(result)
         yield results
 
 
+@dataclass
+class ClassOutcome:
+    """What a class leaves once its maps are dropped: small enough to gather to rank 0.
+
+    Attributes:
+        values: ``{column: value}``: the metric set's columns, then :data:`metrics.DECISION_KEYS`.
+        per_type: ``{defect type: {"image_auroc": ..., "pixel_auroc": ...}}``.
+        threshold_entry: The class's ``thresholds.json`` entry.
+        report_part: Figures and gallery for ``--report``, else None.
+    """
+
+    values: dict[str, float]
+    per_type: dict[str, dict[str, float]]
+    threshold_entry: dict[str, object]
+    report_part: report.ClassReport | None = None
+
+
+@dataclass(frozen=True)
+class OutcomeOptions:
+    """How a complete class is evaluated (see :class:`ClassMetricsCollector`)."""
+
+    metric_set: str
+    aupro_mode: str = "cflow"
+    threshold_method: str = "f1"
+    target_fpr: float = 0.01
+    report_k: int | None = None  # None: no report
+
+
+def class_outcome(finished: ClassResults, options: OutcomeOptions) -> ClassOutcome:
+    """Metrics, thresholds and (optionally) the report part of one complete class."""
+    labels, scores = finished.labels, finished.scores
+    pixel_level = "pixel" in options.metric_set
+    masks, maps = (finished.masks, finished.maps) if pixel_level else (None, None)
+    values = metrics.compute_class_metrics(labels, scores, finished.masks, finished.maps, options.metric_set,
+                                           options.aupro_mode)
+    decision = metrics.decision_metrics(labels, scores, masks, maps)
+    values.update(decision)
+    per_type = metrics.per_defect_type_auroc(labels, scores, masks, maps, finished.types)
+    entry = thresholds.choose_class_thresholds(
+        labels, scores, finished.maps, masks, (decision[metrics.IMAGE_F1_THRESHOLD], decision[metrics.PIXEL_F1_THRESHOLD]),
+        options.threshold_method, options.target_fpr)
+    if entry["warning"]:
+        logger.warning("thresholds of %s: %s", finished.cls_name, entry["warning"])
+    part = None if options.report_k is None else _report_part(finished, masks, entry, values, options)
+    return ClassOutcome(values, per_type, entry, part)
+
+
+def _report_part(finished: ClassResults, masks: np.ndarray | None, entry: dict[str, object],
+                 values: dict[str, float], options: OutcomeOptions) -> report.ClassReport:
+    """The class's figures and gallery, rendered while its maps are held."""
+    data = report.ClassData(cls_name=finished.cls_name, labels=finished.labels, scores=finished.scores,
+                            maps=finished.maps, masks=masks, image_files=finished.image_files,
+                            img_paths=finished.img_paths, types=finished.types,
+                            image_threshold=entry["image_threshold"], values=values)
+    return report.class_report(data, options.report_k, options.aupro_mode)
+
+
 class ClassMetricsCollector:
-    """Gathers per-image results per class and computes each class's metrics once it is complete.
+    """Gathers per-image results per class and evaluates each class once it is complete.
 
     Args:
         expected: Number of images of each class this collector is responsible for.
-        metric_set: See :func:`metrics.metric_columns`.
-        aupro_mode: See :func:`metrics.pixel_aupro`.
+        options: How each class is evaluated (metric set, AUPRO mode, thresholds, report).
 
     Attributes:
-        per_class: ``{class: {column: value}}`` in completion order. Only incomplete classes are held.
+        outcomes: ``{class: ClassOutcome}`` in completion order. Only incomplete classes' maps are held.
     """
 
-    def __init__(self, expected: dict[str, int], metric_set: str, aupro_mode: str = "cflow") -> None:
-        self.metric_set = metric_set
-        self.aupro_mode = aupro_mode
+    def __init__(self, expected: dict[str, int], options: OutcomeOptions) -> None:
+        self.options = options
         self._gatherer = ClassGatherer(expected)
-        self.per_class: dict[str, dict[str, float]] = {}
+        self.outcomes: dict[str, ClassOutcome] = {}
+
+    @property
+    def per_class(self) -> dict[str, dict[str, float]]:
+        """``{class: {column: value}}`` of the complete classes, in completion order."""
+        return {name: outcome.values for name, outcome in self.outcomes.items()}
 
     def add(self, result: ImageResult) -> None:
         finished = self._gatherer.add(result)
         if finished is not None:
-            self.per_class[finished.cls_name] = metrics.compute_class_metrics(
-                finished.labels, finished.scores, finished.masks, finished.maps, self.metric_set, self.aupro_mode)
+            self.outcomes[finished.cls_name] = class_outcome(finished, self.options)
 
 
 def check_complete(per_class: dict[str, dict[str, float]], expected: dict[str, int]) -> None:
@@ -223,7 +313,7 @@ def collect_metrics(
     Returns:
         ``{class: {column: value}}`` in completion order. Only incomplete classes are held.
     """
-    collector = ClassMetricsCollector(expected, metric_set, aupro_mode)
+    collector = ClassMetricsCollector(expected, OutcomeOptions(metric_set, aupro_mode))
     for result in results:
         for consume in consumers:
             consume(result)
@@ -269,16 +359,18 @@ def _versions() -> dict[str, str]:
     import scipy
     import sklearn
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "scipy": scipy.__version__, "scikit-learn": sklearn.__version__, "pillow": PIL.__version__}
+    return {**project_version(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__, "scikit-learn": sklearn.__version__,
+            "pillow": PIL.__version__}
 
 
-def write_scores_csv(results: list[tuple[str, str, int, float]], path: Path) -> None:
+def scores_csv_text(results: list[tuple[str, str, int, float]]) -> str:
+    """``scores.csv``: one row per image (path, class, label, score)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["img_path", "cls_name", "label", "score"])
     writer.writerows((p, c, label, f"{score:.8g}") for p, c, label, score in results)
-    atomic_write_text(buffer.getvalue(), path)
+    return buffer.getvalue()
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, object] | None:
@@ -294,6 +386,9 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> tuple[AnomalyDat
     """The dataset, its metric set, the backbone and the text features."""
     dataset = AnomalyDataset(args.data_path, image_size=args.image_size, split="test", class_names=args.classes)
     metric_set = choose_metric_set(dataset, args.metrics)
+    if args.threshold_method == "normal_fpr" and not dataset.any_normal:
+        raise AnomalyCLIPError(f"--threshold_method normal_fpr needs normal images and {dataset.root} has none; "
+                               "use --threshold_method f1")
     model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
     prompt_learner.eval()
     with torch.inference_mode():
@@ -307,13 +402,18 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
     args.num_workers = resolve_num_workers(args.num_workers, device)
     save_path = Path(args.save_path)
     logger = get_logger(save_path, "anomalyclip.test", main_process=world.is_main)
+    if world.is_main:
+        for name in ("results.json", "scores.csv", "thresholds.json", "report.html"):
+            remove_leftovers(save_path, name)  # of a run killed while writing
     dataset, metric_set, model, text_feats = distributed.together(world, lambda: _prepare(args, device))
     columns = metrics.metric_columns(metric_set)
 
     expected = {name: sum(item["cls_name"] == name for item in dataset.items) for name in dataset.class_names}
     owners = {name: position % world.size for position, name in enumerate(dataset.class_names)}
+    options = OutcomeOptions(metric_set, args.aupro, args.threshold_method, args.target_fpr,
+                             args.report_k if args.report else None)
     collector = ClassMetricsCollector({name: count for name, count in expected.items() if owners[name] == world.rank},
-                                      metric_set, args.aupro)
+                                      options)
     score_rows: list[ImageResult] = []
     dump = DumpWriter(args.dump, len(dataset), args.image_size) if args.dump and world.is_main else None
     scored_here = 0
@@ -332,10 +432,10 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
                         dump.add(result)
                 if owners[result.cls_name] == world.rank:
                     collector.add(result)
-        parts = distributed.gather_to_main(world, (collector.per_class, scored_here))
+        parts = distributed.gather_to_main(world, (collector.outcomes, scored_here))
         if not world.is_main:
             return None
-        gathered = {name: values for part, _ in parts for name, values in part.items()}
+        gathered = {name: outcome for part, _ in parts for name, outcome in part.items()}
         check_complete(gathered, expected)
         if dump is not None:
             dump.close()
@@ -343,18 +443,25 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         if dump is not None:
             dump.discard()
 
-    per_class = {name: gathered[name] for name in dataset.class_names}
-    table = metrics.format_results_table(per_class, columns)
+    outcomes = {name: gathered[name] for name in dataset.class_names if name in gathered}
+    per_class = {name: outcome.values for name, outcome in outcomes.items()}
+    table_columns = columns + list(EXTRA_COLUMNS) if args.extra_metrics else columns
+    table = metrics.format_results_table(per_class, table_columns)
     logger.info("\n%s", table)
-    mean = metrics.mean_over_classes(per_class, columns)
+    mean = metrics.mean_over_classes(per_class, columns + list(EXTRA_COLUMNS))
     summary = {
         "dataset": args.dataset,
         "data_path": str(args.data_path),
         "checkpoint_path": str(args.checkpoint_path),
+        "checkpoint_sha256": sha256_of(args.checkpoint_path),
+        "backbone_sha256": backbone_sha256(args.backbone),
         "metric_set": metric_set,
         "columns": columns,
-        "per_class": {name: {k: _json_number(v) for k, v in values.items()} for name, values in per_class.items()},
-        "mean": {k: _json_number(v) for k, v in mean.items()},
+        "extra_columns": list(EXTRA_COLUMNS),
+        "per_class": {name: _json_numbers(values) for name, values in per_class.items()},
+        "mean": _json_numbers(mean),
+        "per_defect_type": {name: {kind: _json_numbers(values) for kind, values in outcome.per_type.items()}
+                            for name, outcome in outcomes.items()},
         "n_images": len(dataset),
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
@@ -364,15 +471,43 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         "wall_time_s": round(time.time() - started, 3),
         "table": table,
     }
-    atomic_write_text(json.dumps(summary, indent=2) + "\n", save_path / "results.json")
     score_rows.sort(key=lambda r: r.index)
-    write_scores_csv([(r.img_path, r.cls_name, r.label, r.score) for r in score_rows], save_path / "scores.csv")
+    # Together: a failure (a full disk) leaves both old files or both new ones.
+    atomic_write_texts({save_path / "results.json": json.dumps(summary, indent=2) + "\n",
+                        save_path / "scores.csv": scores_csv_text([(r.img_path, r.cls_name, r.label, r.score)
+                                                                   for r in score_rows])})
+    entries = {name: outcome.threshold_entry for name, outcome in outcomes.items()}
+    _write_thresholds(args, entries, save_path)
+    if args.report:
+        path = report.write_report(save_path / "report.html", _report_title(args), summary, table_columns,
+                                   {name: outcome.report_part for name, outcome in outcomes.items()}, entries)
+        logger.info("report: %s", path)
     return summary
 
 
+def _json_numbers(values: dict[str, float]) -> dict[str, float | None]:
+    return {key: _json_number(value) for key, value in values.items()}
+
+
+def _write_thresholds(args: argparse.Namespace, classes: dict[str, dict], save_path: Path) -> Path:
+    """``save_path/thresholds.json`` with what the thresholds depend on (model, image size, sigma)."""
+    return thresholds.save_thresholds(
+        save_path / "thresholds.json", classes, source="test.py", requested_method=args.threshold_method,
+        target_fpr=args.target_fpr, dataset=args.dataset, data_path=str(args.data_path),
+        checkpoint_path=str(args.checkpoint_path), backbone=str(args.backbone), image_size=args.image_size,
+        features_list=list(args.features_list), sigma=args.sigma)
+
+
+def _report_title(args: argparse.Namespace) -> str:
+    return f"AnomalyCLIP on {args.dataset} ({args.data_path}), prompts {args.checkpoint_path}"
+
+
 def _save_vis(result: ImageResult, save_path: Path) -> None:
+    # The image's full name stays in the overlay's (000.png -> 000.png.overlay.png), so 000.png and
+    # 000.jpg in one folder get two overlays, as in test_one_example.py.
     relative = Path(result.img_path)
-    save_overlay(result.image_file, result.anomaly_map, save_path / "imgs" / result.cls_name / relative.parent.name / relative.stem)
+    save_overlay(result.image_file, result.anomaly_map,
+                 save_path / "imgs" / result.cls_name / relative.parent.name / f"{relative.name}.overlay.png")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

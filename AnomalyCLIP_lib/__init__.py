@@ -11,6 +11,8 @@ Names are imported on first use, so light modules (``AnomalyCLIP_lib.errors``) l
 
 from importlib import import_module
 
+__version__ = "1.0.0"
+
 _EXPORTS = {
     "AnomalyCLIPError": "errors",
     "CLIP": "model",

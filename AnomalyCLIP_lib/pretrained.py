@@ -82,6 +82,14 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def backbone_sha256(name_or_path: str | os.PathLike) -> str:
+    """SHA-256 of a backbone: the registered hash of a registry name (downloads are checked against it), else the file's."""
+    name = str(name_or_path)
+    if name in PRETRAINED:
+        return PRETRAINED[name].sha256
+    return sha256_of(Path(name).expanduser())
+
+
 def _offline_message(weights: PretrainedWeights, folder: Path, reason: str) -> str:
     return (
         f"could not download {weights.filename} ({reason}); download {weights.url} "

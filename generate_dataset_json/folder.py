@@ -49,11 +49,12 @@ def folder_layout(normal_names: tuple[str, ...] = ("good",), mask_suffix: str = 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--normal-names", nargs="+", default=["good"], metavar="NAME",
-                        help="type folder name(s) that hold normal images (default: good)")
+                        help="type folder name(s) that hold normal images")
     parser.add_argument("--mask-suffix", default="_mask",
-                        help="mask file name = image stem + this suffix + any image extension (default: _mask)")
+                        help="mask file name = image stem + this suffix + any image extension")
+    # the formatter adds "(default: ...)" unless the help names %(default)s itself
     parser.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
-                        help="index only these class folders, in this order (default: all, sorted)")
+                        help="index only these class folders, in this order (default: all, sorted)%(default).0s")
 
 
 def _layout(args: argparse.Namespace) -> FolderLayout:

@@ -29,8 +29,9 @@ Choices made here (the README can quote them):
   the row order of its CSV.
 * Files: only images (``.png .jpg .jpeg .bmp .tif .tiff .webp``, any case) are indexed; hidden
   files and anything else (``Labels.txt``, ``meta.json``, spreadsheets) are ignored. Every
-  indexed image and mask is opened (header only) so that an empty, truncated-to-nothing or
-  non-image file is reported at indexing time.
+  indexed image and mask is fully decoded (PIL ``load()``, a progress bar in ``img`` on a
+  terminal's stderr) so that an empty, truncated or non-image file is reported at indexing
+  time rather than in the middle of training or evaluation.
 * Masks are paired with images by name with a per-layout :class:`MaskRule`, never by position.
 * Errors: every problem of a run is collected first, then one :class:`AnomalyCLIPError` lists
   them by kind (missing folder, anomalous image without mask, mask without image, folder
@@ -44,7 +45,9 @@ import argparse
 import csv
 import json
 import logging
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -62,6 +65,13 @@ SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 ITEM_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
 MAX_LISTED = 10
+MAX_DECODE_THREADS = 8
+DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+UNREADABLE = "unreadable image"
+FIXES = {
+    UNREADABLE: "Unreadable images are empty, cut short or not images: re-download or re-extract "
+                "the listed file(s), or delete them",
+}
 
 Item = dict[str, str | int]
 MetaIndex = dict[str, dict[str, list[Item]]]
@@ -123,8 +133,9 @@ class Problems:
             parts.append(f"{kind} ({len(paths)}): {listed(paths, shown)}")
             budget -= min(len(paths), shown)
         total = sum(len(paths) for paths in self._by_kind.values())
+        fixes = "".join(f"{FIXES[kind]}. " for kind in self._by_kind if kind in FIXES)
         raise AnomalyCLIPError(
-            f"{dataset} at {self.root}: {total} problem(s): {'; '.join(parts)}. "
+            f"{dataset} at {self.root}: {total} problem(s): {'; '.join(parts)}. {fixes}"
             f"Expected layout: {hint}; check that the download is complete and unpacked there"
         )
 
@@ -498,22 +509,52 @@ class VisaLayout:
         return rows
 
 
-def _check_contents(index: MetaIndex, root: Path, problems: Problems) -> None:
-    """Record empty classes, and files that PIL cannot identify (header read only)."""
+def decode_failure(path: Path) -> str | None:
+    """Why PIL cannot fully decode the image at ``path``, or ``None`` when it can.
+
+    A missing file also gives ``None``: the layouts report missing files themselves.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        return None
+    except DECODE_ERRORS as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def unreadable_images(root: Path, paths: list[str]) -> list[str]:
+    """The entries of ``paths`` (relative to ``root``) that do not decode, in the given order.
+
+    Decodes in a few threads (PIL releases the GIL while decoding) with a tqdm bar on stderr,
+    shown only when stderr is a terminal.
+    """
+    workers = max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1, len(paths)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        failures = list(tqdm(pool.map(lambda rel: decode_failure(root / rel), paths), total=len(paths),
+                             desc="decoding images", unit="img", file=sys.stderr, leave=False, disable=None))
+    bad = [(rel, why) for rel, why in zip(paths, failures) if why is not None]
+    for rel, why in bad:
+        logger.debug("unreadable image %s (%s)", rel, why)
+    return [rel for rel, _ in bad]
+
+
+def _indexed_files(index: MetaIndex, problems: Problems) -> list[str]:
+    """Every image and mask path of the index, sorted and without repeats; records empty classes."""
     paths: set[str] = set()
     for split, classes in index.items():
         for cls_name, items in classes.items():
             if not items:
                 problems.add("class without images", f"{cls_name} ({split} split)")
             paths.update(str(item[key]) for item in items for key in ("img_path", "mask_path") if item[key])
-    for path in tqdm(sorted(paths), desc="checking files", unit="file", leave=False, disable=len(paths) < 2000):
-        try:
-            with Image.open(root / path):
-                pass
-        except FileNotFoundError:
-            continue  # the layout has reported it already
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-            problems.add("unreadable image", path)
+    return sorted(paths)
+
+
+def _check_contents(index: MetaIndex, root: Path, problems: Problems) -> None:
+    """Record empty classes, and every image or mask that PIL cannot fully decode."""
+    for path in unreadable_images(root, _indexed_files(index, problems)):
+        problems.add(UNREADABLE, path)
 
 
 def write_meta(root: Path, index: MetaIndex) -> Path:
@@ -594,8 +635,11 @@ def run_cli(layout: Layout | Callable[[argparse.Namespace], Layout], argv: Itera
     parser = argparse.ArgumentParser(
         description=description or f"Index {layout.name if fixed else 'a dataset'} into DATASET_ROOT/meta.json.",
         epilog=f"Expected layout: {layout.hint}" if fixed else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--root", required=True, help="the dataset root; meta.json is written there")
+    # SUPPRESS: a required option has no default worth showing in --help
+    parser.add_argument("--root", required=True, default=argparse.SUPPRESS,
+                        help="the dataset root; meta.json is written there")
     parser.add_argument("--dry-run", action="store_true", help="index and print the counts, write nothing")
     if add_arguments is not None:
         add_arguments(parser)

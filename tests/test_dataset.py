@@ -131,9 +131,14 @@ def test_errors_name_the_file_and_the_fix(tmp_path: Path) -> None:
         AnomalyDataset(str(tmp_path), split="train")
     with pytest.raises(AnomalyCLIPError, match=r"class\(es\) screw not in the 'test' split.*it has: part"):
         AnomalyDataset(str(tmp_path), class_names=["screw"])
+    # Missing files are found when the dataset is built, all at once, before any model loads.
+    write_meta(tmp_path, {"test": {"part": [item("ok.png", "gt/missing_mask.png", anomaly=1), item("gone.png"),
+                                            item("ok.png", "gt/unused_for_normal.png"), item("broken.png")]}})
+    with pytest.raises(AnomalyCLIPError, match=r"lists 2 file\(s\) that do not exist: gt/missing_mask.png, gone.png;"):
+        AnomalyDataset(str(tmp_path))
+    write_meta(tmp_path, {"test": {"part": [item("ok.png", "gt/unused_for_normal.png"), item("broken.png")]}})
     data = AnomalyDataset(str(tmp_path), image_size=S)
-    with pytest.raises(AnomalyCLIPError, match=r"mask file .*gt/missing_mask.png does not exist"):
-        data[0]
+    assert data[0]["img_mask"].sum() == 0  # a normal item's mask path is not read
     with pytest.raises(AnomalyCLIPError, match=r"cannot read image file .*broken.png"):
         data[1]
     write_meta(tmp_path, {"test": {"part": [{"img_path": "ok.png"}]}})

@@ -1,4 +1,4 @@
-"""torchrun test.py with two gloo processes on the CPU, against one process."""
+"""torchrun test.py and train.py with two gloo processes on the CPU, against one process."""
 
 import json
 import os
@@ -8,8 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-import test as evaluation
+import train
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # each test starts torchrun with two processes
@@ -29,9 +30,10 @@ def _test_args(target, checkpoint, save_path, design_args):
 def test_two_processes_equal_one(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
     target = synthetic_datasets[1]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert evaluation.main(_test_args(target, trained_checkpoint, one, design_args)) == 0
-    completed = _torchrun(["test.py", *_test_args(target, trained_checkpoint, two, design_args)])
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    # Both at one thread per process: on some CPUs (AMD's MKL paths) float sums depend on the thread count.
+    for save_path, nproc in ((one, 1), (two, 2)):
+        completed = _torchrun(["test.py", *_test_args(target, trained_checkpoint, save_path, design_args)], nproc)
+        assert completed.returncode == 0, completed.stderr[-3000:]
     assert (one / "scores.csv").read_bytes() == (two / "scores.csv").read_bytes()
     a, b = (json.loads((p / "results.json").read_text()) for p in (one, two))
     assert a["per_class"] == b["per_class"] and a["mean"] == b["mean"] and a["table"] == b["table"]
@@ -61,10 +63,52 @@ def test_user_error_on_one_rank_ends_both(synthetic_datasets, design_args, train
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_train_refuses_torchrun_with_one_line(synthetic_datasets, design_args, tmp_path):
-    completed = _torchrun(["train.py", "--train_data_path", str(synthetic_datasets[0]), "--save_path",
-                           str(tmp_path / "ck"), "--epoch", "1", *design_args])
+def _train_args(data_root, save_path, design_args, *extra):
+    return ["--train_data_path", str(data_root), "--save_path", str(save_path), "--epoch", "2", "--batch_size", "4",
+            "--num_workers", "0", *design_args, *extra]
+
+
+def test_train_two_processes_equal_one(synthetic_datasets, design_args, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    # Both under the same thread count: the prompt optimisation's float sums depend on it.
+    for save_path, nproc in ((one, 1), (two, 2)):
+        completed = _torchrun(["train.py", *_train_args(synthetic_datasets[0], save_path, design_args)], nproc)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+    for epoch in (1, 2):
+        a = torch.load(one / f"epoch_{epoch}.pth", weights_only=True)["prompt_learner"]
+        b = torch.load(two / f"epoch_{epoch}.pth", weights_only=True)["prompt_learner"]
+        for key in a:
+            assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+    log = (two / "log.txt").read_text()
+    n_images = len(train.AnomalyDataset(synthetic_datasets[0], image_size=32, split="test"))
+    # The caching pass was split: each rank encoded every second image.
+    assert f"images per rank: [{(n_images + 1) // 2}, {n_images // 2}]" in log
+    assert log.count("epoch [2/2]") == 1  # rank 0 alone trains and logs
+
+
+def test_train_error_on_one_rank_ends_both(synthetic_datasets, design_args, tmp_path):
+    import shutil
+
+    data = tmp_path / "aux"
+    shutil.copytree(synthetic_datasets[0], data)
+    meta = json.loads((data / "meta.json").read_text())
+    items = [item for cls in meta["test"].values() for item in cls]
+    (data / items[1]["img_path"]).write_bytes(b"not an image")  # index 1: encoded by rank 1
+    completed = _torchrun(["train.py", *_train_args(data, tmp_path / "ck", design_args)])
     assert completed.returncode != 0
-    # Every rank refuses before any collective, each with the one line.
-    assert re.findall(r"(?<![A-Za-z_])error: train.py runs in one process", completed.stderr), completed.stderr[-2000:]
+    error_lines = re.findall(r"(?<![A-Za-z_])error: [^\n]*", completed.stderr)
+    assert len(error_lines) == 1, completed.stderr[-3000:]
+    assert "cannot read image file" in error_lines[0]
     assert not list((tmp_path / "ck").glob("epoch_*.pth"))
+
+
+def test_train_cache_error_on_rank_0_ends_both(synthetic_datasets, design_args, tmp_path):
+    # The cache folder cannot be made (its parent is a file): rank 0 fails while storing the first round.
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    completed = _torchrun(["train.py", *_train_args(synthetic_datasets[0], tmp_path / "ck", design_args,
+                                                    "--cache_memory_gb", "0", "--cache_dir", str(not_a_folder / "sub"))])
+    assert completed.returncode != 0
+    error_lines = re.findall(r"(?<![A-Za-z_])error: [^\n]*", completed.stderr)
+    assert len(error_lines) == 1, completed.stderr[-3000:]
+    assert "cannot create the feature cache folder" in error_lines[0] and "--cache_dir" in error_lines[0]

@@ -653,3 +653,60 @@ def test_per_defect_type_auroc_undefined_cases() -> None:
     assert abs(results["hole"]["pixel_auroc"] - roc_auc_score(masks[hole].ravel(), maps[hole].ravel())) <= 1e-12
     with pytest.raises(ValueError, match="differ in number"):
         metrics.per_defect_type_auroc(labels, scores, masks, maps, types[:-1])
+
+
+def test_decision_metrics_without_masks_leave_pixel_keys_nan(recwarn) -> None:
+    labels, scores = np.array([0, 1, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8, 0.2])
+    values = metrics.decision_metrics(labels, scores, None, None)
+    assert (values["image_f1_max"], values["image_f1_threshold"]) == sklearn_f1_max(labels, scores)
+    assert all(math.isnan(values[key]) for key in ("pixel_ap", "pixel_f1_max", "pixel_f1_threshold"))
+    assert not [w for w in recwarn if issubclass(w.category, UndefinedMetricWarning)]
+
+
+def test_per_defect_type_auroc_without_masks() -> None:
+    labels, scores, _, _, types = defect_case()
+    results = metrics.per_defect_type_auroc(labels, scores, None, None, types)
+    images = [0, 2, 3, 6, 7, 8]
+    assert results["hole"]["image_auroc"] == roc_auc_score(labels[images], scores[images])
+    assert math.isnan(results["hole"]["pixel_auroc"])
+
+
+# --------------------------------------------------------------------------------------------
+# PRO curve (the report's plot)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cflow_pro_curve_is_the_reference_curve_before_normalisation(seed: int) -> None:
+    masks, maps = random_case(seed, levels=40)
+    fprs, pros = metrics.pro_curve(masks, maps, mode="cflow")
+    reference_fprs, reference_pros = reference_cflow_pro_curve(masks, maps)
+    assert np.all(np.diff(fprs) >= 0) and fprs.max() < 0.3
+    # The reference walks thresholds upwards (FPR descending); the curve is in FPR order.
+    np.testing.assert_allclose(pros, reference_pros[::-1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose((fprs - fprs.min()) / (fprs.max() - fprs.min()), reference_fprs[::-1], atol=1e-12)
+
+
+def test_exact_pro_curve_hand_computed() -> None:
+    """The step case above: PRO 0.5 from FPR 0 to the cut at 0.3 (vertices at 0.25)."""
+    masks = np.array([[[1, 1, 0, 0, 0, 0]]], np.uint8)
+    maps = np.array([[[0.9, 0.4, 0.8, 0.6, 0.2, 0.1]]], np.float32)
+    fprs, pros = metrics.pro_curve(masks, maps, mode="exact")
+    np.testing.assert_allclose(fprs, [0.0, 0.25, 0.25, 0.3], atol=1e-12)
+    np.testing.assert_allclose(pros, [0.5, 0.5, 0.5, 0.5], atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_pro_curve_area_is_the_exact_aupro(seed: int) -> None:
+    masks, maps = random_case(seed, levels=30 if seed % 2 else None)
+    fprs, pros = metrics.pro_curve(masks, maps, mode="exact")
+    area = float(np.sum(0.5 * (pros[1:] + pros[:-1]) * np.diff(fprs)))
+    assert fprs[0] == 0.0 and fprs[-1] == pytest.approx(0.3) and np.all(np.diff(fprs) >= 0)
+    assert area / 0.3 == pytest.approx(reference_exact_aupro(masks, maps), abs=1e-9)
+
+
+@pytest.mark.parametrize("mode", metrics.AUPRO_MODES)
+def test_pro_curve_undefined_is_none(mode: str) -> None:
+    masks, maps = random_case(1)
+    assert metrics.pro_curve(np.zeros_like(masks), maps, mode=mode) is None
+    assert metrics.pro_curve(np.ones_like(masks), maps, mode=mode) is None

@@ -69,5 +69,139 @@ def test_user_errors_are_one_line(synthetic_datasets, design_args, trained_check
 
 
 def test_invalid_flags_are_refused():
-    with pytest.raises(SystemExit):
-        train.parse_args(["--epoch", "0"])
+    from AnomalyCLIP_lib.errors import AnomalyCLIPError
+
+    for flags, expected in ((["--epoch", "0"], "--epoch 0 must be at least 1"),
+                            (["--no_cache", "--keep_cache"], "--no_cache cannot be combined"),
+                            (["--cache_memory_gb", "-1"], "--cache_memory_gb -1.0 must be >= 0"),
+                            (["--learning_rate", "0"], "--learning_rate 0.0 must be a positive number")):
+        with pytest.raises(AnomalyCLIPError, match=re.escape(expected)):
+            train.parse_args(flags)
+
+
+def _prompts(path):
+    return torch.load(path, weights_only=True)["prompt_learner"]
+
+
+def _assert_same_prompts(a_path, b_path, atol=0.0):
+    a, b = _prompts(a_path), _prompts(b_path)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=atol), (key, (a[key] - b[key]).abs().max())
+
+
+def _forwards(log_path):
+    return [int(n) for n in re.findall(r"frozen image forwards: (\d+)", log_path.read_text())]
+
+
+def test_cached_training_equals_uncached(synthetic_datasets, design_args, tmp_path):
+    cached, uncached = tmp_path / "cached", tmp_path / "uncached"
+    assert _train(synthetic_datasets[0], cached, design_args, "--epoch", "3") == 0
+    assert _train(synthetic_datasets[0], uncached, design_args, "--epoch", "3", "--no_cache") == 0
+    for epoch in (1, 2, 3):
+        _assert_same_prompts(cached / f"epoch_{epoch}.pth", uncached / f"epoch_{epoch}.pth", atol=1e-6)
+    n_images = len(train.AnomalyDataset(synthetic_datasets[0], image_size=32, split="test"))
+    assert _forwards(cached / "log.txt") == [n_images]  # once per image, however many epochs
+    assert _forwards(uncached / "log.txt") == [3 * n_images]
+    assert "caching frozen features in memory" in (cached / "log.txt").read_text()
+    assert not (cached / "feature_cache").exists()
+
+
+def test_disk_cache_under_a_tiny_budget_equals_memory(synthetic_datasets, design_args, tmp_path):
+    memory, disk = tmp_path / "memory", tmp_path / "disk"
+    assert _train(synthetic_datasets[0], memory, design_args, "--epoch", "2") == 0
+    assert _train(synthetic_datasets[0], disk, design_args, "--epoch", "2", "--cache_memory_gb", "0") == 0
+    assert "caching frozen features on disk" in (disk / "log.txt").read_text()
+    _assert_same_prompts(memory / "epoch_2.pth", disk / "epoch_2.pth")
+    assert not (disk / "feature_cache").exists()  # removed after a successful run
+
+
+def test_kept_cache_is_reused_and_rebuilt_when_its_inputs_change(synthetic_datasets, design_args, tmp_path):
+    import json
+    import shutil
+
+    data = tmp_path / "aux"
+    shutil.copytree(synthetic_datasets[0], data)
+    cache_dir = tmp_path / "cache"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    keep = ("--keep_cache", "--cache_dir", str(cache_dir))
+    assert _train(data, straight, design_args, "--epoch", "2", "--no_cache") == 0
+    assert _train(data, resumed, design_args, "--epoch", "1", *keep) == 0
+    manifest = json.loads((cache_dir / "cache.json").read_text())
+    assert manifest["key"]["features_list"] == [6, 24]
+
+    # A resumed run with the kept cache encodes nothing and continues exactly.
+    assert _train(data, resumed, design_args, "--epoch", "2", "--resume", str(resumed / "epoch_1.pth"), *keep) == 0
+    log = (resumed / "log.txt").read_text()
+    n_images = len(train.AnomalyDataset(data, image_size=32, split="test"))
+    assert "reusing the feature cache" in log and _forwards(resumed / "log.txt") == [n_images, 0]
+    _assert_same_prompts(straight / "epoch_2.pth", resumed / "epoch_2.pth", atol=1e-6)
+
+    # Another features list or another meta.json: rebuilt, and the log says why.
+    other = tmp_path / "other"
+    flags = [*design_args[:design_args.index("--features_list")], "--features_list", "24",
+             *design_args[design_args.index("--features_list") + 3:]]
+    assert _train(data, other, flags, "--epoch", "1", "--overwrite", *keep) == 0
+    assert "features_list [6, 24] -> [24]" in (other / "log.txt").read_text()
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps(meta, indent=1))
+    assert _train(data, other, flags, "--epoch", "1", "--overwrite", *keep) == 0
+    assert "meta_sha256" in (other / "log.txt").read_text().split("features_list [6, 24] -> [24]")[-1]
+
+    # A cache whose manifest is missing (a run killed while caching) is never used.
+    (cache_dir / "cache.json").unlink()
+    assert _train(data, other, flags, "--epoch", "1", "--overwrite", *keep) == 0
+    assert "is incomplete" in (other / "log.txt").read_text()
+    assert (cache_dir / "cache.json").is_file()
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["cache.json", "embeddings.npy", "labels.npy", "masks.npy",
+                                                          "tokens_0.npy"]
+
+
+def test_another_runs_checkpoints_are_not_replaced_silently(synthetic_datasets, design_args, trained_checkpoint,
+                                                            tmp_path, capsys):
+    import shutil
+
+    save_path = tmp_path / "run"
+    save_path.mkdir()
+    shutil.copy(trained_checkpoint, save_path / "epoch_1.pth")
+    before = (save_path / "epoch_1.pth").read_bytes()
+    assert run_cli(train.main, ["--train_data_path", str(synthetic_datasets[0]), "--save_path", str(save_path),
+                                "--epoch", "1", "--num_workers", "0", *design_args]) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "--overwrite" in error and "--resume" in error
+    assert (save_path / "epoch_1.pth").read_bytes() == before
+    assert _train(synthetic_datasets[0], save_path, design_args, "--epoch", "1", "--overwrite") == 0
+    assert (save_path / "epoch_1.pth").read_bytes() != before
+
+
+def test_resume_applies_a_new_learning_rate(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
+    save_path = tmp_path / "resumed"
+    assert _train(synthetic_datasets[0], save_path, design_args, "--epoch", "2", "--learning_rate", "0.5",
+                  "--resume", str(trained_checkpoint)) == 0
+    checkpoint = torch.load(save_path / "epoch_2.pth", weights_only=True)
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == 0.5
+    assert checkpoint["config"]["learning_rate"] == 0.5
+    assert "--learning_rate 0.001 -> 0.5" in (save_path / "log.txt").read_text()
+    # Adam's first step moves each weight by about lr: far more at 0.5 than at 0.001.
+    before = torch.load(trained_checkpoint, weights_only=True)["prompt_learner"]["ctx_pos"]
+    assert (checkpoint["prompt_learner"]["ctx_pos"] - before).abs().max() > 0.1
+
+
+def test_anomalous_images_without_masks_are_refused_or_image_loss_only(synthetic_datasets, design_args, tmp_path,
+                                                                        capsys):
+    import json
+    import shutil
+
+    data = tmp_path / "aux"
+    shutil.copytree(synthetic_datasets[0], data)
+    meta = json.loads((data / "meta.json").read_text())
+    for items in meta["test"].values():
+        for item in items:
+            item["mask_path"] = ""
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert run_cli(train.main, ["--train_data_path", str(data), "--save_path", str(tmp_path / "a"), "--epoch", "1",
+                                "--num_workers", "0", *design_args]) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "have no mask" in error and "--image_loss_only" in error
+    assert _train(data, tmp_path / "b", design_args, "--epoch", "1", "--image_loss_only") == 0
+    assert (tmp_path / "b" / "epoch_1.pth").is_file()

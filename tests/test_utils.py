@@ -28,6 +28,94 @@ def test_clis_leave_the_worker_count_to_the_device_and_reject_negative(cli, caps
     required = ["--checkpoint_path", "x.pth"] if cli is test_cli else []
     assert cli.parse_args(required).num_workers is None
     assert cli.parse_args([*required, "--num_workers", "3"]).num_workers == 3
-    with pytest.raises(SystemExit):
-        cli.parse_args([*required, "--num_workers", "-1"])
-    assert "--num_workers must be >= 0" in capsys.readouterr().err
+    from utils import run_cli
+
+    assert run_cli(cli.main, [*required, "--num_workers", "-1"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "--num_workers" in error and ">= 0" in error
+
+
+def test_full_disk_and_read_only_folders_are_one_plain_line(capsys):
+    import errno
+
+    from utils import run_cli
+
+    def write_to_full_disk(argv):
+        with open("/dev/full", "w") as handle:  # the kernel's always-full device: a real ENOSPC
+            handle.write("x")
+        return 0
+
+    assert run_cli(write_to_full_disk, []) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "disk is full" in error and "\n" not in error
+
+    def read_only(argv):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/results.json")
+
+    assert run_cli(read_only, []) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == "error: cannot write /mnt/ro/results.json: the folder is on a read-only file system: choose a writable folder"
+
+
+def test_other_os_errors_keep_their_traceback():
+    import errno
+
+    from utils import run_cli
+
+    def broken_pipe(argv):
+        raise OSError(errno.EPIPE, "Broken pipe")
+
+    with pytest.raises(OSError):
+        run_cli(broken_pipe, [])
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--feature_map_layer", "2"], "--feature_map_layer 2 must index --features_list (2 layer(s)): use 0..1"),
+    (["--feature_map_layer", "-1"], "--feature_map_layer -1 must index"),
+    (["--sigma", "-1"], "--sigma -1.0 must be a finite number >= 0"),
+    (["--sigma", "nan"], "--sigma nan must be"),
+    (["--batch_size", "0"], "--batch_size 0 must be at least 1"),
+    (["--image_size", "0"], "--image_size 0 must be at least 1"),
+    (["--features_list", "24", "24"], "repeats a layer"),
+])
+def test_shared_flag_checks_in_every_cli(flags, expected, capsys, tmp_path):
+    import test_one_example
+    from utils import run_cli
+
+    base = ["--features_list", "6", "24", "--save_path", str(tmp_path / "out")]
+    commands = {
+        test_cli: ["--checkpoint_path", "absent.pth", "--data_path", str(tmp_path)],
+        train_cli: ["--train_data_path", str(tmp_path)],
+        test_one_example: ["--checkpoint_path", "absent.pth", "--image_path", str(tmp_path)],
+    }
+    for cli, required in commands.items():
+        if flags[0] == "--sigma" and cli is train_cli:
+            continue  # training has no smoothing
+        assert run_cli(cli.main, [*required, *base, *flags]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and "\n" not in error and expected in error, (cli.__name__, error)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_image_size_must_fit_the_backbone_patches(tiny_clip_files, synthetic_datasets, tmp_path, capsys):
+    from utils import run_cli
+
+    assert run_cli(train_cli.main, ["--train_data_path", str(synthetic_datasets[0]), "--save_path", str(tmp_path / "s"),
+                                    "--backbone", str(tiny_clip_files[0]), "--image_size", "50", "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "--image_size 50 is not a multiple of the backbone's patch size 14: use 42 or 56" in error
+
+
+@pytest.mark.parametrize("script", ["train.py", "test.py", "test_one_example.py"])
+def test_help_shows_defaults(script):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    completed = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 0
+    help_text = " ".join(completed.stdout.split())
+    assert "input side in pixels (default: 518)" in help_text
+    assert "(default: ViT-L/14@336px)" in help_text

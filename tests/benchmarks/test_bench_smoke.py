@@ -119,6 +119,15 @@ def test_mvtec_sizes(capsys):
     assert len(sizes) == 15 and sum(n for n, _ in sizes.values()) == 1725 and sum(g for _, g in sizes.values()) == 467
 
 
+def test_bench_train_tiny_counts_one_forward_per_image(capsys):
+    bench_train = _load("bench_train")
+    assert bench_train.main(["--preset", "tiny", "--image-size", "56", "--n-images", "4", "--epochs", "2"]) == 0
+    result = _json_line(capsys)
+    assert result["forwards_cached_1_epoch"] == 4 and result["forwards_cached_2_epochs"] == 4
+    assert result["forwards_uncached_2_epochs"] == 8
+    assert result["max_abs_diff_cached_vs_uncached"] <= 1e-6
+
+
 def test_bench_synthetic_dataset_tiny_runs(capsys):
     bench = _load("bench_synthetic_dataset")
     assert bench.main(["--size", "24", "--n-train", "1", "--n-test-good", "1", "--n-test-defect", "2",
