@@ -31,7 +31,6 @@ def test_checkpoint_layout_and_log(trained_checkpoint):
     assert not list(trained_checkpoint.parent.glob(".*.tmp"))
 
 
-@pytest.mark.slow
 def test_resume_equals_unbroken_run(synthetic_datasets, design_args, tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert _train(synthetic_datasets[0], straight, design_args, "--epoch", "2") == 0
