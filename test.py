@@ -46,9 +46,10 @@ import distributed
 import metrics
 import report
 import thresholds
-from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.precision import PRECISIONS, autocast
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ExportedScorer, config_from_args
+from AnomalyCLIP_lib.precision import PRECISIONS
+from AnomalyCLIP_lib.runtime import RUNTIMES
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from atomic import atomic_write_texts, remove_leftovers
 from dataset import AnomalyDataset
@@ -69,7 +70,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli_parser("Evaluate AnomalyCLIP prompts zero-shot on a dataset.")
     parser.add_argument("--data_path", default="./data/visa", help="dataset root holding meta.json")
     parser.add_argument("--save_path", default="./results", help="folder for log.txt, results.json, scores.csv")
-    parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
+    parser.add_argument("--checkpoint_path", default=None,
+                        help="prompt checkpoint (ours or the original's); not needed with --runtime")
     parser.add_argument("--dataset", default="mvtec", help="dataset name (for the log and results.json)")
     add_model_args(parser)
     parser.add_argument("--metrics", choices=METRIC_SETS, default=None,
@@ -79,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="cflow: the released variant (default); exact: MVTec AD's official definition")
     add_loader_args(parser, "images per forward pass")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
+    parser.add_argument("--runtime", choices=("torch", *RUNTIMES), default="torch",
+                        help="score through an exported graph (export.py) with ONNX Runtime or OpenVINO")
+    parser.add_argument("--model", default=None, help="with --runtime: the folder export.py wrote")
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
     parser.add_argument("--vis", action="store_true", help="write heat-map overlays under save_path/imgs/")
     parser.add_argument("--dump", default=None, metavar="FILE.npz", help="save paths, labels, scores, maps and masks")
@@ -93,6 +98,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="report: highest-scored normal and lowest-scored anomalous images per class (default 5)")
     args = parser.parse_args(argv)
     check_args(args)
+    if args.runtime == "torch" and not args.checkpoint_path:
+        raise AnomalyCLIPError("--checkpoint_path is required (or --runtime onnxruntime|openvino --model DIR)")
+    if args.runtime != "torch" and not args.model:
+        raise AnomalyCLIPError(f"--runtime {args.runtime} needs --model DIR, a folder written by export.py")
     if args.report_k < 0:
         raise AnomalyCLIPError(f"--report_k {args.report_k} must be >= 0")
     thresholds.check_target_fpr(args.target_fpr)
@@ -165,8 +174,7 @@ class ClassGatherer:
 
 
 def score_batches(
-    model,
-    text_feats: torch.Tensor,
+    inference: AnomalyCLIPInference | ExportedScorer,
     dataset: AnomalyDataset,
     indices: Sequence[int],
     args: argparse.Namespace,
@@ -184,9 +192,7 @@ def score_batches(
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     position = 0
     for batch in tqdm(loader, desc="scoring", unit="batch", disable=not progress):
-        with autocast(device, args.precision):
-            prediction = scoring.predict(model, text_feats, batch["img"].to(device, non_blocking=True),
-                                         args.features_list, DPAM_LAYER, args.sigma, args.feature_map_layer[0])
+        prediction = inference.predict(batch["img"].to(device, non_blocking=True))
         masks = batch["img_mask"][:, 0].numpy().astype(np.uint8)
         results = []
         for i in range(len(prediction.scores)):
@@ -382,18 +388,32 @@ def evaluate(args: argparse.Namespace) -> dict[str, object] | None:
         distributed.finish(world)
 
 
-def _prepare(args: argparse.Namespace, device: torch.device) -> tuple[AnomalyDataset, str, object, torch.Tensor]:
-    """The dataset, its metric set, the backbone and the text features."""
+def _prepare(args: argparse.Namespace, device: torch.device
+             ) -> tuple[AnomalyDataset, str, AnomalyCLIPInference | ExportedScorer]:
+    """The dataset, its metric set and what scores it (the inference module, or an exported graph)."""
+    exported = None
+    if args.runtime != "torch":
+        exported = ExportedScorer(args.model, args.runtime)
+        _use_export_settings(args, exported)
     dataset = AnomalyDataset(args.data_path, image_size=args.image_size, split="test", class_names=args.classes)
     metric_set = choose_metric_set(dataset, args.metrics)
     if args.threshold_method == "normal_fpr" and not dataset.any_normal:
         raise AnomalyCLIPError(f"--threshold_method normal_fpr needs normal images and {dataset.root} has none; "
                                "use --threshold_method f1")
+    if exported is not None:
+        return dataset, metric_set, exported
     model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
-    prompt_learner.eval()
-    with torch.inference_mode():
-        text_feats = scoring.text_features(model, prompt_learner)
-    return dataset, metric_set, model, text_feats
+    return dataset, metric_set, AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args, DPAM_LAYER))
+
+
+def _use_export_settings(args: argparse.Namespace, exported: ExportedScorer) -> None:
+    """The exported graph fixes the design: its settings replace the model flags (recorded in results.json)."""
+    config = exported.config
+    args.image_size, args.sigma = config.image_size, config.sigma
+    args.features_list, args.feature_map_layer = list(config.features_list), [config.feature_map_layer]
+    manifest = exported.exported.manifest
+    args.checkpoint_path = args.checkpoint_path or manifest["checkpoint"]["path"]
+    args.backbone = manifest["backbone"]["name"]
 
 
 def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.device) -> dict[str, object] | None:
@@ -405,7 +425,7 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
     if world.is_main:
         for name in ("results.json", "scores.csv", "thresholds.json", "report.html"):
             remove_leftovers(save_path, name)  # of a run killed while writing
-    dataset, metric_set, model, text_feats = distributed.together(world, lambda: _prepare(args, device))
+    dataset, metric_set, inference = distributed.together(world, lambda: _prepare(args, device))
     columns = metrics.metric_columns(metric_set)
 
     expected = {name: sum(item["cls_name"] == name for item in dataset.items) for name in dataset.class_names}
@@ -420,7 +440,7 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
     try:
         shard = world.shard(len(dataset))
         on_image = (lambda r: _save_vis(r, save_path)) if args.vis else None
-        batches = score_batches(model, text_feats, dataset, shard, args, device, on_image, progress=world.is_main)
+        batches = score_batches(inference, dataset, shard, args, device, on_image, progress=world.is_main)
         for local, error in distributed.lockstep(world, batches, world.rounds(len(dataset), args.batch_size)):
             local = local or []
             scored_here += len(local)
@@ -453,8 +473,7 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         "dataset": args.dataset,
         "data_path": str(args.data_path),
         "checkpoint_path": str(args.checkpoint_path),
-        "checkpoint_sha256": sha256_of(args.checkpoint_path),
-        "backbone_sha256": backbone_sha256(args.backbone),
+        **_model_hashes(args, inference),
         "metric_set": metric_set,
         "columns": columns,
         "extra_columns": list(EXTRA_COLUMNS),
@@ -483,6 +502,15 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
                                    {name: outcome.report_part for name, outcome in outcomes.items()}, entries)
         logger.info("report: %s", path)
     return summary
+
+
+def _model_hashes(args: argparse.Namespace, inference: AnomalyCLIPInference | ExportedScorer) -> dict[str, str]:
+    """SHA-256 of the checkpoint and the backbone (as the export recorded them, for an exported graph)."""
+    if isinstance(inference, ExportedScorer):
+        manifest = inference.exported.manifest
+        return {"checkpoint_sha256": manifest["checkpoint"]["sha256"], "backbone_sha256": manifest["backbone"]["sha256"],
+                "runtime": args.runtime, "model": str(args.model)}
+    return {"checkpoint_sha256": sha256_of(args.checkpoint_path), "backbone_sha256": backbone_sha256(args.backbone)}
 
 
 def _json_numbers(values: dict[str, float]) -> dict[str, float | None]:

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.precision import PRECISIONS, autocast
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
+from AnomalyCLIP_lib.precision import PRECISIONS
 from AnomalyCLIP_lib.transform import image_transform, load_image
 from atomic import atomic_write_text
 from thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
@@ -230,16 +230,13 @@ def scored_batches(args: argparse.Namespace, files: Sequence[Path]
     setup_seed(args.seed)
     device = resolve_device(args.device)
     model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
-    with torch.inference_mode():
-        text_feats = scoring.text_features(model, prompt_learner.eval())
+    inference = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args, DPAM_LAYER))
     preprocess = image_transform(args.image_size)
     for start in tqdm(range(0, len(files), args.batch_size), desc="scoring", unit="batch", disable=None):
         chunk = files[start : start + args.batch_size]
         loaded = [load_image(file) for file in chunk]
         images = torch.stack([preprocess(image) for image in loaded]).to(device)
-        with autocast(device, args.precision):
-            prediction = scoring.predict(model, text_feats, images, args.features_list, DPAM_LAYER, args.sigma,
-                                         args.feature_map_layer[0])
+        prediction = inference.predict(images)
         for file, image, score, anomaly_map in zip(chunk, loaded, prediction.scores.tolist(), prediction.maps.numpy()):
             yield file, image.size, score, anomaly_map
 

@@ -2,11 +2,20 @@
 
 ``test.py``, ``train.py`` and single-image inference all go through these functions:
 training uses :func:`image_logits` and :func:`similarity_maps` (differentiable in the text
-features), evaluation uses :func:`predict`, which adds the map sum and the Gaussian filter.
+features), evaluation uses :func:`predict` (or the module
+:class:`AnomalyCLIP_lib.inference.AnomalyCLIPInference`), which adds the map sum and the
+Gaussian filter.
+
+The Gaussian filter exists twice: :func:`gaussian_smooth` is scipy's (the reference, on the
+CPU); :func:`gaussian_smooth_torch` is the same filter as a torch operation (separable
+convolution, scipy's ``reflect`` boundary, ``truncate=4``), equal to scipy's to ~1e-7, which
+runs on the GPU and exports to ONNX.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .model import CLIP
+from .model import CLIP, VisionTransformer, normalize_layers
+
+logger = logging.getLogger(__name__)
 
 TEMPERATURE = 0.07
+GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default
 
 
 @dataclass
@@ -75,9 +87,10 @@ def similarity_maps(
         # the released code's arithmetic, so gradients reduce in the same order.
         similarity = (l2_normalize(tokens).unsqueeze(2) * texts.view(1, 1, *texts.shape)).sum(-1)
         probs = (similarity / TEMPERATURE).softmax(-1)[:, 1:]
-        batch, count, classes = probs.shape
-        side = int(count**0.5)
-        probs = probs.reshape(batch, side, side, classes).permute(0, 3, 1, 2)
+        _, count, classes = probs.shape
+        side = math.isqrt(int(count))
+        # -1 for the batch: the same values, and an exported graph keeps its batch axis dynamic.
+        probs = probs.reshape(-1, side, side, classes).permute(0, 3, 1, 2)
         maps.append(F.interpolate(probs, size=(image_size, image_size), mode="bilinear", align_corners=False))
     return maps
 
@@ -93,6 +106,101 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return torch.from_numpy(maps_np.copy())
     return torch.from_numpy(np.stack([gaussian_filter(one, sigma=sigma) for one in maps_np]))
+
+
+def gaussian_kernel(sigma: float, truncate: float = GAUSSIAN_TRUNCATE) -> np.ndarray:
+    """scipy's 1-D Gaussian weights: radius ``int(truncate * sigma + 0.5)``, normalised (float64)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    weights = np.exp(-0.5 / (float(sigma) * float(sigma)) * x**2)
+    return weights / weights.sum()
+
+
+def reflect_indices(length: int, radius: int) -> np.ndarray:
+    """Source indices of a line of ``length`` padded by ``radius`` on each side, scipy's ``reflect``.
+
+    scipy's ``reflect`` is the half-sample symmetric extension ``d c b a | a b c d | d c b a``
+    (the edge sample repeats; torch's ``'reflect'`` pad does not repeat it, its ``'replicate'``
+    is another thing again). A pad wider than the line reflects again and again: the
+    extension is periodic with period ``2 * length``.
+    """
+    positions = np.arange(-radius, length + radius) % (2 * length)
+    return np.where(positions < length, positions, 2 * length - 1 - positions)
+
+
+def _smooth_axis(maps: torch.Tensor, weights: torch.Tensor, axis: int) -> torch.Tensor:
+    """Correlate every line of ``maps`` (B, H, W) along ``axis`` (1 or 2) with ``weights``."""
+    radius = (weights.numel() - 1) // 2
+    lines = maps if axis == 2 else maps.transpose(1, 2)
+    count, length = int(lines.shape[1]), int(lines.shape[2])  # static sides; the batch stays dynamic
+    index = torch.from_numpy(reflect_indices(length, radius)).to(lines.device)
+    padded = lines.index_select(2, index).reshape(-1, 1, length + 2 * radius)
+    out = F.conv1d(padded, weights.view(1, 1, -1)).reshape(-1, count, length)
+    return out if axis == 2 else out.transpose(1, 2)
+
+
+def gaussian_smooth_torch(
+    maps: torch.Tensor,
+    sigma: float,
+    truncate: float = GAUSSIAN_TRUNCATE,
+    compute_dtype: torch.dtype | None = torch.float64,
+) -> torch.Tensor:
+    """scipy's ``gaussian_filter(mode='reflect', truncate=4)`` per map, as a torch operation.
+
+    A separable filter: rows, then columns, each a 1-D convolution over the line padded by
+    :func:`reflect_indices` (a gather, so kernels wider than the map work too). It runs where
+    ``maps`` lives and exports to ONNX as Gather + Conv.
+
+    scipy accumulates in float64 and rounds once. In float64 (the default) this agrees with it
+    to half a float32 ulp (~2.4e-7 on maps up to 4); in float32 (``compute_dtype=None`` on
+    float32 maps, what an exported graph runs) to a few ulps (~1.5e-6 on maps up to 4).
+
+    Args:
+        maps: ``(B, H, W)`` floating maps.
+        sigma: Standard deviation in pixels; 0 returns ``maps`` unchanged.
+        truncate: Radius in standard deviations, as scipy's argument.
+        compute_dtype: Dtype of the arithmetic (float64 falls back to float32 on devices
+            without it, e.g. MPS); ``None`` computes in the maps' dtype.
+
+    Returns:
+        ``(B, H, W)`` filtered maps, same dtype and device as ``maps``.
+    """
+    if sigma <= 0:
+        return maps
+    dtype = compute_dtype or maps.dtype
+    if dtype == torch.float64 and maps.device.type == "mps":
+        dtype = torch.float32
+    weights = torch.from_numpy(gaussian_kernel(sigma, truncate)).to(maps.device, dtype)
+    # scipy filters the last axis first, then the first; the order only moves rounding.
+    smoothed = _smooth_axis(_smooth_axis(maps.to(dtype), weights, axis=2), weights, axis=1)
+    return smoothed.to(maps.dtype)
+
+
+def raw_predict(
+    visual: VisionTransformer,
+    text_feats: torch.Tensor,
+    images: torch.Tensor,
+    features_list: Sequence[int] = (24,),
+    dpam_layer: int | None = 20,
+    feature_map_layer: int = 0,
+    batched: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(B,)`` and UNFILTERED anomaly maps ``(B, S, S)``, float32, on the images' device.
+
+    Args:
+        visual: The vision tower (``model.visual``).
+        batched: Run the vision tower on the whole batch in one pass even on a CPU (what an
+            exported graph needs: one graph for any batch size); see :meth:`VisionTransformer.encode`.
+        Others: see :func:`predict`.
+    """
+    if batched:
+        layers = normalize_layers(features_list, visual.num_layers)
+        image_embedding, patch_tokens = visual._encode(images, layers, visual._first_dpam_layer(dpam_layer))
+    else:
+        image_embedding, patch_tokens = visual.encode(images, features_list, dpam_layer)
+    scores = image_logits(image_embedding.float(), text_feats).softmax(-1)[:, 1]
+    maps = anomaly_map(similarity_maps([t.float() for t in patch_tokens], text_feats, images.shape[-1], feature_map_layer))
+    return scores.float(), maps
 
 
 def predict(
@@ -118,7 +226,5 @@ def predict(
         feature_map_layer: See :func:`similarity_maps`.
     """
     with torch.inference_mode():
-        image_embedding, patch_tokens = model.encode_image(images, features_list, dpam_layer)
-        scores = image_logits(image_embedding.float(), text_feats).softmax(-1)[:, 1]
-        maps = anomaly_map(similarity_maps([t.float() for t in patch_tokens], text_feats, images.shape[-1], feature_map_layer))
-    return AnomalyPrediction(scores=scores.float().cpu(), maps=gaussian_smooth(maps, sigma))
+        scores, maps = raw_predict(model.visual, text_feats, images, features_list, dpam_layer, feature_map_layer)
+    return AnomalyPrediction(scores=scores.cpu(), maps=gaussian_smooth(maps, sigma))

@@ -23,8 +23,8 @@ def _lines(capsys):
 
 
 def _reference_maps(files, checkpoint, design_args):
-    """Scores and maps of ``files`` scored as one batch straight through AnomalyCLIP_lib.scoring."""
-    from AnomalyCLIP_lib import scoring
+    """Scores and maps of ``files`` scored as one batch straight through the inference module."""
+    from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
     from AnomalyCLIP_lib.transform import image_transform, load_image
     from utils import DPAM_LAYER, load_model_and_prompts, setup_seed
 
@@ -32,12 +32,10 @@ def _reference_maps(files, checkpoint, design_args):
                                         *design_args])
     setup_seed(args.seed)
     model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), str(checkpoint))
-    with torch.inference_mode():
-        text_feats = scoring.text_features(model, prompt_learner.eval())
+    inference = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args, DPAM_LAYER))
     preprocess = image_transform(args.image_size)
     images = torch.stack([preprocess(load_image(f)) for f in files])
-    prediction = scoring.predict(model, text_feats, images, args.features_list, DPAM_LAYER, args.sigma,
-                                 args.feature_map_layer[0])
+    prediction = inference.predict(images)
     return prediction.scores.numpy(), prediction.maps.numpy()
 
 

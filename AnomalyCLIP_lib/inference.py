@@ -1,0 +1,313 @@
+"""The one inference module: preprocessed images in, image scores and anomaly maps out.
+
+:class:`AnomalyCLIPInference` holds what scoring needs and nothing else: the vision tower, the
+two text features (computed once from the prompt learner and the text tower, kept as a
+buffer) and the scoring settings as a frozen :class:`ScoringConfig`. Its ``forward`` is what
+:func:`AnomalyCLIP_lib.scoring.predict` computes, with the Gaussian filter as a torch
+operation, so it runs on the GPU and traces into one exportable graph (``export.py``).
+
+Typical use (what ``test.py`` and ``test_one_example.py`` do)::
+
+    inference = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args))
+    prediction = inference.predict(images)          # AnomalyPrediction on the CPU
+    scores, maps = inference(images)                # tensors on the module's device
+
+The Gaussian filter (``ScoringConfig.smoothing``):
+
+* ``"auto"`` (default): scipy's filter with ``reference_arithmetic`` (the parity mode: results
+  bit-identical to ``scoring.predict`` and the original), the torch filter otherwise.
+* ``"torch"``: :func:`scoring.gaussian_smooth_torch` (float64 arithmetic in eager mode, equal
+  to scipy's to ~2e-7; float32 in an exported graph).
+* ``"scipy"``: :func:`scoring.gaussian_smooth` on the CPU, whatever the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import scoring
+from .errors import AnomalyCLIPError
+from .model import CLIP, VisionTransformer, normalize_layers
+from .precision import PRECISIONS, autocast
+
+logger = logging.getLogger(__name__)
+
+SMOOTHING_MODES = ("auto", "torch", "scipy")
+DEFAULT_DPAM_LAYER = 20
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """The scoring settings of an inference module (frozen).
+
+    Attributes:
+        image_size: Input side S in pixels; maps are S x S.
+        features_list: Vision layers whose patch tokens make the maps (sorted, distinct).
+        dpam_layer: The last ``dpam_layer - 1`` blocks run DPAM; ``None`` for plain CLIP.
+        sigma: Gaussian filter sigma in pixels (0: no filter).
+        feature_map_layer: Index into ``features_list`` of the first layer summed into the map.
+        reference_arithmetic: The released code's attention arithmetic (the parity mode).
+        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA.
+        smoothing: Which Gaussian filter (module docstring).
+    """
+
+    image_size: int = 518
+    features_list: tuple[int, ...] = (24,)
+    dpam_layer: int | None = DEFAULT_DPAM_LAYER
+    sigma: float = 4.0
+    feature_map_layer: int = 0
+    reference_arithmetic: bool = False
+    precision: str = "fp32"
+    smoothing: str = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features_list", tuple(sorted({int(layer) for layer in self.features_list})))
+        object.__setattr__(self, "sigma", float(self.sigma))
+        if self.image_size < 1 or self.sigma < 0:
+            raise AnomalyCLIPError(f"image_size must be positive and sigma non-negative; got {self.image_size}, {self.sigma}")
+        if not self.features_list:
+            raise AnomalyCLIPError("features_list is empty; pass at least one layer, e.g. --features_list 24")
+        if not 0 <= self.feature_map_layer < len(self.features_list):
+            raise AnomalyCLIPError(f"feature_map_layer {self.feature_map_layer} must index features_list "
+                                   f"{list(self.features_list)} (0..{len(self.features_list) - 1})")
+        if self.precision not in PRECISIONS:
+            raise AnomalyCLIPError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.smoothing not in SMOOTHING_MODES:
+            raise AnomalyCLIPError(f"unknown smoothing {self.smoothing!r}; choose one of {SMOOTHING_MODES}")
+
+    @property
+    def uses_scipy_filter(self) -> bool:
+        """Whether the maps go through scipy's filter (the parity mode) rather than the torch one."""
+        return self.smoothing == "scipy" or (self.smoothing == "auto" and self.reference_arithmetic)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (``features_list`` as a list)."""
+        values = dataclasses.asdict(self)
+        values["features_list"] = list(self.features_list)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ScoringConfig:
+        """The config of :meth:`to_dict`'s output; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise AnomalyCLIPError(f"unknown scoring settings {unknown}; expected some of {sorted(names)}")
+        return cls(**values)
+
+
+def config_from_args(args: argparse.Namespace, dpam_layer: int | None = DEFAULT_DPAM_LAYER) -> ScoringConfig:
+    """The scoring config of a CLI's flags (``utils.add_model_args`` plus ``--sigma`` / ``--precision``).
+
+    ``feature_map_layer`` may be the CLIs' list (only its first value is used, as the original).
+    """
+    feature_map_layer = getattr(args, "feature_map_layer", 0)
+    if isinstance(feature_map_layer, Sequence):
+        feature_map_layer = feature_map_layer[0] if feature_map_layer else 0
+    return ScoringConfig(
+        image_size=args.image_size,
+        features_list=tuple(args.features_list),
+        dpam_layer=dpam_layer,
+        sigma=getattr(args, "sigma", 4.0),
+        feature_map_layer=int(feature_map_layer),
+        reference_arithmetic=bool(getattr(args, "reference_arithmetic", False)),
+        precision=getattr(args, "precision", "fp32"),
+        smoothing=getattr(args, "smoothing", "auto"),
+    )
+
+
+def is_exporting() -> bool:
+    """Whether the forward is being traced or exported (TorchScript/ONNX tracing, torch.export)."""
+    compiler = getattr(torch, "compiler", None)
+    exporting = bool(compiler is not None and getattr(compiler, "is_exporting", lambda: False)())
+    return exporting or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+class AnomalyCLIPInference(nn.Module):
+    """Vision tower + text features + scoring settings: ``forward(images) -> (scores, maps)``.
+
+    Args:
+        visual: The vision tower (``model.visual``). Its ``reference_arithmetic`` is set from
+            the config.
+        text_features: ``(1, 2, D)`` normalised text features (:func:`scoring.text_features`).
+        config: The scoring settings.
+    """
+
+    text_features: torch.Tensor
+
+    def __init__(self, visual: VisionTransformer, text_features: torch.Tensor, config: ScoringConfig) -> None:
+        super().__init__()
+        if text_features.ndim != 3 or text_features.shape[:2] != (1, 2):
+            raise AnomalyCLIPError(f"text features must be (1, 2, D); got {tuple(text_features.shape)}")
+        normalize_layers(config.features_list, visual.num_layers)  # raises for layers the tower lacks
+        visual._first_dpam_layer(config.dpam_layer)  # raises for an impossible DPAM layer
+        if config.image_size % visual.patch_size:
+            raise AnomalyCLIPError(f"image_size {config.image_size} must be a multiple of the patch size "
+                                   f"{visual.patch_size} (e.g. 518 for ViT-L/14)")
+        self.visual = visual
+        self.visual.reference_arithmetic = config.reference_arithmetic
+        self.register_buffer("text_features", text_features.detach().float().clone())
+        self._config = config
+
+    @property
+    def config(self) -> ScoringConfig:
+        """The frozen scoring settings."""
+        return self._config
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_features.device
+
+    @classmethod
+    def from_model(cls, model: CLIP, prompt_learner: nn.Module, config: ScoringConfig) -> AnomalyCLIPInference:
+        """Compute the text features once (eval mode, no gradients) and keep only the vision tower."""
+        prompt_learner.eval()
+        with torch.inference_mode():
+            text_features = scoring.text_features(model, prompt_learner)
+        return cls(model.visual, text_features.clone(), config)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        backbone: str | os.PathLike,
+        checkpoint_path: str | os.PathLike | None,
+        config: ScoringConfig,
+        device: str | torch.device = "cpu",
+        n_ctx: int = 12,
+        depth: int = 9,
+        t_n_ctx: int = 4,
+    ) -> AnomalyCLIPInference:
+        """Build the module from files, as ``utils.load_model_and_prompts`` loads them.
+
+        Args:
+            backbone: Registry name or CLIP checkpoint file.
+            checkpoint_path: Prompt checkpoint (``None``: freshly initialised prompts).
+            config: The scoring settings.
+            device: Where the module lives.
+            n_ctx, depth, t_n_ctx: The prompt design (the CLIs' flags).
+
+        Raises:
+            AnomalyCLIPError: A missing or mismatched backbone or checkpoint.
+        """
+        from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
+
+        from .factory import load
+
+        model, _ = load(backbone, device=device)
+        model.visual.reference_arithmetic = config.reference_arithmetic
+        prompt_learner = AnomalyCLIP_PromptLearner(model, design_details(n_ctx=n_ctx, depth=depth, t_n_ctx=t_n_ctx))
+        if checkpoint_path:
+            load_prompt_state(prompt_learner, checkpoint_path)
+        return cls.from_model(model, prompt_learner.to(device), config)
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, device: str | torch.device = "cpu", checkpoint_path: str | os.PathLike | None = None
+    ) -> AnomalyCLIPInference:
+        """:meth:`from_checkpoint` with a CLI's model flags (``utils.add_model_args``)."""
+        return cls.from_checkpoint(args.backbone, checkpoint_path, config_from_args(args), device,
+                                   n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx)
+
+    def _check(self, images: torch.Tensor) -> None:
+        size = self._config.image_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise AnomalyCLIPError(f"images must be (B, 3, {size}, {size}) for this module; got {tuple(images.shape)}")
+
+    def _precision_context(self, device: torch.device, exporting: bool) -> contextlib.AbstractContextManager:
+        if exporting or self._config.precision == "fp32":
+            return contextlib.nullcontext()
+        return autocast(device, self._config.precision)
+
+    def _smooth(self, maps: torch.Tensor, exporting: bool) -> torch.Tensor:
+        sigma = self._config.sigma
+        if self._config.uses_scipy_filter and not exporting:
+            return scoring.gaussian_smooth(maps, sigma).to(maps.device)
+        # In a graph, float32 arithmetic (what every runtime offers); eager, float64 (scipy's).
+        return scoring.gaussian_smooth_torch(maps, sigma, compute_dtype=None if exporting else torch.float64)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(B,)`` and filtered anomaly maps ``(B, S, S)``, float32, on the images' device.
+
+        Args:
+            images: ``(B, 3, S, S)`` preprocessed images (:func:`transform.image_transform`).
+        """
+        self._check(images)
+        cfg = self._config
+        exporting = is_exporting()
+        with self._precision_context(images.device, exporting):
+            scores, maps = scoring.raw_predict(self.visual, self.text_features, images, cfg.features_list,
+                                               cfg.dpam_layer, cfg.feature_map_layer, batched=exporting)
+        return scores, self._smooth(maps.float(), exporting)
+
+    def predict(self, images: torch.Tensor) -> scoring.AnomalyPrediction:
+        """``forward`` without gradients on the module's device; results on the CPU (as ``scoring.predict``)."""
+        with torch.inference_mode():
+            scores, maps = self(images.to(self.device))
+        return scoring.AnomalyPrediction(scores=scores.cpu(), maps=maps.cpu())
+
+    def export_copy(self) -> AnomalyCLIPInference:
+        """This module with the settings an exported graph runs: fp32, default attention, torch filter.
+
+        Shares the tower's weights but sets ``reference_arithmetic`` off on it.
+        """
+        config = dataclasses.replace(self._config, reference_arithmetic=False, precision="fp32", smoothing="torch")
+        return AnomalyCLIPInference(self.visual, self.text_features, config).eval()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self._config.to_dict().items())
+
+
+class ExportedScorer:
+    """An exported graph behind :meth:`AnomalyCLIPInference.predict`'s interface (for ``test.py --runtime``).
+
+    Takes the torch batches a DataLoader makes and returns :class:`scoring.AnomalyPrediction`,
+    so a dataset can be scored through ONNX Runtime or OpenVINO with the evaluation code as is.
+
+    Args:
+        model_dir: Folder written by ``export.py``.
+        runtime: ``"onnxruntime"`` or ``"openvino"``.
+        threads: Runtime threads (default: the runtime's).
+
+    Attributes:
+        config: The scoring settings the graph was exported with.
+        exported: The :class:`AnomalyCLIP_lib.runtime.ExportedModel`.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, model_dir: str | os.PathLike, runtime: str = "onnxruntime", threads: int | None = None) -> None:
+        from .runtime import ExportedModel
+
+        self.exported = ExportedModel(model_dir, runtime, threads)
+        self.config = ScoringConfig.from_dict(self.exported.scoring)
+
+    def predict(self, images: torch.Tensor) -> scoring.AnomalyPrediction:
+        """Scores and maps of preprocessed images ``(B, 3, S, S)``, on the CPU."""
+        scores, maps = self.exported.predict(images.detach().to("cpu", torch.float32).numpy())
+        return scoring.AnomalyPrediction(scores=torch.from_numpy(scores), maps=torch.from_numpy(maps))
+
+
+def load_scorer(
+    args: argparse.Namespace, device: str | torch.device = "cpu", checkpoint_path: str | os.PathLike | None = None
+) -> AnomalyCLIPInference | ExportedScorer:
+    """What a CLI scores with: the exported graph when ``args.runtime`` names one, else the torch module.
+
+    ``args.runtime`` (``"torch"`` when absent) and ``args.model`` (the export folder) are the
+    deployment flags; the torch module is built from the model flags and ``checkpoint_path``.
+    """
+    runtime = getattr(args, "runtime", "torch") or "torch"
+    if runtime == "torch":
+        return AnomalyCLIPInference.from_args(args, device, checkpoint_path)
+    if not getattr(args, "model", None):
+        raise AnomalyCLIPError(f"--runtime {runtime} needs --model DIR, a folder written by export.py")
+    return ExportedScorer(args.model, runtime)

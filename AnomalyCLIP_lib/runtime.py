@@ -1,0 +1,289 @@
+"""Run an exported AnomalyCLIP graph without PyTorch: numpy, Pillow and ONNX Runtime or OpenVINO.
+
+``export.py`` writes a folder with ``anomalyclip.json`` and the graph; :class:`ExportedModel`
+loads it and scores images. The preprocessing is ``AnomalyCLIP_lib.transform``'s, redone in
+numpy and Pillow: the file is read as :func:`transform.load_image` reads it (8-bit files
+untouched, high-bit-depth single-channel files stretched to 8 bits), resized with PIL's bicubic
+filter in its stored mode to S x S, converted to RGB, divided by 255 and normalised with the
+manifest's mean and std, all in float32, so the input tensor is bit-identical to the torch
+transform's.
+
+Typical use::
+
+    from AnomalyCLIP_lib.runtime import ExportedModel
+    model = ExportedModel("exported/visa", runtime="onnxruntime")   # or "openvino"
+    for result in model.predict_files(["bottle.png"]):
+        print(result.path, result.score, result.anomaly_map.shape)
+
+This module imports only the standard library, numpy, Pillow, the chosen runtime and
+:mod:`AnomalyCLIP_lib.errors` (the package's ``__init__`` imports nothing heavy).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import AnomalyCLIPError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "anomalyclip.json"
+SUPPORTED_MANIFEST_VERSION = 1
+RUNTIMES = ("onnxruntime", "openvino")
+OPENVINO_PRECISIONS = ("f32", "f16", "bf16")
+_HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
+# --- preprocessing (numpy / Pillow) ------------------------------------------------------------
+
+
+def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Linear min..max -> 0..255 stretch of one image (all zeros when constant)."""
+    values = values.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as ``transform.load_image`` does (same modes, same errors).
+
+    Raises:
+        AnomalyCLIPError: The file is missing or cannot be decoded.
+    """
+    if not Path(path).is_file():
+        raise AnomalyCLIPError(f"image file {path} does not exist or is not a file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise AnomalyCLIPError(f"cannot read image file {path} ({error}); the file is corrupt or not an image") from error
+    if image.mode in _HIGH_BIT_MODES:
+        return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L")
+    return image
+
+
+def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``transform.image_transform(size)`` in numpy: ``(3, S, S)`` float32.
+
+    PIL bicubic resize to S x S in the stored mode (PIL itself uses nearest for 'P' and '1'),
+    ``convert('RGB')``, ``/ 255`` and ``(x - mean) / std`` in float32 (torchvision's order of
+    operations, so the values are bit-identical).
+    """
+    resized = image.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = np.asarray(resized.convert("RGB"), dtype=np.uint8).astype(np.float32) / np.float32(255)
+    normalised = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+
+
+# --- the runtimes ---------------------------------------------------------------------------------
+
+
+class _OnnxRuntimeBackend:
+    """An ONNX Runtime CPU session on the exported ``.onnx`` file."""
+
+    def __init__(self, graph: Path, threads: int | None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise AnomalyCLIPError("the onnxruntime runtime needs the onnxruntime package: "
+                                   "pip install -r requirements-deploy.txt") from None
+        if graph.suffix != ".onnx":
+            raise AnomalyCLIPError(f"onnxruntime runs .onnx graphs, and {graph} is not one; "
+                                   "export with --format onnx or use --runtime openvino")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores, maps = self._session.run(None, {self._input: images})
+        return scores, maps
+
+
+class _OpenVINOBackend:
+    """An OpenVINO CPU compiled model on the exported IR (``.xml``) or ``.onnx`` file."""
+
+    def __init__(self, graph: Path, threads: int | None, precision: str = "f32") -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise AnomalyCLIPError("the openvino runtime needs the openvino package: "
+                                   "pip install -r requirements-deploy.txt") from None
+        if precision not in OPENVINO_PRECISIONS:
+            raise AnomalyCLIPError(f"unknown OpenVINO precision {precision!r}; choose one of {OPENVINO_PRECISIONS}")
+        core = ov.Core()
+        # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise pick bf16 on its own.
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self._compiled = core.compile_model(core.read_model(str(graph)), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        results = self._request.infer([images])
+        scores, maps = (results[output] for output in self._compiled.outputs)
+        return np.array(scores, copy=True), np.array(maps, copy=True)
+
+
+# --- the exported model ---------------------------------------------------------------------------
+
+
+@dataclass
+class ImagePrediction:
+    """One image's results.
+
+    Attributes:
+        path: The image file (``None`` for an image passed in memory).
+        score: Image anomaly score in [0, 1].
+        anomaly_map: ``(S, S)`` float32 anomaly map (Gaussian filter applied).
+    """
+
+    path: Path | None
+    score: float
+    anomaly_map: np.ndarray
+
+
+def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``anomalyclip.json`` of an export folder, checked.
+
+    Raises:
+        AnomalyCLIPError: Missing, unreadable or of an unknown version.
+    """
+    path = Path(model_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise AnomalyCLIPError(f"{model_dir} holds no {MANIFEST_NAME}; pass a folder written by export.py")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnomalyCLIPError(f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
+    version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
+    if version != SUPPORTED_MANIFEST_VERSION:
+        raise AnomalyCLIPError(f"{path} has manifest version {version!r}, this code reads "
+                               f"{SUPPORTED_MANIFEST_VERSION}; re-run export.py")
+    return manifest
+
+
+class ExportedModel:
+    """An export folder loaded into ONNX Runtime or OpenVINO.
+
+    Args:
+        model_dir: Folder written by ``export.py``.
+        runtime: ``"onnxruntime"`` or ``"openvino"`` (the latter also runs ``.onnx`` exports).
+        threads: Intra-op threads (default: the runtime's).
+        graph: Graph file to load instead of the manifest's (e.g. a quantised copy).
+        openvino_precision: OpenVINO's inference precision hint (``f32``; ``f16``/``bf16``
+            where the CPU has them).
+
+    Attributes:
+        manifest: The parsed ``anomalyclip.json``.
+        image_size: S.
+        thresholds: The manifest's ``thresholds`` (``None`` when the export had none).
+    """
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        runtime: str = "onnxruntime",
+        threads: int | None = None,
+        graph: str | os.PathLike | None = None,
+        openvino_precision: str = "f32",
+    ) -> None:
+        if runtime not in RUNTIMES:
+            raise AnomalyCLIPError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
+        self.model_dir = Path(model_dir)
+        self.manifest = read_manifest(self.model_dir)
+        self.runtime = runtime
+        self.image_size = int(self.manifest["image_size"])
+        self.mean = tuple(self.manifest["preprocessing"]["mean"])
+        self.std = tuple(self.manifest["preprocessing"]["std"])
+        self.thresholds = self.manifest.get("thresholds")
+        graph_path = Path(graph) if graph is not None else self.model_dir / self.manifest["graph"]
+        if not graph_path.is_file():
+            raise AnomalyCLIPError(f"graph file {graph_path} named by {self.model_dir / MANIFEST_NAME} is missing; "
+                                   "re-run export.py")
+        if runtime == "onnxruntime":
+            self._backend: _OnnxRuntimeBackend | _OpenVINOBackend = _OnnxRuntimeBackend(graph_path, threads)
+        else:
+            self._backend = _OpenVINOBackend(graph_path, threads, openvino_precision)
+        logger.info("loaded %s with %s", graph_path, runtime)
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        """The scoring settings the graph was exported with."""
+        return dict(self.manifest["scoring"])
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """One PIL image as the graph's input row ``(3, S, S)``."""
+        return preprocess(image, self.image_size, self.mean, self.std)
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores ``(B,)`` and maps ``(B, S, S)`` (float32) of preprocessed images ``(B, 3, S, S)``.
+
+        Raises:
+            AnomalyCLIPError: Wrong input shape.
+        """
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        size = self.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, size, size):
+            raise AnomalyCLIPError(f"images must be (B, 3, {size}, {size}) for this export; got {images.shape}")
+        scores, maps = self._backend.run(images)
+        return scores.astype(np.float32, copy=False), maps.astype(np.float32, copy=False)
+
+    def predict_images(self, images: Sequence[Image.Image]) -> list[ImagePrediction]:
+        """Score PIL images in one batch."""
+        if not images:
+            return []
+        scores, maps = self.predict(np.stack([self.preprocess(image) for image in images]))
+        return [ImagePrediction(None, float(score), anomaly_map) for score, anomaly_map in zip(scores, maps)]
+
+    def predict_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 8) -> Iterator[ImagePrediction]:
+        """Score image files, ``batch_size`` per run, in order.
+
+        Raises:
+            AnomalyCLIPError: An unreadable file (named), or a non-positive batch size.
+        """
+        if batch_size < 1:
+            raise AnomalyCLIPError(f"batch size must be positive; got {batch_size}")
+        paths = [Path(p) for p in paths]
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            for path, result in zip(chunk, self.predict_images([load_image(p) for p in chunk])):
+                result.path = path
+                yield result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m AnomalyCLIP_lib.runtime --model DIR IMAGE...``: one ``path<TAB>score`` line per image."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Score images with an exported AnomalyCLIP graph (no torch).")
+    parser.add_argument("--model", required=True, help="folder written by export.py")
+    parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("images", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        model = ExportedModel(args.model, args.runtime)
+        for result in model.predict_files(args.images, args.batch_size):
+            print(f"{result.path}\t{result.score:.6f}")
+    except AnomalyCLIPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
