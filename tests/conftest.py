@@ -64,6 +64,22 @@ def writable_copy(source: Path, target: Path, ignore=None) -> Path:
     return target
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark tests that use the goldens ``parity``; skip ``gpu`` tests where CUDA is unavailable."""
+    gpu_items = []
+    for item in items:
+        if "goldens_dir" in getattr(item, "fixturenames", ()):  # directly or through another fixture
+            item.add_marker(pytest.mark.parity)
+        if item.get_closest_marker("gpu") is not None:
+            gpu_items.append(item)
+    if gpu_items:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu_items:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
 @pytest.fixture(scope="session")
 def goldens_dir() -> Path:
     """The read-only goldens folder; tests that need it are skipped when it is absent."""

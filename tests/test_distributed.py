@@ -7,10 +7,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import train
 from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # each test starts torchrun with two processes
 
 
 def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

@@ -1,10 +1,12 @@
-"""synthetic_dataset: exact masks, determinism, both layouts indexed and loadable, speed, CLI."""
+"""synthetic_dataset: exact masks, determinism, both layouts indexed and loadable, CLI.
+
+Its speed is measured by ``benchmarks/bench_synthetic_dataset.py``, not asserted here.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +83,6 @@ def test_deterministic_per_seed(tmp_path: Path) -> None:
     assert files_of(tmp_path / "va") == files_of(tmp_path / "vb")
     a, c = files_of(tmp_path / "a"), files_of(tmp_path / "c")
     assert a.keys() == c.keys() and a["stripes/test/good/000.png"] != c["stripes/test/good/000.png"]
-
-
-def test_demo_sized_datasets_are_fast(tmp_path: Path) -> None:
-    start = time.perf_counter()
-    synth.make_mvtec_like(tmp_path / "m", n_train=6, n_test_good=6, n_test_defect=8, image_size=(128, 128))
-    synth.make_visa_like(tmp_path / "v", n_train=6, n_test_good=6, n_test_defect=8, image_size=(128, 128))
-    assert time.perf_counter() - start < 10
 
 
 def test_cli_and_existing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-import metrics
 import test as evaluation
 import thresholds
 from dataset import AnomalyDataset
 from tests.conftest import E2E_IMAGE_SIZE
+from tests.metrics_reference import reference_cflow_aupro, reference_exact_aupro
 from utils import run_cli
 
 
@@ -93,9 +93,13 @@ def test_dump_holds_every_image_in_dataset_order(full_run, synthetic_datasets):
     summary = json.loads((save_path / "results.json").read_text())
     for name in ("blobs", "weave"):
         chosen = dump["cls_names"] == name
-        recomputed = metrics.compute_class_metrics(dump["labels"][chosen], dump["scores"][chosen], dump["masks"][chosen],
-                                                   dump["maps"][chosen])
-        assert recomputed == pytest.approx({k: summary["per_class"][name][k] for k in recomputed}, abs=1e-12)
+        labels, scores, masks, maps = (dump[key][chosen] for key in ("labels", "scores", "masks", "maps"))
+        independent = {"pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
+                       "pixel_aupro": reference_cflow_aupro(masks, maps),
+                       "image_auroc": roc_auc_score(labels, scores),
+                       "image_ap": average_precision_score(labels, scores)}
+        reported = {key: summary["per_class"][name][key] for key in independent}
+        assert reported == pytest.approx(independent, abs=1e-9), name
     assert not list(dump_path.parent.glob(".dump.npz.*"))
 
 
@@ -127,8 +131,10 @@ def test_exact_aupro_mode(synthetic_datasets, trained_checkpoint, design_args, t
     exact = json.loads((tmp_path / "results.json").read_text())["per_class"]
     dump = np.load(full_run[1])
     chosen = dump["cls_names"] == "blobs"
-    expected = metrics.pixel_aupro(dump["masks"][chosen], dump["maps"][chosen], mode="exact")
-    assert exact["blobs"]["pixel_aupro"] == pytest.approx(expected, abs=1e-6)
+    expected = reference_exact_aupro(dump["masks"][chosen], dump["maps"][chosen])
+    assert exact["blobs"]["pixel_aupro"] == pytest.approx(expected, abs=1e-9)
+    cflow = json.loads((full_run[0] / "results.json").read_text())["per_class"]["blobs"]["pixel_aupro"]
+    assert abs(cflow - expected) > 1e-5  # the flag changed the computation (4.6e-4 apart here)
 
 
 def test_default_metrics_follow_the_dataset(synthetic_datasets, trained_checkpoint, design_args, tmp_path, capsys):

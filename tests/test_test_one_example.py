@@ -46,11 +46,21 @@ def _read_csv(path):
 
 
 def test_folder_and_single_image(synthetic_datasets, trained_checkpoint, design_args, tmp_path, capsys):
-    folder = _visa_images(synthetic_datasets, "Anomaly")
+    """A folder is scored image by image in name order; non-image, hidden files and sub-folders are skipped."""
+    source = _visa_images(synthetic_datasets, "Anomaly")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = ["b.JPG", "a.jpg", "c.png"]  # upper- and lower-case suffixes
+    for name, image in zip(names, sorted(source.iterdir())):
+        Image.open(image).convert("RGB").save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "Thumbs.db").write_bytes(b"\x00\x01")
+    (folder / ".hidden.png").write_bytes((folder / "a.jpg").read_bytes())
+    (folder / "nested.png").mkdir()  # a folder with an image suffix is no image
     results = test_one_example.score_images(test_one_example.parse_args(
-        ["--image_path", str(folder), "--checkpoint_path", str(trained_checkpoint), "--save_path", str(tmp_path / "out"),
-         "--threshold", "0.5", "--batch_size", "2", *design_args]))
-    files = sorted(p for p in folder.iterdir())
+        ["--image_path", str(folder), "--checkpoint_path", str(trained_checkpoint),
+         "--save_path", str(tmp_path / "out"), "--threshold", "0.5", "--batch_size", "2", *design_args]))
+    files = [folder / name for name in ("a.jpg", "b.JPG", "c.png")]
     assert [r.path for r in results] == files
     lines = _lines(capsys)
     assert len(lines) == len(files)
@@ -65,7 +75,8 @@ def test_folder_and_single_image(synthetic_datasets, trained_checkpoint, design_
          *design_args]))
     assert single[0].score == pytest.approx(results[1].score, abs=1e-6)  # batching does not change a score
     assert single[0].overlay == tmp_path / "one" / f"{files[1].name}.overlay.png"
-    assert len(_lines(capsys)[0]) == 3  # path, score, overlay: no verdict without a threshold
+    [(path, printed, written)] = _lines(capsys)  # path, score, overlay: no verdict without a threshold
+    assert path == str(files[1]) and printed == f"{single[0].score:.4f}" and written == str(single[0].overlay)
 
 
 def test_scores_equal_test_py(synthetic_datasets, trained_checkpoint, design_args, tmp_path):

@@ -5,13 +5,15 @@ original indexer, is not used) and evaluated with the tiny backbone and ``tiny_p
 the two recorded settings. Scores, filtered maps and thresholded masks are compared per image,
 the metrics per class, and the table as text.
 
-* On PyTorch's AVX2 kernels (what the goldens were recorded with) and with
-  ``--reference_arithmetic``, the whole run reproduces the original's arithmetic: every
-  per-class metric within 1e-6 and the table text identical.
-* With the default fused attention on this machine's own kernels, maps move by ~1e-6; the
-  cflow AUPRO, a step function of 200 thresholds over the maps, can then move by ~1e-5 when a
-  pixel crosses a threshold, so the metrics are held to 1e-4 there (scores, maps and masks to
-  the same tolerances as above).
+* On PyTorch's AVX2 kernels (what the goldens were recorded with), with
+  ``--reference_arithmetic`` and the original's batch size 1, the whole run reproduces the
+  original's arithmetic. On the goldens' CPU vendor (``same_kernels_as_goldens``) that is bit
+  for bit: scores, maps and masks equal, every metric equal (pixel AUROC, summed in another
+  order than sklearn's, to 1e-12) and the table text identical. On other vendors MKL picks
+  other AVX2 code paths, so the goldens' tolerance applies (scores and maps 1e-5, metrics 1e-4).
+* With the default fused attention on this machine's own kernels, maps move by ~1e-6 (1e-5
+  allowed); the cflow AUPRO, a step function of 200 thresholds over the maps, can then move by
+  ~1e-5 when a pixel crosses a threshold, so the metrics are held to 1e-4 there.
 """
 
 import json
@@ -52,7 +54,8 @@ def _argv(record, btad_root: Path, goldens: Path, save_path: Path) -> list[str]:
             "--num_workers", "0", "--device", "cpu"]
 
 
-def _compare(record, save_path: Path, metric_tolerance: float) -> None:
+def _compare(record, save_path: Path, exact: bool) -> None:
+    """Per image and per class against the recorded run; bit for bit when ``exact``."""
     dump = np.load(save_path / "dump.npz")
     summary = json.loads((save_path / "results.json").read_text())
     assert list(dump["img_paths"]) == list(record["img_paths"])
@@ -60,22 +63,32 @@ def _compare(record, save_path: Path, metric_tolerance: float) -> None:
     for name in CLASSES:
         chosen = dump["cls_names"] == name
         assert np.array_equal(dump["labels"][chosen], record[f"{name}__gt_sp"])
-        assert np.abs(dump["scores"][chosen] - record[f"{name}__pr_sp"]).max() <= 1e-5
-        assert np.abs(dump["maps"][chosen] - record[f"{name}__anomaly_maps"]).max() <= 1e-4
         assert np.array_equal(dump["masks"][chosen], record[f"{name}__imgs_masks"][:, 0].astype(np.uint8))
+        scores, maps = dump["scores"][chosen], dump["maps"][chosen]
+        if exact:
+            assert np.array_equal(scores, record[f"{name}__pr_sp"]), name
+            assert np.array_equal(maps, record[f"{name}__anomaly_maps"]), name
+        else:
+            assert np.abs(scores - record[f"{name}__pr_sp"]).max() <= 1e-5, name
+            assert np.abs(maps - record[f"{name}__anomaly_maps"]).max() <= 1e-5, name
         for golden_name, ours_name in METRIC_NAMES.items():
             ours, reference = summary["per_class"][name][ours_name], float(record[f"{name}__metric__{golden_name}"])
-            assert abs(ours - reference) <= metric_tolerance, (name, ours_name, ours, reference)
-            if metric_tolerance <= 1e-6 and reference == 0:
+            if not exact:
+                assert abs(ours - reference) <= 1e-4, (name, ours_name, ours, reference)
+            elif ours_name == "pixel_auroc":  # sklearn's roc_auc_score sums in another order
+                assert abs(ours - reference) <= 1e-12, (name, ours_name, ours, reference)
+            else:
+                assert ours == reference, (name, ours_name, ours, reference)
                 assert np.signbit(ours) == np.signbit(reference), (name, ours_name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_reference_arithmetic_on_avx2_kernels_matches_original(goldens_dir, btad_copy, tmp_path, setting):
     record = np.load(goldens_dir / f"eval_btad_{setting}.npz")
     argv = _argv(record, btad_copy, goldens_dir, tmp_path)
-    run_on_avx2_kernels(["test.py", *argv, "--reference_arithmetic"])
-    _compare(record, tmp_path, metric_tolerance=1e-6 if same_kernels_as_goldens() else 1e-4)
+    run_on_avx2_kernels(["test.py", *argv, "--reference_arithmetic", "--batch_size", "1"])  # the original's batch
+    _compare(record, tmp_path, exact=same_kernels_as_goldens())
     table = (goldens_dir / f"eval_btad_{setting}_table.txt").read_text().strip("\n")
     assert json.loads((tmp_path / "results.json").read_text())["table"] == table
     assert (tmp_path / "log.txt").read_text().rstrip("\n").endswith(table)
@@ -85,4 +98,4 @@ def test_reference_arithmetic_on_avx2_kernels_matches_original(goldens_dir, btad
 def test_default_arithmetic_matches_original(goldens_dir, btad_copy, tmp_path, setting):
     record = np.load(goldens_dir / f"eval_btad_{setting}.npz")
     assert evaluation.main(_argv(record, btad_copy, goldens_dir, tmp_path)) == 0
-    _compare(record, tmp_path, metric_tolerance=1e-4)
+    _compare(record, tmp_path, exact=False)

@@ -61,7 +61,7 @@ def test_gaussian_kernel_by_hand():
     assert len(scoring.gaussian_kernel(4.0)) == 33
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_torch_filter_on_gpu_equals_scipy():
     maps = np.random.default_rng(3).random((2, 518, 518)).astype(np.float32) * 4
     ours = scoring.gaussian_smooth_torch(torch.from_numpy(maps).cuda(), 4.0)
@@ -198,7 +198,7 @@ def test_from_checkpoint_equals_the_cli_loading(tiny_clip_state, tiny_model, lea
     torch.testing.assert_close(ours.maps, expected.maps, rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 def test_module_on_gpu_equals_cpu(tiny_model, learner):
     import copy
 

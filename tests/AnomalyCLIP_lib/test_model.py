@@ -84,6 +84,71 @@ def test_dpam_keeps_original_stream(tiny_model):
     assert (dpam_tokens[2] - plain_tokens[2]).abs().max() > 1e-3
 
 
+def _last_block_tokens(model, run):
+    """Run ``run()`` and return the token count the last vision block's MLP saw (observed by a hook)."""
+    seen = []
+    handle = model.visual.transformer.resblocks[-1].mlp.register_forward_hook(
+        lambda module, inputs, output: seen.append(inputs[0].shape[1]))
+    try:
+        result = run()
+    finally:
+        handle.remove()
+    return result, seen
+
+
+@pytest.mark.parametrize("features_list, dpam_layer", [([24], 20), ([6, 12, 18, 24], 20), ([12], None), ([3, 20], 20)])
+def test_batched_pass_with_class_token_only_last_block_equals_single_images(tiny_model, features_list, dpam_layer):
+    """The one-pass batch (what a GPU runs) with the class-token-only last block, against image by image.
+
+    On a CPU ``encode`` splits a batch into single images, so the batched pass is called directly.
+    Both are also checked against the full-token reference arithmetic, which skips nothing.
+    """
+    visual = tiny_model.visual
+    images = _images(batch=3, size=70)
+    layers, first_dpam = normalize_layers(features_list, 24), visual._first_dpam_layer(dpam_layer)
+    with torch.no_grad():
+        (embedding, tokens), seen = _last_block_tokens(tiny_model, lambda: visual._encode(images, layers, first_dpam))
+        singles = [visual._encode(images[i : i + 1], layers, first_dpam) for i in range(3)]
+        visual.reference_arithmetic = True
+        try:
+            (ref_embedding, ref_tokens), ref_seen = _last_block_tokens(
+                tiny_model, lambda: tiny_model.encode_image(images, features_list, dpam_layer))
+        finally:
+            visual.reference_arithmetic = False
+    assert seen == [1] and ref_seen == [26]  # the shortcut was taken in one pass; the reference skips nothing
+    assert embedding.shape == (3, 64) and len(tokens) == len(layers)
+    torch.testing.assert_close(embedding, torch.cat([s[0] for s in singles]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(embedding, ref_embedding, atol=1e-5, rtol=1e-5)
+    for index, layer_tokens in enumerate(tokens):
+        assert layer_tokens.shape == (3, 26, 64)
+        torch.testing.assert_close(layer_tokens, torch.cat([s[1][index] for s in singles]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer_tokens, ref_tokens[index], atol=1e-5, rtol=1e-5)
+    assert (embedding[0] - embedding[1]).abs().max() > 1e-3  # the images differ, so a mix-up would show
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("features_list, dpam_layer", [([24], 20), ([6, 12, 18, 24], 20), ([12], None)])
+def test_cuda_batch_equals_single_images_and_cpu(tiny_clip_state, features_list, dpam_layer):
+    """On CUDA ``encode`` runs the batch in one pass; each image equals its own pass and the CPU result."""
+    model = build_model(tiny_clip_state).cuda()
+    images = _images(batch=4, size=70)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 kernels, as on the CPU
+    try:
+        with torch.no_grad():
+            embedding, tokens = model.encode_image(images.cuda(), features_list, dpam_layer)
+            singles = [model.encode_image(images[i : i + 1].cuda(), features_list, dpam_layer) for i in range(4)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with torch.no_grad():
+        cpu_embedding, cpu_tokens = build_model(tiny_clip_state).encode_image(images, features_list, dpam_layer)
+    torch.testing.assert_close(embedding, torch.cat([s[0] for s in singles]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embedding.cpu(), cpu_embedding, atol=1e-4, rtol=1e-4)
+    for index, layer_tokens in enumerate(tokens):
+        torch.testing.assert_close(layer_tokens, torch.cat([s[1][index] for s in singles]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer_tokens.cpu(), cpu_tokens[index], atol=1e-4, rtol=1e-4)
+
+
 def test_intermediate_layers_do_not_alias(tiny_model):
     """Regression for the original's bug where every layer's tokens were layer 24's."""
     with torch.no_grad():
@@ -183,9 +248,22 @@ def test_text_deep_tokens_replace_positions_with_fp16_rounding(tiny_model):
             x = block(x, causal=True)
         expected = tiny_model.ln_final(x)[:, 10] @ tiny_model.text_projection
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
-    unrounded = [d.half().float() + 1e-4 for d in deep]
+    # Moved by less than half an fp16 step (|x| * 2**-13 < ulp/2), the tokens round back to the same
+    # fp16 values: with the rounding the output is bit for bit the same, without it it moves.
+    rounded = [d.half().float() for d in deep]
+    nudged = [r + r.abs() * 2.0**-13 for r in rounded]
+    assert all(torch.equal(n.half().float(), r) for n, r in zip(nudged, rounded))
+    assert all(not torch.equal(n, r) for n, r in zip(nudged, rounded))
     with torch.no_grad():
-        assert not torch.equal(tiny_model.encode_text_learn(prompts, ids, unrounded), ours)
+        assert torch.equal(tiny_model.encode_text_learn(prompts, ids, nudged), ours)
+        x = prompts + tiny_model.positional_embedding
+        for index, block in enumerate(tiny_model.transformer.resblocks):
+            if 1 <= index <= 3:
+                x = x.clone()
+                x[:, 1:5] = nudged[index - 1]  # not rounded
+            x = block(x, causal=True)
+        unrounded_output = tiny_model.ln_final(x)[:, 10] @ tiny_model.text_projection
+    assert not torch.equal(unrounded_output, ours)  # the nudge is visible where nothing rounds it away
 
 
 def test_text_attention_is_causal(tiny_model):

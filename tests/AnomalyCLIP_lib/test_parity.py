@@ -11,8 +11,9 @@ Two runs of the same code:
   AVX-512, fused vs explicit attention) can move an element by one fp16 step (~5e-4 relative).
   Those gradients are held to one fp16 step here.
 * In a subprocess pinned to the AVX2 kernels the goldens were recorded with, with
-  ``reference_arithmetic`` (the released code's explicit attention): the image forward is
-  bit-identical and every gradient is within 1e-5 relative (in fact equal).
+  ``reference_arithmetic`` (the released code's explicit attention): on the goldens' CPU vendor
+  the image forward, the losses, every gradient and every updated parameter are bit-identical;
+  on other vendors (other MKL code paths) within 1e-5, gradients relative.
 """
 
 import json
@@ -86,13 +87,20 @@ def test_fresh_prompt_buffers_equal_original(goldens_dir):
         assert fresh[key].shape == value.shape, key
 
 
-def _check_step(result, strict: bool):
+def _check_step(result, exact: bool):
+    """Losses, gradients and updated parameters: equal when ``exact``, else within the tolerances."""
+    assert result["grad_none_ok"] and result["unchanged_ok"]
+    assert len(result["grad_rel"]) == 10 and len(result["param_abs"]) == 10
+    if exact:
+        diffs = {key: result[key] for key in ("loss", "image_loss", "total", "loss_parts")}
+        diffs.update({f"grad {name}": rel for name, rel in result["grad_rel"].items()})
+        diffs.update({f"param {name}": diff for name, diff in result["param_abs"].items()})
+        assert {key: diff for key, diff in diffs.items() if diff != 0.0} == {}
+        return
     assert result["loss"] <= TOL and result["image_loss"] <= TOL and result["total"] <= TOL
     assert result["loss_parts"] <= TOL
-    assert result["grad_none_ok"] and result["unchanged_ok"]
-    assert len(result["grad_rel"]) == 10
     for name, rel in result["grad_rel"].items():
-        limit = TOL if strict or name.startswith("ctx_") else FP16_STEP
+        limit = TOL if name.startswith("ctx_") else FP16_STEP
         assert rel <= limit, (name, rel)
     for name, diff in result["param_abs"].items():
         assert diff <= TOL, (name, diff)
@@ -100,9 +108,10 @@ def _check_step(result, strict: bool):
 
 @pytest.mark.parametrize("variant", ["f24", "f6_12_18_24"])
 def test_train_step_matches_original(goldens_dir, variant):
-    _check_step(compare_train_step(goldens_dir, variant), strict=False)
+    _check_step(compare_train_step(goldens_dir, variant), exact=False)
 
 
+@pytest.mark.slow
 def test_bit_exact_on_avx2_kernels_with_reference_arithmetic(goldens_dir):
     script = REPO_ROOT / "tests" / "AnomalyCLIP_lib" / "golden_train_step.py"
     result = json.loads(run_on_avx2_kernels([str(script), str(goldens_dir)]).stdout.strip().splitlines()[-1])
@@ -112,4 +121,9 @@ def test_bit_exact_on_avx2_kernels_with_reference_arithmetic(goldens_dir):
     for name, diff in result["encode_image"].items():
         assert diff == 0.0 if exact else diff <= TOL, (name, diff)
     for variant in ("f24", "f6_12_18_24"):
-        _check_step(result["train_step"][variant], strict=exact)
+        step = result["train_step"][variant]
+        if exact:
+            _check_step(step, exact=True)
+        else:  # other AVX2 code paths: every gradient to 1e-5 relative, none to one fp16 step only
+            _check_step(step, exact=False)
+            assert all(rel <= TOL for rel in step["grad_rel"].values()), step["grad_rel"]

@@ -26,7 +26,7 @@ def test_unknown_precision():
             pass
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.gpu
 def test_fp16_autocast_on_cuda():
     with autocast("cuda", "fp16"):
         assert (torch.ones(2, 2, device="cuda") @ torch.ones(2, 2, device="cuda")).dtype == torch.float16

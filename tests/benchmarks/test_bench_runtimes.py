@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_runtimes.py"
 
 
@@ -16,6 +18,7 @@ def _load():
     return module
 
 
+@pytest.mark.slow
 def test_quick_run_reports_all_runtimes(capsys, tmp_path):
     bench = _load()
     assert bench.main(["--quick", "--no_variants", "--warmup", "0", "--workdir", str(tmp_path)]) == 0

@@ -29,6 +29,15 @@ def _json_line(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+def _counted_flops(model, size: int, features_list=(24,), dpam_layer=20) -> int:
+    """Matmul FLOPs of one image's forward as PyTorch counts them (math SDPA, so attention counts)."""
+    images = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), counter:
+        model.encode_image(images, list(features_list), dpam_layer)
+    return counter.get_total_flops()
+
+
 @pytest.fixture(scope="module")
 def bench_inference():
     return _load("bench_inference")
@@ -39,7 +48,7 @@ def tiny(tiny_clip_state):
     return build_model(tiny_clip_state)
 
 
-def test_bench_inference_tiny_runs_and_matches_the_original(bench_inference, capsys):
+def test_bench_inference_tiny_runs_and_matches_the_original(bench_inference, tiny, capsys):
     assert bench_inference.main(["--preset", "tiny", "--image-size", "56", "--repeats", "1", "--batch-sizes", "1", "2"]) == 0
     result = _json_line(capsys)
     assert result["parity_ok"] and result["max_abs_diff"] <= 1e-5
@@ -47,8 +56,7 @@ def test_bench_inference_tiny_runs_and_matches_the_original(bench_inference, cap
     for key in ("latency_s_batch1", "latency_s_batch2_per_image", "images_per_s", "gflop_s", "peak_rss_mb",
                 "original_latency_s_batch1", "speedup", "torch", "threads", "device", "precision"):
         assert result[key] is not None, key
-    flops = bench_inference.forward_flops(TINY, 56, [24], 20, original=False)
-    assert result["gflops_per_image"] == round(flops / 1e9, 2)
+    assert result["gflops_per_image"] == round(_counted_flops(tiny, 56) / 1e9, 2)  # counted, not its formula
 
 
 @pytest.mark.parametrize("features_list", [[24], [6, 12, 18, 24], [12], [3]])
@@ -118,3 +126,24 @@ def test_bench_train_tiny_counts_one_forward_per_image(capsys):
     assert result["forwards_cached_1_epoch"] == 4 and result["forwards_cached_2_epochs"] == 4
     assert result["forwards_uncached_2_epochs"] == 8
     assert result["max_abs_diff_cached_vs_uncached"] <= 1e-6
+
+
+def test_bench_synthetic_dataset_tiny_runs(capsys):
+    bench = _load("bench_synthetic_dataset")
+    assert bench.main(["--size", "24", "--n-train", "1", "--n-test-good", "1", "--n-test-defect", "2",
+                       "--repeats", "2"]) == 0
+    result = _json_line(capsys)
+    # 6 classes x (1 train + 1 good + 2 defect) images; files: those 24 images, a mask per defect image
+    # (12), both meta.json and VisA's split_csv/1cls.csv.
+    assert result["images"] == 24 and result["files"] == 24 + 12 + 3
+    assert result["repeats"] == 2 and result["within_limit"]
+    assert 0 < result["best_s"] <= result["median_s"]
+    best = result["best_s"]  # rounded to 1 ms, images_per_s to 0.1 from the unrounded time
+    assert 24 / (best + 5e-4) - 0.05 <= result["images_per_s"] <= 24 / (best - 5e-4) + 0.05
+
+
+def test_bench_synthetic_dataset_fails_over_the_limit(capsys):
+    bench = _load("bench_synthetic_dataset")
+    assert bench.main(["--size", "16", "--n-train", "1", "--n-test-good", "1", "--n-test-defect", "1",
+                       "--repeats", "1", "--limit-s", "0"]) == 1
+    assert not _json_line(capsys)["within_limit"]

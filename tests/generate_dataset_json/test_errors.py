@@ -50,12 +50,12 @@ def test_missing_mask(tmp_path: Path) -> None:
 def test_mask_with_a_different_name_is_not_paired_by_position(tmp_path: Path) -> None:
     """000.png with only 000_mask.png and 0001_mask.png: the second is no mask of 001.png."""
     tree = mvtec_tree(tmp_path)
+    assert index_dataset(mvtec.LAYOUT, tmp_path, write=False) == tree.expected  # complete before the rename
     (tmp_path / "bottle/ground_truth/broken_large/001_mask.png").rename(
         tmp_path / "bottle/ground_truth/broken_large/0001_mask.png")
     message = index_error(mvtec.LAYOUT, tmp_path)
     assert "anomalous image without mask (1): bottle/test/broken_large/001.png" in message
     assert "mask without image (1): bottle/ground_truth/broken_large/0001_mask.png" in message
-    assert tree.expected  # the tree itself was complete before the rename
 
 
 def test_orphan_masks(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ def build_mvtec(tree: Tree) -> None:
     mvtec_class(tree, "bottle")
     tree.file("bottle/test/readme.txt")
     tree.file("bottle/train/.DS_Store")
+    tree.file("bottle/test/good/Thumbs.db")  # non-images among the images and masks are skipped
+    tree.file("carpet/ground_truth/cut/notes.txt")
     tree.file("license.txt")
 
 

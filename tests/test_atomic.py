@@ -1,0 +1,102 @@
+"""atomic.py: a write replaces the file whole or not at all, leaves no temporary file, follows the umask."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from atomic import atomic_write, atomic_write_bytes, atomic_write_text
+
+
+@pytest.fixture()
+def restore_umask() -> Iterator[None]:
+    """The test may change the process umask; the previous one is restored afterwards."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_replaces_the_content_of_an_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "results.json"
+    target.write_text("old content, longer than the new one\n")
+    assert atomic_write_text("new ✓\n", target) == target
+    assert target.read_bytes() == "new ✓\n".encode("utf-8")
+    assert atomic_write_bytes(b"\x00\x01\x02", target) == target
+    assert target.read_bytes() == b"\x00\x01\x02"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_accepts_a_string_path_and_creates_missing_folders(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "log.txt"
+    assert atomic_write_text("x", str(target)) == target
+    assert target.read_text() == "x"
+
+
+def test_the_write_goes_to_a_temporary_file_beside_the_target(tmp_path: Path) -> None:
+    """While the callback writes, the target still holds the old content; the temporary file is in its folder."""
+    target = tmp_path / "meta.json"
+    target.write_text("old")
+    seen = {}
+
+    def write(tmp: str) -> None:
+        seen["folder"], seen["target_during_write"] = Path(tmp).parent, target.read_text()
+        Path(tmp).write_text("new")
+
+    atomic_write(target, write)
+    assert seen == {"folder": tmp_path, "target_during_write": "old"}
+    assert target.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_a_failing_write_leaves_the_old_file_and_no_temporary_file(tmp_path: Path) -> None:
+    target = tmp_path / "epoch_1.pth"
+    target.write_bytes(b"previous checkpoint")
+
+    def half_write(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half a checkp")
+        raise KeyboardInterrupt  # Ctrl-C mid-write: not even an Exception
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, half_write)
+    assert target.read_bytes() == b"previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch_1.pth"]
+
+
+def test_a_failing_first_write_leaves_nothing(tmp_path: Path) -> None:
+    def fail(tmp: str) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "new.txt", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_callback_that_removes_its_temporary_file_is_an_error_without_leftovers(tmp_path: Path) -> None:
+    target = tmp_path / "out.txt"
+    target.write_text("kept")
+    with pytest.raises(FileNotFoundError):
+        atomic_write(target, os.unlink)
+    assert target.read_text() == "kept" and [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664), (0o027, 0o640)])
+@pytest.mark.usefixtures("restore_umask")
+def test_permissions_of_a_new_file_follow_the_umask(tmp_path: Path, mask: int, expected: int) -> None:
+    """As ``open()`` would create it (0o666 minus the umask), not mkstemp's private 0o600."""
+    os.umask(mask)
+    target = atomic_write_text("x", tmp_path / f"file_{mask:o}.txt")
+    assert mode(target) == expected
+    plain = tmp_path / f"plain_{mask:o}.txt"
+    plain.write_text("x")
+    assert mode(plain) == expected  # the same as a file written the ordinary way
