@@ -3,8 +3,8 @@
 Writes the MVTec-layout and the VisA-layout synthetic datasets as ``demo.sh`` does
 (synthetic_dataset's defaults: 3 classes each, 8 training, 4 normal and 8 defective test images
 per class, 128x128 px) into a temporary folder, ``--repeats`` times, and prints ONE JSON line:
-the fastest and the median wall time of writing both, the number of files written and the images per second. Exits 1 if the
-fastest run exceeds ``--limit-s`` (default 10 s, the budget a demo can afford).
+the fastest and the median wall time of writing both, the number of files written and the images
+per second. Exits 1 if the fastest run exceeds ``--limit-s`` (default 10 s, the budget a demo can afford).
 
 Usage::
 

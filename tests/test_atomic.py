@@ -31,7 +31,7 @@ def test_replaces_the_content_of_an_existing_file(tmp_path: Path) -> None:
     target = tmp_path / "results.json"
     target.write_text("old content, longer than the new one\n")
     assert atomic_write_text("new ✓\n", target) == target
-    assert target.read_bytes() == "new ✓\n".encode("utf-8")
+    assert target.read_bytes() == "new ✓\n".encode()
     assert atomic_write_bytes(b"\x00\x01\x02", target) == target
     assert target.read_bytes() == b"\x00\x01\x02"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]

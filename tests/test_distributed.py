@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow  # each test starts torchrun with two processes
 
 def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc),
                            *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -106,8 +107,8 @@ def test_train_cache_error_on_rank_0_ends_both(synthetic_datasets, design_args, 
     # The cache folder cannot be made (its parent is a file): rank 0 fails while storing the first round.
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
-    completed = _torchrun(["train.py", *_train_args(synthetic_datasets[0], tmp_path / "ck", design_args,
-                                                    "--cache_memory_gb", "0", "--cache_dir", str(not_a_folder / "sub"))])
+    flags = ["--cache_memory_gb", "0", "--cache_dir", str(not_a_folder / "sub")]
+    completed = _torchrun(["train.py", *_train_args(synthetic_datasets[0], tmp_path / "ck", design_args, *flags)])
     assert completed.returncode != 0
     error_lines = re.findall(r"(?<![A-Za-z_])error: [^\n]*", completed.stderr)
     assert len(error_lines) == 1, completed.stderr[-3000:]

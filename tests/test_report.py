@@ -190,7 +190,8 @@ def test_report_renders_in_headless_chromium(report_run, tmp_path):
     assert f'data-images="{len(page.images)}"' in dom and 'data-broken="0"' in dom
     # The report itself, rendered to a PNG: not blank.
     shot = tmp_path / "report.png"
-    _headless(browser, tmp_path, "--window-size=1200,1600", f"--screenshot={shot}", (save_path / "report.html").as_uri())
+    _headless(browser, tmp_path, "--window-size=1200,1600", f"--screenshot={shot}",
+              (save_path / "report.html").as_uri())
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape == (1600, 1200, 3)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # text, tables, plots and heat maps, not one colour

@@ -120,7 +120,8 @@ def test_files_equal_the_torch_path(exported, loaded, runtime_name, fmt):
     model = loaded(runtime_name, fmt)
     results = list(model.predict_files(files, batch_size=4))
     transform = image_transform(TINY_SIZE)
-    expected_scores, expected_maps = _torch_outputs(module, torch.stack([transform(load_image(p)) for p in files]).numpy())
+    expected_scores, expected_maps = _torch_outputs(module,
+                                                    torch.stack([transform(load_image(p)) for p in files]).numpy())
     assert [r.path for r in results] == files
     np.testing.assert_allclose([r.score for r in results], expected_scores, rtol=0, atol=TOL)
     np.testing.assert_allclose(np.stack([r.anomaly_map for r in results]), expected_maps, rtol=0, atol=TOL)

@@ -28,7 +28,8 @@ def _evaluate(data_root, save_path, checkpoint, design_args, *extra):
 def full_run(synthetic_datasets, trained_checkpoint, design_args, tmp_path_factory):
     save_path = tmp_path_factory.mktemp("evaluation")
     dump = save_path / "dump.npz"
-    assert _evaluate(synthetic_datasets[1], save_path, trained_checkpoint, design_args, "--dump", str(dump), "--vis") == 0
+    assert _evaluate(synthetic_datasets[1], save_path, trained_checkpoint, design_args, "--dump", str(dump),
+                     "--vis") == 0
     return save_path, dump
 
 
@@ -115,7 +116,8 @@ def test_vis_writes_one_overlay_per_image(full_run, synthetic_datasets):
 
 @pytest.mark.parametrize("metric_set, columns", [("image-level", ["image_auroc", "image_ap"]),
                                                  ("pixel-level", ["pixel_auroc", "pixel_aupro"])])
-def test_metric_set_choice(synthetic_datasets, trained_checkpoint, design_args, tmp_path, full_run, metric_set, columns):
+def test_metric_set_choice(synthetic_datasets, trained_checkpoint, design_args, tmp_path, full_run, metric_set,
+                           columns):
     assert _evaluate(synthetic_datasets[1], tmp_path, trained_checkpoint, design_args, "--metrics", metric_set) == 0
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["columns"] == columns
@@ -209,7 +211,8 @@ def _check_defect_types(per_type, types, labels, scores, masks, maps):
     for kind, got in per_type.items():
         subset = (labels == 0) | (types == kind)
         assert got["image_auroc"] == pytest.approx(roc_auc_score(labels[subset], scores[subset]), abs=1e-12)
-        assert got["pixel_auroc"] == pytest.approx(roc_auc_score(masks[subset].ravel(), maps[subset].ravel()), abs=1e-12)
+        assert got["pixel_auroc"] == pytest.approx(roc_auc_score(masks[subset].ravel(), maps[subset].ravel()),
+                                                   abs=1e-12)
 
 
 def test_decision_metrics_and_defect_types_equal_sklearn(full_run, synthetic_datasets):
@@ -231,7 +234,8 @@ def test_decision_metrics_and_defect_types_equal_sklearn(full_run, synthetic_dat
         _check_defect_types(summary["per_defect_type"][name], _types(synthetic_datasets[1], name), labels, scores,
                             masks, maps)
     for key in summary["extra_columns"]:
-        assert summary["mean"][key] == pytest.approx(np.mean([summary["per_class"][n][key] for n in ("blobs", "weave")]))
+        per_class = [summary["per_class"][name][key] for name in ("blobs", "weave")]
+        assert summary["mean"][key] == pytest.approx(np.mean(per_class))
 
 
 def test_f1_thresholds_equal_sklearn(full_run):
@@ -335,7 +339,8 @@ def test_error_inside_a_dataloader_worker_is_one_line(synthetic_datasets, traine
     meta = json.loads((data / "meta.json").read_text())
     broken = next(iter(meta["test"].values()))[0]["img_path"]
     (data / broken).write_bytes(b"\x89PNG\r\n\x1a\n cut here")
-    args = ["--data_path", str(data), "--save_path", str(tmp_path / "out"), "--checkpoint_path", str(trained_checkpoint),
+    args = ["--data_path", str(data), "--save_path", str(tmp_path / "out"), "--checkpoint_path",
+            str(trained_checkpoint),
             "--num_workers", "1", "--batch_size", "4", *design_args]
     assert run_cli(evaluation.main, args) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
@@ -343,6 +348,7 @@ def test_error_inside_a_dataloader_worker_is_one_line(synthetic_datasets, traine
     assert "DataLoader worker" not in error and "Traceback" not in error
 
 
+@pytest.mark.deploy
 def test_runtime_scores_a_dataset_like_torch(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
     """test.py --runtime onnxruntime --model DIR: the exported graph scores the dataset as the torch path does."""
     import csv

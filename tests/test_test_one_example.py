@@ -71,7 +71,8 @@ def test_folder_and_single_image(synthetic_datasets, trained_checkpoint, design_
             assert image.size == (E2E_IMAGE_SIZE, E2E_IMAGE_SIZE)
 
     single = test_one_example.score_images(test_one_example.parse_args(
-        ["--image_path", str(files[1]), "--checkpoint_path", str(trained_checkpoint), "--save_path", str(tmp_path / "one"),
+        ["--image_path", str(files[1]), "--checkpoint_path", str(trained_checkpoint), "--save_path",
+         str(tmp_path / "one"),
          *design_args]))
     assert single[0].score == pytest.approx(results[1].score, abs=1e-6)  # batching does not change a score
     assert single[0].overlay == tmp_path / "one" / f"{files[1].name}.overlay.png"

@@ -35,7 +35,8 @@ def test_resume_equals_unbroken_run(synthetic_datasets, design_args, tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert _train(synthetic_datasets[0], straight, design_args, "--epoch", "2") == 0
     assert _train(synthetic_datasets[0], broken, design_args, "--epoch", "1") == 0
-    assert _train(synthetic_datasets[0], broken, design_args, "--epoch", "2", "--resume", str(broken / "epoch_1.pth")) == 0
+    assert _train(synthetic_datasets[0], broken, design_args, "--epoch", "2", "--resume",
+                  str(broken / "epoch_1.pth")) == 0
     a = torch.load(straight / "epoch_2.pth", weights_only=True)
     b = torch.load(broken / "epoch_2.pth", weights_only=True)
     for key in a["prompt_learner"]:

@@ -54,7 +54,8 @@ def test_full_disk_and_read_only_folders_are_one_plain_line(capsys):
 
     assert run_cli(read_only, []) == 2
     error = capsys.readouterr().err.strip()
-    assert error == "error: cannot write /mnt/ro/results.json: the folder is on a read-only file system: choose a writable folder"
+    assert error == ("error: cannot write /mnt/ro/results.json: the folder is on a read-only file system: "
+                     "choose a writable folder")
 
 
 def test_other_os_errors_keep_their_traceback():
@@ -100,8 +101,9 @@ def test_shared_flag_checks_in_every_cli(flags, expected, capsys, tmp_path):
 def test_image_size_must_fit_the_backbone_patches(tiny_clip_files, synthetic_datasets, tmp_path, capsys):
     from utils import run_cli
 
-    assert run_cli(train_cli.main, ["--train_data_path", str(synthetic_datasets[0]), "--save_path", str(tmp_path / "s"),
-                                    "--backbone", str(tiny_clip_files[0]), "--image_size", "50", "--device", "cpu"]) == 2
+    assert run_cli(train_cli.main, ["--train_data_path", str(synthetic_datasets[0]), "--save_path",
+                                    str(tmp_path / "s"), "--backbone", str(tiny_clip_files[0]), "--image_size", "50",
+                                    "--device", "cpu"]) == 2
     error = capsys.readouterr().err
     assert "--image_size 50 is not a multiple of the backbone's patch size 14: use 42 or 56" in error
 

@@ -45,7 +45,8 @@ def compare_train_step(goldens: Path, variant: str, reference_arithmetic: bool =
     learner = golden_prompts(model, goldens)
     before = {name: value.detach().clone() for name, value in learner.named_parameters()}
     optimizer = make_optimizer(learner, record["optimizer"]["lr"])
-    terms = train_step(model, learner, optimizer, record["image"], record["label"], record["gt"], record["features_list"])
+    terms = train_step(model, learner, optimizer, record["image"], record["label"], record["gt"],
+                       record["features_list"])
 
     parts_diff = 0.0
     with torch.no_grad():

@@ -109,7 +109,8 @@ def test_registered_torchscript_needs_no_trust(tiny_clip_files, monkeypatch):
     from AnomalyCLIP_lib import factory, pretrained
 
     scripted = tiny_clip_files[1]
-    registered = pretrained.PretrainedWeights(url="file:///unused", sha256=hashlib.sha256(scripted.read_bytes()).hexdigest(),
+    registered = pretrained.PretrainedWeights(url="file:///unused",
+                                              sha256=hashlib.sha256(scripted.read_bytes()).hexdigest(),
                                               filename=scripted.name)
     monkeypatch.setitem(factory.PRETRAINED, "tiny-registered", registered)
     model, _ = AnomalyCLIP_lib.load(scripted)

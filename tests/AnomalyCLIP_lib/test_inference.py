@@ -184,7 +184,8 @@ def test_from_checkpoint_equals_the_cli_loading(tiny_clip_state, tiny_model, lea
 
     checkpoint = save_prompt_checkpoint(learner, tmp_path / "prompts.pth")
     torch.save(tiny_clip_state, tmp_path / "backbone.pt")
-    args = argparse.Namespace(backbone=str(tmp_path / "backbone.pt"), n_ctx=12, depth=9, t_n_ctx=4, image_size=TINY_SIZE,
+    args = argparse.Namespace(backbone=str(tmp_path / "backbone.pt"), n_ctx=12, depth=9, t_n_ctx=4,
+                              image_size=TINY_SIZE,
                               features_list=[6, 24], feature_map_layer=[0], sigma=4.0, reference_arithmetic=False)
     module = AnomalyCLIPInference.from_args(args, "cpu", checkpoint)
     model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), checkpoint)

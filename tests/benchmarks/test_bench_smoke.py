@@ -49,7 +49,8 @@ def tiny(tiny_clip_state):
 
 
 def test_bench_inference_tiny_runs_and_matches_the_original(bench_inference, tiny, capsys):
-    assert bench_inference.main(["--preset", "tiny", "--image-size", "56", "--repeats", "1", "--batch-sizes", "1", "2"]) == 0
+    assert bench_inference.main(["--preset", "tiny", "--image-size", "56", "--repeats", "1", "--batch-sizes", "1",
+                                 "2"]) == 0
     result = _json_line(capsys)
     assert result["parity_ok"] and result["max_abs_diff"] <= 1e-5
     assert result["batch_vs_single_max_abs_diff"] == 0.0  # a CPU batch runs image by image
@@ -109,7 +110,8 @@ def test_bench_eval_memory_tiny_runs(capsys):
 
 def test_bench_eval_memory_fails_over_the_limit(capsys):
     bench = _load("bench_eval_memory")
-    assert bench.main(["--no-model", "--size", "48", "--max-per-class", "2", "--max-classes", "2", "--limit-mb", "1"]) == 1
+    assert bench.main(["--no-model", "--size", "48", "--max-per-class", "2", "--max-classes", "2", "--limit-mb",
+                       "1"]) == 1
     assert not _json_line(capsys)["within_limit"]
 
 
