@@ -12,9 +12,13 @@ import errno
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line
 from AnomalyCLIP_lib.pretrained import available_models
+
+if TYPE_CHECKING:
+    from AnomalyCLIP_lib.runtime import ExportedModel
 
 DEFAULT_BACKBONE = "ViT-L/14@336px"
 DPAM_LAYER = 20
@@ -74,6 +78,28 @@ def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> No
             raise AnomalyCLIPError(
                 f"--feature_map_layer {first} must index --features_list ({len(args.features_list)} layer(s)): "
                 f"use 0..{len(args.features_list) - 1} (0 sums the maps of every layer)")
+    if hasattr(args, "runtime"):
+        _check_runtime_flags(args)
+
+
+def _check_runtime_flags(args: argparse.Namespace) -> None:
+    """``--runtime`` scores with an exported graph, which needs ``--model``; the torch path needs a checkpoint."""
+    if args.runtime == "torch":
+        if args.model is not None:
+            raise AnomalyCLIPError("--model is an export folder for --runtime onnxruntime|openvino; add --runtime")
+        if not args.checkpoint_path:
+            raise AnomalyCLIPError("--checkpoint_path is required (or --runtime onnxruntime|openvino --model DIR)")
+    elif not args.model:
+        raise AnomalyCLIPError(f"--runtime {args.runtime} needs --model DIR, a folder written by export.py")
+
+
+def use_export_settings(args: argparse.Namespace, exported: ExportedModel) -> None:
+    """The exported graph fixes the design: its settings replace the model flags (and are recorded so)."""
+    scoring = exported.scoring
+    args.image_size, args.sigma = exported.image_size, scoring["sigma"]
+    args.features_list, args.feature_map_layer = list(scoring["features_list"]), [scoring["feature_map_layer"]]
+    args.checkpoint_path = args.checkpoint_path or exported.manifest["checkpoint"]["path"]
+    args.backbone = exported.manifest["backbone"]["name"]
 
 
 def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:

@@ -52,6 +52,7 @@ from AnomalyCLIP_lib.precision import PRECISIONS
 from AnomalyCLIP_lib.runtime import RUNTIMES
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from atomic import atomic_write_texts, remove_leftovers
+from cli import use_export_settings
 from dataset import AnomalyDataset
 from dump import DumpWriter
 from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger,
@@ -99,10 +100,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="report: highest-scored normal and lowest-scored anomalous images per class (default 5)")
     args = parser.parse_args(argv)
     check_args(args)
-    if args.runtime == "torch" and not args.checkpoint_path:
-        raise AnomalyCLIPError("--checkpoint_path is required (or --runtime onnxruntime|openvino --model DIR)")
-    if args.runtime != "torch" and not args.model:
-        raise AnomalyCLIPError(f"--runtime {args.runtime} needs --model DIR, a folder written by export.py")
     if args.report_k < 0:
         raise AnomalyCLIPError(f"--report_k {args.report_k} must be >= 0")
     thresholds.check_target_fpr(args.target_fpr)
@@ -397,7 +394,7 @@ def _prepare(args: argparse.Namespace, device: torch.device
     exported = None
     if args.runtime != "torch":
         exported = ExportedScorer(args.model, args.runtime)
-        _use_export_settings(args, exported)
+        use_export_settings(args, exported.exported)
     dataset = AnomalyDataset(args.data_path, image_size=args.image_size, split="test", class_names=args.classes)
     metric_set = choose_metric_set(dataset, args.metrics)
     if args.threshold_method == "normal_fpr" and not dataset.any_normal:
@@ -408,16 +405,6 @@ def _prepare(args: argparse.Namespace, device: torch.device
     model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
     return dataset, metric_set, AnomalyCLIPInference.from_model(model, prompt_learner,
                                                                 config_from_args(args, DPAM_LAYER))
-
-
-def _use_export_settings(args: argparse.Namespace, exported: ExportedScorer) -> None:
-    """The exported graph fixes the design: its settings replace the model flags (recorded in results.json)."""
-    config = exported.config
-    args.image_size, args.sigma = config.image_size, config.sigma
-    args.features_list, args.feature_map_layer = list(config.features_list), [config.feature_map_layer]
-    manifest = exported.exported.manifest
-    args.checkpoint_path = args.checkpoint_path or manifest["checkpoint"]["path"]
-    args.backbone = manifest["backbone"]["name"]
 
 
 def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.device) -> dict[str, object] | None:

@@ -44,7 +44,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.precision import PRECISIONS
 from AnomalyCLIP_lib.runtime import RUNTIMES, ExportedModel, load_image
 from atomic import atomic_write_text
-from cli import DPAM_LAYER, add_model_args, check_args, cli_parser, run_cli
+from cli import DPAM_LAYER, add_model_args, check_args, cli_parser, run_cli, use_export_settings
 from thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
                         save_thresholds, select_thresholds)
 from visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
@@ -166,21 +166,11 @@ def _decision_from_flags(args: argparse.Namespace) -> Decision:
     return Decision(args.threshold, args.pixel_threshold, "--threshold")
 
 
-def _check_runtime_flags(args: argparse.Namespace) -> None:
-    """``--runtime`` needs ``--model``; the export's design then replaces the model flags."""
-    if args.runtime == "torch":
-        if args.model is not None:
-            raise AnomalyCLIPError("--model is an export folder for --runtime onnxruntime|openvino; add --runtime")
-        if not args.checkpoint_path:
-            raise AnomalyCLIPError("--checkpoint_path is required (or --runtime onnxruntime|openvino --model DIR)")
-        return
-    if not args.model:
-        raise AnomalyCLIPError(f"--runtime {args.runtime} needs --model DIR, a folder written by export.py")
-    args.exported = ExportedModel(args.model, args.runtime)
-    scoring = args.exported.scoring
-    args.image_size, args.sigma = args.exported.image_size, scoring["sigma"]
-    args.features_list, args.feature_map_layer = list(scoring["features_list"]), [scoring["feature_map_layer"]]
-    args.checkpoint_path = args.checkpoint_path or args.exported.manifest["checkpoint"]["path"]
+def _load_export(args: argparse.Namespace) -> None:
+    """With ``--runtime``, the exported graph (``args.exported``); its design replaces the model flags."""
+    if args.runtime != "torch":
+        args.exported = ExportedModel(args.model, args.runtime)
+        use_export_settings(args, args.exported)
 
 
 def _decision_from_export(args: argparse.Namespace) -> Decision | None:
@@ -200,7 +190,7 @@ def _decision_from_export(args: argparse.Namespace) -> Decision | None:
 def validate_args(args: argparse.Namespace) -> Decision:
     """Check every flag before any work; returns the thresholds in force. Raises one-line errors."""
     check_args(args)
-    _check_runtime_flags(args)
+    _load_export(args)
     _check_finite(args.threshold, "--threshold")
     _check_finite(args.pixel_threshold, "--pixel_threshold")
     if args.calibrate:
@@ -281,8 +271,9 @@ def _exported_batches(exported: ExportedModel, files: Sequence[Path], batch_size
     """The exported graph's results (no torch)."""
     for start in tqdm(range(0, len(files), batch_size), desc="scoring", unit="batch", disable=None):
         chunk = files[start : start + batch_size]
-        for result in exported.predict_files(chunk, batch_size):
-            yield Path(result.path), load_image(result.path).size, float(result.score), result.anomaly_map
+        loaded = [load_image(file) for file in chunk]
+        for file, image, result in zip(chunk, loaded, exported.predict_images(loaded)):
+            yield file, image.size, result.score, result.anomaly_map
 
 
 def _torch_batches(args: argparse.Namespace, files: Sequence[Path]
