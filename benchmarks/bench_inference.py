@@ -48,11 +48,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from AnomalyCLIP_lib.model import CLIP, build_model, normalize_layers  # noqa: E402
 from AnomalyCLIP_lib.precision import PRECISIONS, autocast  # noqa: E402
 from AnomalyCLIP_lib.random_weights import PRESETS, TINY, random_state_dict  # noqa: E402
+from measure import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 REL_TOLERANCE = 1e-5  # of the output's max magnitude
 ABS_TOLERANCE = 1e-4
@@ -263,41 +264,6 @@ def release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):
         pass
-
-
-def _status_mb(field: str) -> float | None:
-    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; None where unavailable."""
-    try:
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) / 1024 for line in handle if line.startswith(f"{field}:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def current_rss_mb() -> float | None:
-    return _status_mb("VmRSS")
-
-
-def reset_peak_rss() -> bool:
-    """Reset the process's peak RSS (Linux ``clear_refs``); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def process_peak_rss_mb() -> float:
-    """Peak resident set size over the process's whole life in MiB (``ru_maxrss``: not reset)."""
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / 1024
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (since the last reset on Linux)."""
-    peak = _status_mb("VmHWM")
-    return process_peak_rss_mb() if peak is None else peak
 
 
 class Timer:

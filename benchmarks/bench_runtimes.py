@@ -56,26 +56,10 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
 TOLERANCE = 1e-4
 AVX2_PINS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
+from measure import reset_peak_rss, status_mb  # noqa: E402
+
 
 # --- measurement helpers (torch-free: the workers use them) --------------------------------------
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as handle:
-            return next(int(line.split()[1]) / 1024 for line in handle if line.startswith(f"{field}:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ``clear_refs``); False where not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def timed_runs(forward: Callable[[], Any], warmup: int, repeats: int, label: str) -> tuple[list[float], Any]:
@@ -114,11 +98,11 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
                           openvino_precision=spec.get("openvino_precision", "f32"))
     model.predict(images)  # first inference finishes lazy initialisation: part of the load
     load_s = time.perf_counter() - started
-    load_peak = _status_mb("VmHWM")
+    load_peak = status_mb("VmHWM")
     reset_peak_rss()
     times, (scores, maps) = timed_runs(lambda: model.predict(images), spec["warmup"], spec["repeats"], spec["name"])
     np.savez(spec["output"], scores=scores, maps=maps)
-    return summarise(times, spec["flops"], load_s, load_peak, _status_mb("VmHWM"))
+    return summarise(times, spec["flops"], load_s, load_peak, status_mb("VmHWM"))
 
 
 def spawn_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +285,7 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     load_started = time.perf_counter()
     module = build_module(args, config)
     load_s = time.perf_counter() - load_started
-    load_peak = _status_mb("VmHWM")
+    load_peak = status_mb("VmHWM")
     images = np.random.default_rng(args.seed).standard_normal(
         (1, 3, args.image_size, args.image_size)).astype(np.float32)
     np.save(folder / "input.npy", images)
@@ -316,7 +300,7 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
     times, (scores, maps) = timed_runs(forward, args.warmup, args.repeats, "torch")
     rates = [matmul_before, matmul_gflop_s(config, args.image_size)]
-    results: dict[str, Any] = {"torch": summarise(times, flops, load_s, load_peak, _status_mb("VmHWM"))}
+    results: dict[str, Any] = {"torch": summarise(times, flops, load_s, load_peak, status_mb("VmHWM"))}
     results["torch"]["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     results["torch"]["matmul_gflop_s_around"] = [round(rate, 1) for rate in rates]
     export_info = export_variants(module, folder, args)
