@@ -3,38 +3,25 @@
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dump import DumpWriter
+from test import ImageResult  # what evaluation hands the writer
 
 S = 6
 
 
-@dataclass
-class Result:
-    """One image's result, with the fields ``DumpWriter.add`` reads."""
-
-    index: int
-    img_path: str
-    cls_name: str
-    label: int
-    score: float
-    anomaly_map: np.ndarray
-    mask: np.ndarray
-
-
-def results(count: int = 5, seed: int = 0) -> list[Result]:
+def results(count: int = 5, seed: int = 0) -> list[ImageResult]:
     """Distinct per-image results: random float32 maps, 0/1 masks, mixed labels, non-ASCII paths."""
     rng = np.random.default_rng(seed)
     out = []
     for index in range(count):
         label = index % 2
         mask = (rng.random((S, S)) < 0.3).astype(np.uint8) * label
-        out.append(Result(index=index, img_path=f"bottle/test/typ_{index}/{index:03d}_ü.png",
+        out.append(ImageResult(index=index, img_path=f"bottle/test/typ_{index}/{index:03d}_ü.png", image_file="",
                           cls_name="bottle" if index < 3 else "cable", label=label,
                           score=float(rng.random(dtype=np.float32)), anomaly_map=rng.random((S, S), dtype=np.float32),
                           mask=mask))
@@ -83,7 +70,7 @@ def test_values_are_cast_to_the_stored_dtypes(tmp_path: Path) -> None:
     amap = rng.random((S, S)) * 1e3  # float64
     mask = rng.random((S, S)) < 0.5
     writer = DumpWriter(tmp_path / "d.npz", count=1, image_size=S)
-    writer.add(Result(0, "a.png", "a", 1, 0.25, amap, mask))
+    writer.add(ImageResult(0, "a.png", "", "a", 1, 0.25, amap, mask))
     writer.close()
     writer.discard()
     with np.load(tmp_path / "d.npz") as dump:
