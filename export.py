@@ -35,11 +35,11 @@ from typing import Any
 import torch
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.inference import AnomalyCLIPInference
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
 from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from atomic import atomic_write, atomic_write_text
-from utils import add_model_args, run_cli
+from utils import add_model_args, check_args, cli_parser, load_model_and_prompts, run_cli
 
 logger = logging.getLogger("anomalyclip.export")
 
@@ -53,7 +53,7 @@ OUTPUT_NAMES = ("scores", "maps")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Export AnomalyCLIP scoring to ONNX or OpenVINO IR.")
+    parser = cli_parser("Export AnomalyCLIP scoring to ONNX or OpenVINO IR.")
     parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
     add_model_args(parser)
     parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
@@ -64,8 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.opset < MIN_OPSET:
         parser.error(f"--opset must be >= {MIN_OPSET}")
-    if args.image_size < 1 or args.sigma < 0:
-        parser.error("--image_size must be positive, --sigma non-negative")
+    check_args(args)
     return args
 
 
@@ -183,7 +182,9 @@ def export(args: argparse.Namespace) -> Path:
     thresholds = read_thresholds(args.thresholds)
     out = check_out_dir(args.out)
     torch.manual_seed(args.seed)
-    module = AnomalyCLIPInference.from_args(args, "cpu", args.checkpoint_path).export_copy()
+    # The CLIs' one loading path: flag and backbone checks, --trust_backbone, safe checkpoint reads.
+    model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), args.checkpoint_path)
+    module = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args)).export_copy()
     files = write_graph(module, out, args.format, args.opset)
     manifest = build_manifest(args, module, files, thresholds)
     return atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / MANIFEST_NAME)
