@@ -177,49 +177,6 @@ class AnomalyCLIPInference(nn.Module):
             text_features = scoring.text_features(model, prompt_learner)
         return cls(model.visual, text_features.clone(), config)
 
-    @classmethod
-    def from_checkpoint(
-        cls,
-        backbone: str | os.PathLike,
-        checkpoint_path: str | os.PathLike | None,
-        config: ScoringConfig,
-        device: str | torch.device = "cpu",
-        n_ctx: int = 12,
-        depth: int = 9,
-        t_n_ctx: int = 4,
-    ) -> AnomalyCLIPInference:
-        """Build the module from files, as ``utils.load_model_and_prompts`` loads them.
-
-        Args:
-            backbone: Registry name or CLIP checkpoint file.
-            checkpoint_path: Prompt checkpoint (``None``: freshly initialised prompts).
-            config: The scoring settings.
-            device: Where the module lives.
-            n_ctx, depth, t_n_ctx: The prompt design (the CLIs' flags).
-
-        Raises:
-            AnomalyCLIPError: A missing or mismatched backbone or checkpoint.
-        """
-        from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
-
-        from .factory import load
-
-        model, _ = load(backbone, device=device)
-        model.visual.reference_arithmetic = config.reference_arithmetic
-        prompt_learner = AnomalyCLIP_PromptLearner(model, design_details(n_ctx=n_ctx, depth=depth, t_n_ctx=t_n_ctx))
-        if checkpoint_path:
-            load_prompt_state(prompt_learner, checkpoint_path)
-        return cls.from_model(model, prompt_learner.to(device), config)
-
-    @classmethod
-    def from_args(
-        cls, args: argparse.Namespace, device: str | torch.device = "cpu",
-        checkpoint_path: str | os.PathLike | None = None
-    ) -> AnomalyCLIPInference:
-        """:meth:`from_checkpoint` with a CLI's model flags (``utils.add_model_args``)."""
-        return cls.from_checkpoint(args.backbone, checkpoint_path, config_from_args(args), device,
-                                   n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx)
-
     def _check(self, images: torch.Tensor) -> None:
         size = self._config.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
@@ -298,18 +255,3 @@ class ExportedScorer:
         scores, maps = self.exported.predict(images.detach().to("cpu", torch.float32).numpy())
         return scoring.AnomalyPrediction(scores=torch.from_numpy(scores), maps=torch.from_numpy(maps))
 
-
-def load_scorer(
-    args: argparse.Namespace, device: str | torch.device = "cpu", checkpoint_path: str | os.PathLike | None = None
-) -> AnomalyCLIPInference | ExportedScorer:
-    """What a CLI scores with: the exported graph when ``args.runtime`` names one, else the torch module.
-
-    ``args.runtime`` (``"torch"`` when absent) and ``args.model`` (the export folder) are the
-    deployment flags; the torch module is built from the model flags and ``checkpoint_path``.
-    """
-    runtime = getattr(args, "runtime", "torch") or "torch"
-    if runtime == "torch":
-        return AnomalyCLIPInference.from_args(args, device, checkpoint_path)
-    if not getattr(args, "model", None):
-        raise AnomalyCLIPError(f"--runtime {runtime} needs --model DIR, a folder written by export.py")
-    return ExportedScorer(args.model, runtime)

@@ -20,9 +20,10 @@ from PIL import Image
 import export
 from AnomalyCLIP_lib import runtime
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.inference import AnomalyCLIPInference
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
 from AnomalyCLIP_lib.transform import image_transform, load_image
 from tests.deploy_helpers import TINY_SIZE, random_images, random_prompt_learner, save_prompt_checkpoint
+from utils import load_model_and_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -38,7 +39,8 @@ def exported(tiny_clip_state, tiny_model, tmp_path_factory):
     args = argparse.Namespace(backbone=str(root / "backbone.pt"), checkpoint_path=str(root / "prompts.pth"), n_ctx=12,
                               depth=9, t_n_ctx=4, image_size=TINY_SIZE, features_list=FEATURES, feature_map_layer=[0],
                               sigma=4.0, opset=17)
-    module = AnomalyCLIPInference.from_args(args, "cpu", args.checkpoint_path)
+    model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), args.checkpoint_path)
+    module = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args))
     dirs = {}
     for fmt in ("onnx", "openvino"):
         out = root / fmt
@@ -194,16 +196,14 @@ def test_module_imports_no_torch():
 
 
 def test_exported_scorer_has_the_module_interface(exported):
-    from AnomalyCLIP_lib.inference import ExportedScorer, load_scorer
+    from AnomalyCLIP_lib.inference import ExportedScorer
 
     module, dirs, _ = exported
     images = random_images(2, seed=5)
     expected = module.predict(images)
     for runtime_name, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino")):
-        scorer = load_scorer(argparse.Namespace(runtime=runtime_name, model=str(dirs[fmt])))
+        scorer = ExportedScorer(dirs[fmt], runtime_name)
         assert isinstance(scorer, ExportedScorer) and scorer.config.image_size == TINY_SIZE
         prediction = scorer.predict(images)
         torch.testing.assert_close(prediction.scores, expected.scores, rtol=0, atol=TOL)
         torch.testing.assert_close(prediction.maps, expected.maps, rtol=0, atol=TOL)
-    with pytest.raises(AnomalyCLIPError, match="needs --model DIR"):
-        load_scorer(argparse.Namespace(runtime="openvino", model=None))

@@ -11,7 +11,7 @@ from scipy.ndimage import gaussian_filter
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig, config_from_args
-from tests.deploy_helpers import FEATURES, TINY_SIZE, random_images, random_prompt_learner, save_prompt_checkpoint
+from tests.deploy_helpers import FEATURES, TINY_SIZE, random_images, random_prompt_learner
 
 SIGMAS = [0.5, 1.0, 2.0, 4.0, 7.3]
 SIZES = [(1, 1), (1, 6), (2, 3), (5, 5), (7, 13), (17, 17), (40, 33)]
@@ -177,26 +177,6 @@ def test_config_from_cli_flags():
     assert config == ScoringConfig(image_size=56, features_list=(6, 24), dpam_layer=20, sigma=2.0,
                                    feature_map_layer=1, reference_arithmetic=True)
     assert config.uses_scipy_filter
-
-
-def test_from_checkpoint_equals_the_cli_loading(tiny_clip_state, tiny_model, learner, tmp_path):
-    from utils import load_model_and_prompts
-
-    checkpoint = save_prompt_checkpoint(learner, tmp_path / "prompts.pth")
-    torch.save(tiny_clip_state, tmp_path / "backbone.pt")
-    args = argparse.Namespace(backbone=str(tmp_path / "backbone.pt"), n_ctx=12, depth=9, t_n_ctx=4,
-                              image_size=TINY_SIZE,
-                              features_list=[6, 24], feature_map_layer=[0], sigma=4.0, reference_arithmetic=False)
-    module = AnomalyCLIPInference.from_args(args, "cpu", checkpoint)
-    model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), checkpoint)
-    with torch.inference_mode():
-        text_feats = scoring.text_features(model, prompt_learner.eval())
-    images = random_images(2, seed=3)
-    expected = scoring.predict(model, text_feats, images, [6, 24], 20, 4.0, 0)
-    ours = module.predict(images)
-    assert torch.equal(module.text_features, text_feats)
-    assert torch.equal(ours.scores, expected.scores)
-    torch.testing.assert_close(ours.maps, expected.maps, rtol=0, atol=1e-6)
 
 
 @pytest.mark.gpu
