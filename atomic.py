@@ -6,30 +6,58 @@ Kept free of heavy imports so the dataset indexers can use it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)``, then move the temporary file onto ``path``.
 
+    The temporary file is flushed to the disk before the rename, so a power cut leaves the old
+    file or the new one. An ``OSError`` (full disk, read-only folder, file-size limit) names
+    ``path``, not the temporary file.
+
     Returns:
         ``path`` as a :class:`Path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp_name)
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            write(tmp_name)
+            _finish(tmp_name)
+            os.replace(tmp_name, path)
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
     return path
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Re-raise an ``OSError`` with ``path`` as its file name (a write error carries none)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno is None or exc.filename == str(path):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def _finish(tmp_name: str) -> None:
+    """Usual permissions (mkstemp makes 0600) and the data on the disk before the rename."""
+    os.chmod(tmp_name, 0o666 & ~_umask())
+    fd = os.open(tmp_name, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -43,9 +71,22 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
     """Write ``data`` to ``path`` atomically."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` ``obj`` to ``path`` atomically.
+
+    The object is serialised in memory and written by Python: torch's own file writer turns a
+    full disk into an internal message ("unexpected pos ..."), Python raises the ``OSError`` it is.
+    """
+    import torch  # here, so that the dataset indexers can import this module without torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(buffer.getbuffer(), path)
 
 
 def atomic_write_texts(texts: dict[str | os.PathLike, str]) -> list[Path]:
@@ -58,12 +99,13 @@ def atomic_write_texts(texts: dict[str | os.PathLike, str]) -> list[Path]:
     try:
         for path, text in texts.items():
             path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            staged.append((tmp_name, path))
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.chmod(tmp_name, 0o666 & ~_umask())
+            with _naming(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                staged.append((tmp_name, path))
+                with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+                _finish(tmp_name)
         for tmp_name, path in staged:
             os.replace(tmp_name, path)
     finally:

@@ -115,6 +115,8 @@ _USER_OS_ERRORS = {
     errno.ENOSPC: "the disk is full: free space there or choose another folder",
     errno.EDQUOT: "the disk quota is used up: free space there or choose another folder",
     errno.EROFS: "the folder is on a read-only file system: choose a writable folder",
+    errno.EFBIG: "the file would pass the file-size limit (ulimit -f) or the file system's largest file: "
+                 "raise the limit or choose another folder",
     errno.EACCES: "permission denied: choose a folder you can write to",
     errno.EPERM: "permission denied: choose a folder you can write to",
 }

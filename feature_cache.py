@@ -182,8 +182,16 @@ def _check_free_space(folder: Path, needed: int) -> None:
         raise AnomalyCLIPError(f"cannot create the feature cache folder {folder} ({exc.strerror}): "
                                "give a writable --cache_dir") from None
     if free < needed:
-        raise AnomalyCLIPError(f"the feature cache needs {needed / _GB:.2f} GB but {folder} has {free / _GB:.2f} GB "
+        raise AnomalyCLIPError(f"the feature cache needs {format_bytes(needed)} but {folder} has {format_bytes(free)} "
                                "free: give --cache_dir on a larger disk, or --no_cache")
+
+
+def format_bytes(size: int) -> str:
+    """``size`` in the largest binary unit that keeps it at least 1 (``"3.20 MiB"``)."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.2f} {unit}"
+    return f"{size} bytes"
 
 
 def _reserve(path: Path) -> None:
@@ -198,7 +206,7 @@ def _reserve(path: Path) -> None:
             # EOPNOTSUPP / EINVAL: the file system cannot reserve; the free-space check stands
             if exc.errno in (95, 22):
                 return
-            raise AnomalyCLIPError(f"cannot reserve {size / _GB:.2f} GB for the feature cache in {path.parent} "
+            raise AnomalyCLIPError(f"cannot reserve {format_bytes(size)} for the feature cache in {path.parent} "
                                    f"({exc.strerror}): give --cache_dir on a larger disk, or --no_cache") from None
 
 

@@ -482,12 +482,12 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         "table": table,
     }
     score_rows.sort(key=lambda r: r.index)
-    # Together: a failure (a full disk) leaves both old files or both new ones.
+    entries = {name: outcome.threshold_entry for name, outcome in outcomes.items()}
+    # Together: a failure (a full disk) leaves all the old files or all the new ones.
     atomic_write_texts({save_path / "results.json": json.dumps(summary, indent=2) + "\n",
                         save_path / "scores.csv": scores_csv_text([(r.img_path, r.cls_name, r.label, r.score)
-                                                                   for r in score_rows])})
-    entries = {name: outcome.threshold_entry for name, outcome in outcomes.items()}
-    _write_thresholds(args, entries, save_path)
+                                                                   for r in score_rows]),
+                        save_path / "thresholds.json": _thresholds_text(args, entries)})
     if args.report:
         path = report.write_report(save_path / "report.html", _report_title(args), summary, table_columns,
                                    {name: outcome.report_part for name, outcome in outcomes.items()}, entries)
@@ -509,10 +509,10 @@ def _json_numbers(values: dict[str, float]) -> dict[str, float | None]:
     return {key: _json_number(value) for key, value in values.items()}
 
 
-def _write_thresholds(args: argparse.Namespace, classes: dict[str, dict], save_path: Path) -> Path:
-    """``save_path/thresholds.json`` with what the thresholds depend on (model, image size, sigma)."""
-    return thresholds.save_thresholds(
-        save_path / "thresholds.json", classes, source="test.py", requested_method=args.threshold_method,
+def _thresholds_text(args: argparse.Namespace, classes: dict[str, dict]) -> str:
+    """``thresholds.json`` with what the thresholds depend on (model, image size, sigma)."""
+    return thresholds.thresholds_text(
+        classes, source="test.py", requested_method=args.threshold_method,
         target_fpr=args.target_fpr, dataset=args.dataset, data_path=str(args.data_path),
         checkpoint_path=str(args.checkpoint_path), backbone=str(args.backbone), image_size=args.image_size,
         features_list=list(args.features_list), sigma=args.sigma)

@@ -115,10 +115,15 @@ def _finite_or_none(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(float(value)) else float(value)
 
 
-def save_thresholds(path: str | os.PathLike, classes: dict[str, dict], **fields: object) -> Path:
-    """Write ``thresholds.json`` atomically; ``fields`` are extra top-level keys (source, fpr, ...)."""
+def thresholds_text(classes: dict[str, dict], **fields: object) -> str:
+    """The text of ``thresholds.json``; ``fields`` are extra top-level keys (source, fpr, ...)."""
     document = {"version": THRESHOLDS_VERSION, **fields, "classes": classes}
-    return atomic_write_text(json.dumps(document, indent=2, allow_nan=False) + "\n", path)
+    return json.dumps(document, indent=2, allow_nan=False) + "\n"
+
+
+def save_thresholds(path: str | os.PathLike, classes: dict[str, dict], **fields: object) -> Path:
+    """Write ``thresholds.json`` atomically (:func:`thresholds_text`)."""
+    return atomic_write_text(thresholds_text(classes, **fields), path)
 
 
 def load_thresholds(path: str | os.PathLike) -> dict[str, dict]:

@@ -35,12 +35,12 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.model import CLIP
 import distributed
 import feature_cache
-from atomic import remove_leftovers
+from atomic import atomic_torch_save, remove_leftovers
 from dataset import AnomalyDataset
 from feature_cache import CacheShapes, FeatureCache
 from loss import LossTerms, anomalyclip_loss
 from prompt_ensemble import AnomalyCLIP_PromptLearner
-from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, atomic_torch_save, check_args, get_logger,
+from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger,
                    load_model_and_prompts, resolve_device, resolve_num_workers, run_cli, setup_seed)
 
 ADAM_BETAS = (0.5, 0.999)
@@ -304,12 +304,12 @@ def _raise_if(error: str | None) -> None:
 def _new_cache(args, n_images: int, first: CachedBatch, folder: Path, logger) -> FeatureCache:
     shapes = CacheShapes(n_images, first.embedding.shape[-1], tuple(t.shape[1:] for t in first.patch_tokens),
                          args.image_size)
-    size_gb = shapes.nbytes() / 1024**3
+    size = feature_cache.format_bytes(shapes.nbytes())
     if not args.keep_cache and feature_cache.fits_in_memory(shapes, args.cache_memory_gb):
-        logger.info("caching frozen features in memory (%.2f GB, budget %.2f GB)", size_gb, args.cache_memory_gb)
+        logger.info("caching frozen features in memory (%s, budget %g GiB)", size, args.cache_memory_gb)
         return FeatureCache.in_memory(shapes)
     reason = "--keep_cache" if args.keep_cache else f"over the --cache_memory_gb {args.cache_memory_gb:g} budget"
-    logger.info("caching frozen features on disk in %s (%.2f GB, %s)", folder, size_gb, reason)
+    logger.info("caching frozen features on disk in %s (%s, %s)", folder, size, reason)
     return FeatureCache.on_disk(shapes, folder)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import random
@@ -16,7 +15,6 @@ import torch
 import AnomalyCLIP_lib
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.model import CLIP, normalize_layers
-from atomic import atomic_write
 
 # The shared command-line layer, re-exported for the modules that import it from here.
 from cli import (  # noqa: F401
@@ -104,6 +102,16 @@ def load_model_and_prompts(
     return model, prompt_learner.to(device), checkpoint
 
 
+class _LogFile(logging.FileHandler):
+    """``log.txt``: a failed write (full disk) is raised, to end the run with one line, not printed as a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, self.baseFilename) from error
+        super().handleError(record)
+
+
 def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip", main_process: bool = True) -> logging.Logger:
     """A logger that prints messages and appends them to ``save_path/log.txt``, as the original does.
 
@@ -121,7 +129,7 @@ def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip", main_pro
     logger.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if main_process:
-        handlers.insert(0, logging.FileHandler(save_path / "log.txt", mode="a"))
+        handlers.insert(0, _LogFile(save_path / "log.txt", mode="a"))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
@@ -144,17 +152,3 @@ def project_version() -> dict[str, str | None]:
     except (OSError, subprocess.SubprocessError):
         pass
     return {"anomalyclip": AnomalyCLIP_lib.__version__, "git_commit": commit}
-
-
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file.
-
-    A full disk makes torch's zip writer fail with an internal message ("unexpected pos ..."); it
-    is reported as the full disk it is.
-    """
-    try:
-        atomic_write(path, lambda tmp: torch.save(obj, tmp))
-    except RuntimeError as exc:
-        if "unexpected pos" in str(exc) or "file write failed" in str(exc):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
-        raise

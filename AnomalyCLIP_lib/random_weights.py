@@ -86,10 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .pt file")
     args = parser.parse_args(argv)
-    from atomic import atomic_write
+    from atomic import atomic_torch_save
 
     state = random_state_dict(args.seed, **PRESETS[args.preset])
-    atomic_write(args.out, lambda tmp: torch.save(state, tmp))
+    atomic_torch_save(state, args.out)
     print(f"wrote a random {args.preset} CLIP stand-in to {args.out}")
     return 0
 
