@@ -8,13 +8,12 @@ only numpy, Pillow and an inference runtime are installed.
 from __future__ import annotations
 
 import argparse
-import errno
 import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line, os_error_line
 from AnomalyCLIP_lib.pretrained import available_models
 
 if TYPE_CHECKING:
@@ -108,27 +107,6 @@ def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
     parser.add_argument("--num_workers", type=int, default=None,
                         help="DataLoader worker processes (default: 2 on a GPU; on a CPU, 2 at most and only "
                              "on cores that PyTorch's threads leave free)")
-
-
-# Operating-system errors that are the user's to fix (full disk, read-only or forbidden folder).
-_USER_OS_ERRORS = {
-    errno.ENOSPC: "the disk is full: free space there or choose another folder",
-    errno.EDQUOT: "the disk quota is used up: free space there or choose another folder",
-    errno.EROFS: "the folder is on a read-only file system: choose a writable folder",
-    errno.EFBIG: "the file would pass the file-size limit (ulimit -f) or the file system's largest file: "
-                 "raise the limit or choose another folder",
-    errno.EACCES: "permission denied: choose a folder you can write to",
-    errno.EPERM: "permission denied: choose a folder you can write to",
-}
-
-
-def os_error_line(exc: OSError) -> str | None:
-    """One line for an OSError a user can fix (naming the file), else ``None``."""
-    advice = _USER_OS_ERRORS.get(exc.errno)
-    if advice is None:
-        return None
-    where = f"cannot write {exc.filename}" if exc.filename else "cannot write a file"
-    return f"{where}: {advice}"
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

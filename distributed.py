@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line, os_error_line
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,11 @@ def _raise_first(world: World, errors: list[str | None]) -> None:
 
 
 def guarded(world: World, work: Callable[[], T]) -> tuple[T | None, str | None]:
-    """Run ``work``; in a distributed world a user error is returned (to be shared) instead of raised."""
+    """Run ``work``; in a distributed world a user error is returned (to be shared) instead of raised.
+
+    User errors are :class:`AnomalyCLIPError` and the operating-system errors a user fixes (a
+    full disk, a read-only folder: :func:`os_error_line`).
+    """
     if not world.distributed:
         return work(), None
     try:
@@ -135,6 +139,11 @@ def guarded(world: World, work: Callable[[], T]) -> tuple[T | None, str | None]:
         raise
     except AnomalyCLIPError as exc:
         return None, one_line(exc)
+    except OSError as exc:
+        line = os_error_line(exc)
+        if line is None:
+            raise
+        return None, line
 
 
 def together(world: World, work: Callable[[], T]) -> T:

@@ -4,6 +4,8 @@ Library code raises :class:`AnomalyCLIPError` with one line that names the file 
 command-line entry points catch it and print that line instead of a traceback.
 """
 
+import errno
+
 
 class AnomalyCLIPError(Exception):
     """A user-facing error whose message is one line naming the offending input and the fix."""
@@ -26,3 +28,24 @@ def one_line(exc: BaseException) -> str:
         head, _, rest = last.partition(": ")
         text = rest if rest and head.endswith(("Error", "Exception")) else last
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# Operating-system errors that are the user's to fix (full disk, read-only or forbidden folder).
+_USER_OS_ERRORS = {
+    errno.ENOSPC: "the disk is full: free space there or choose another folder",
+    errno.EDQUOT: "the disk quota is used up: free space there or choose another folder",
+    errno.EROFS: "the folder is on a read-only file system: choose a writable folder",
+    errno.EFBIG: "the file would pass the file-size limit (ulimit -f) or the file system's largest file: "
+                 "raise the limit or choose another folder",
+    errno.EACCES: "permission denied: choose a folder you can write to",
+    errno.EPERM: "permission denied: choose a folder you can write to",
+}
+
+
+def os_error_line(exc: OSError) -> str | None:
+    """One line for an OSError a user can fix (naming the file), else ``None``."""
+    advice = _USER_OS_ERRORS.get(exc.errno)
+    if advice is None:
+        return None
+    where = f"cannot write {exc.filename}" if exc.filename else "cannot write a file"
+    return f"{where}: {advice}"

@@ -113,3 +113,28 @@ def test_train_cache_error_on_rank_0_ends_both(synthetic_datasets, design_args, 
     error_lines = re.findall(r"(?<![A-Za-z_])error: [^\n]*", completed.stderr)
     assert len(error_lines) == 1, completed.stderr[-3000:]
     assert "cannot create the feature cache folder" in error_lines[0] and "--cache_dir" in error_lines[0]
+
+
+def test_guarded_shares_user_errors_and_raises_the_rest():
+    """On a rank of several, a user error (ours, or a full disk) becomes the line to share; bugs still raise."""
+    import errno
+
+    from AnomalyCLIP_lib.errors import AnomalyCLIPError
+    from distributed import World, guarded
+
+    world = World(rank=1, size=2)
+
+    def fail(exc):
+        def work():
+            raise exc
+        return work
+
+    assert guarded(world, lambda: 7) == (7, None)
+    assert guarded(world, fail(AnomalyCLIPError("bad image x.png"))) == (None, "bad image x.png")
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/epoch_1.pth")
+    assert guarded(world, fail(full)) == (None, "cannot write /out/epoch_1.pth: the disk is full: free space there "
+                                                "or choose another folder")
+    with pytest.raises(OSError):
+        guarded(world, fail(OSError(errno.EPIPE, "Broken pipe")))
+    with pytest.raises(ValueError):
+        guarded(world, fail(ValueError("a bug")))
