@@ -14,12 +14,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable: bool = True) -> Path:
     """Call ``write(temporary_path)``, then move the temporary file onto ``path``.
 
-    The temporary file is flushed to the disk before the rename, so a power cut leaves the old
-    file or the new one. An ``OSError`` (full disk, read-only folder, file-size limit) names
-    ``path``, not the temporary file.
+    An ``OSError`` (full disk, read-only folder, file-size limit) names ``path``, not the
+    temporary file.
+
+    Args:
+        durable: Flush the temporary file to the disk before the rename, so that a power cut
+            too leaves the old file or the new one (off for many small, re-creatable files
+            such as overlays, where one flush per file would cost more than the write).
 
     Returns:
         ``path`` as a :class:`Path`.
@@ -31,7 +35,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         os.close(fd)
         try:
             write(tmp_name)
-            _finish(tmp_name)
+            _finish(tmp_name, durable)
             os.replace(tmp_name, path)
         finally:
             if os.path.exists(tmp_name):
@@ -50,9 +54,11 @@ def _naming(path: Path) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
-def _finish(tmp_name: str) -> None:
-    """Usual permissions (mkstemp makes 0600) and the data on the disk before the rename."""
+def _finish(tmp_name: str, durable: bool = True) -> None:
+    """Usual permissions (mkstemp makes 0600) and, if ``durable``, the data on the disk before the rename."""
     os.chmod(tmp_name, 0o666 & ~_umask())
+    if not durable:
+        return
     fd = os.open(tmp_name, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -71,9 +77,9 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike, durable: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (``durable``: see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), durable)
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:

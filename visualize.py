@@ -113,10 +113,11 @@ def save_overlay(image_path: str | os.PathLike, anomaly_map: np.ndarray, out_pat
     ``overlay_args`` go to :func:`overlay` (``scale``, ``pixel_threshold``, ``mask``).
     """
     out_path = Path(out_path).with_suffix(".png")
-    atomic_write_bytes(encode_png(overlay(image_path, anomaly_map, **overlay_args)), out_path)
+    atomic_write_bytes(encode_png(overlay(image_path, anomaly_map, **overlay_args)), out_path, durable=False)
     return out_path
 
 
 def save_mask(mask: np.ndarray, out_path: str | os.PathLike) -> Path:
     """Write a boolean mask as a grey PNG, 255 where defective and 0 elsewhere (atomically)."""
-    return atomic_write_bytes(encode_png(np.where(mask, 255, 0).astype(np.uint8), rgb=False), Path(out_path))
+    return atomic_write_bytes(encode_png(np.where(mask, 255, 0).astype(np.uint8), rgb=False), Path(out_path),
+                              durable=False)
