@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from PIL import Image
@@ -149,8 +149,10 @@ class AnomalyDataset(Dataset):
         self.items: list[dict[str, Any]] = []
         self._cls_ids: list[int] = []
         for cls_id, cls_name in enumerate(self.class_names):
+            if not isinstance(classes[cls_name], list):
+                self._malformed(f"its class '{cls_name}' is not a list of entries")
             for entry in classes[cls_name]:
-                self.items.append(self._checked(entry))
+                self.items.append(self._checked(entry, cls_name))
                 self._cls_ids.append(cls_id)
         self._files = [self._resolve(item) for item in self.items]
         self._check_files_exist()
@@ -197,13 +199,25 @@ class AnomalyDataset(Dataset):
             )
         return [c for c in available if c in wanted]
 
-    def _checked(self, entry: Any) -> dict[str, Any]:
+    def _checked(self, entry: Any, cls_name: str) -> dict[str, Any]:
+        """``entry`` of class ``cls_name`` if it has the indexers' keys and types (``anomaly`` as an int)."""
+        shown = str(entry)[:200]
         if not isinstance(entry, dict) or any(k not in entry for k in ITEM_KEYS):
-            raise AnomalyCLIPError(
-                f"{self._meta_path()} has an entry without the keys {', '.join(ITEM_KEYS)}: {str(entry)[:200]}; "
-                f"re-create it: {INDEX_FIX.format(root=self.root)}"
-            )
-        return entry
+            self._malformed(f"it has an entry without the keys {', '.join(ITEM_KEYS)}: {shown}")
+        if not isinstance(entry["img_path"], str) or not entry["img_path"]:
+            self._malformed(f"its entry {shown} has no image path (img_path must be a file name)")
+        if entry["mask_path"] is not None and not isinstance(entry["mask_path"], str):
+            self._malformed(f"its entry {shown} has a mask_path that is not a file name")
+        if entry["anomaly"] not in (0, 1) or isinstance(entry["anomaly"], str):
+            self._malformed(f"its entry {shown} has anomaly {entry['anomaly']!r} (0 = normal, 1 = anomalous)")
+        if entry["cls_name"] != cls_name:
+            self._malformed(f"its entry {shown} is listed under class '{cls_name}' but says cls_name "
+                            f"{entry['cls_name']!r}")
+        return dict(entry, anomaly=int(entry["anomaly"]))
+
+    def _malformed(self, what: str) -> NoReturn:
+        raise AnomalyCLIPError(f"{self._meta_path()} is malformed: {what}; re-create it: "
+                               f"{INDEX_FIX.format(root=self.root)}")
 
     def _resolve(self, item: dict[str, Any]) -> tuple[str, str]:
         image = resolve_path(self.root, item["img_path"])

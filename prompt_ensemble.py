@@ -95,6 +95,13 @@ class AnomalyCLIP_PromptLearner(nn.Module):
                                    f"{clip_model.transformer.layers} text layers")
         if self.t_n_ctx > self.n_ctx + 2:
             raise AnomalyCLIPError(f"--t_n_ctx {self.t_n_ctx} is longer than the prompt it overwrites")
+        # The longer template with its start/end tokens; each placeholder "X" is one more token.
+        template_tokens = max(int((tokenize(t.format(OBJECT_NAME), clip_model.context_length) != 0).sum())
+                              for t in (NORMAL_TEMPLATE, ABNORMAL_TEMPLATE))
+        longest = clip_model.context_length - template_tokens
+        if self.n_ctx > longest:
+            raise AnomalyCLIPError(f"--n_ctx {self.n_ctx} makes the prompt longer than the text encoder's "
+                                   f"{clip_model.context_length} tokens: use at most {longest}")
 
     def forward(self, cls_id: object = None) -> tuple[torch.Tensor, torch.Tensor, nn.ParameterList]:
         """Prompt embeddings ``(2, 77, width)``, token ids ``(2, 77)`` and the deep tokens.

@@ -30,13 +30,17 @@ def one_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-# Operating-system errors that are the user's to fix (full disk, read-only or forbidden folder).
+# Operating-system errors that are the user's to fix (full disk, read-only or forbidden folder, a file in
+# the way of a folder).
 _USER_OS_ERRORS = {
     errno.ENOSPC: "the disk is full: free space there or choose another folder",
     errno.EDQUOT: "the disk quota is used up: free space there or choose another folder",
     errno.EROFS: "the folder is on a read-only file system: choose a writable folder",
     errno.EFBIG: "the file would pass the file-size limit (ulimit -f) or the file system's largest file: "
                  "raise the limit or choose another folder",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EEXIST: "a file of that name is in the way where a folder is needed: choose another path",
+    errno.EISDIR: "that is a folder, where a file is needed: give a file name",
     errno.EACCES: "permission denied: choose a folder you can write to",
     errno.EPERM: "permission denied: choose a folder you can write to",
 }

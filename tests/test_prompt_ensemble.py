@@ -104,3 +104,12 @@ def test_missing_and_foreign_files_are_clear_errors(learner, tmp_path, tiny_clip
 def test_depth_beyond_text_layers_is_refused(tiny_model):
     with pytest.raises(AnomalyCLIPError, match="--depth 13"):
         AnomalyCLIP_PromptLearner(tiny_model, design_details(depth=13))
+
+
+def test_longest_prompt_fills_the_text_context_exactly(tiny_model):
+    # "X" * n_ctx + "damaged object." is n_ctx + 3 tokens, plus start and end: 72 fills the 77 tokens.
+    learner = AnomalyCLIP_PromptLearner(tiny_model, design_details(n_ctx=72, depth=9, t_n_ctx=4))
+    assert int((learner.tokenized_prompts_neg != 0).sum()) == 77
+    with pytest.raises(AnomalyCLIPError, match=r"--n_ctx 73 makes the prompt longer than the text encoder's 77 "
+                                               r"tokens: use at most 72"):
+        AnomalyCLIP_PromptLearner(tiny_model, design_details(n_ctx=73, depth=9, t_n_ctx=4))
