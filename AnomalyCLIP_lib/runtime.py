@@ -21,6 +21,7 @@ This module imports only the standard library, numpy, Pillow, the chosen runtime
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -85,18 +86,38 @@ class _OnnxRuntimeBackend:
         return scores, maps
 
 
+@functools.cache
+def openvino_core() -> Any:
+    """The one ``openvino.Core`` of this process, shared by every OpenVINO :class:`ExportedModel`.
+
+    One Core, kept until the interpreter exits, rather than one per model: each Core makes its own
+    CPU plugin, and the plugin replaces the calling thread's alternate signal stack when it is
+    made and, when it is destroyed, puts its predecessor back only if its own is still the
+    current one, then unmaps its own. Two Cores released first-in-first-out (two models dropped
+    in the order they were loaded) therefore leave the thread's alternate stack on unmapped
+    memory, and the next signal whose handler runs there (any Python ``signal`` handler, such as
+    the SIGCHLD handler of torch's DataLoader or Ctrl-C's, and faulthandler's) kills the process
+    with SIGSEGV -- or, once the addresses are mapped again, writes its frame over whatever lives
+    there. With one Core the plugin is made once and released last.
+
+    Raises:
+        AnomalyCLIPError: The openvino package is not installed.
+    """
+    try:
+        import openvino as ov
+    except ImportError:
+        raise AnomalyCLIPError("the openvino runtime needs the openvino package: "
+                               "pip install -r requirements-deploy.txt") from None
+    return ov.Core()
+
+
 class _OpenVINOBackend:
     """An OpenVINO CPU compiled model on the exported IR (``.xml``) or ``.onnx`` file."""
 
     def __init__(self, graph: Path, threads: int | None, precision: str = "f32") -> None:
-        try:
-            import openvino as ov
-        except ImportError:
-            raise AnomalyCLIPError("the openvino runtime needs the openvino package: "
-                                   "pip install -r requirements-deploy.txt") from None
+        core = openvino_core()
         if precision not in OPENVINO_PRECISIONS:
             raise AnomalyCLIPError(f"unknown OpenVINO precision {precision!r}; choose one of {OPENVINO_PRECISIONS}")
-        core = ov.Core()
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise pick bf16 on its own.
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:

@@ -71,11 +71,14 @@ DEPLOY_FILES = ("test_export.py", "test_runtime.py", "test_bench_runtimes.py")
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark tests that use the goldens ``parity``; skip ``gpu`` tests where CUDA is unavailable.
 
-    ``deploy`` tests (ONNX Runtime / OpenVINO in this process) are marked so they can run in a
-    pytest process of their own (the README's test command does that): in one process with the
-    rest of the suite, the process was seen to abort or segfault (SIGABRT in torch's parameter
-    init, SIGSEGV later) once both runtimes' thread pools and torch's had been used, while each
-    group passes alone.
+    ``deploy`` tests (ONNX Runtime / OpenVINO in this process) are marked so that
+    ``-m "not deploy"`` runs without the runtimes; the whole suite runs in one process. It once
+    could not: the process segfaulted (or aborted) after the OpenVINO tests, because every
+    ``ExportedModel`` made its own ``openvino.Core``, each Core's CPU plugin swapped in an
+    alternate signal stack of its own, and plugins released first-in-first-out left the main
+    thread's on unmapped memory, where the next Python signal handler ran (torch's DataLoader
+    SIGCHLD handler, once a later test ran a subprocess). ``runtime.openvino_core`` (one Core per
+    process) fixed it; ``test_runtime.py`` holds the regression test.
     """
     for item in items:
         if item.path.name in DEPLOY_FILES:

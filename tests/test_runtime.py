@@ -8,6 +8,7 @@ made unimportable runs the runtime end to end.
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,39 @@ def test_runtime_runs_with_torch_unimportable(exported):
         assert [row[0] for row in rows] == [str(p) for p in files]
         np.testing.assert_allclose([row[1] for row in rows], scores, rtol=0, atol=TOL)
         np.testing.assert_allclose([row[2] for row in rows], maps.sum(axis=(1, 2)), rtol=1e-5)
+
+
+_DROPPED_IN_LOAD_ORDER = r"""
+import faulthandler, gc, os, signal, sys
+from AnomalyCLIP_lib.runtime import ExportedModel
+
+faulthandler.enable()  # as pytest does: Python's own alternate signal stack for the main thread
+models = [ExportedModel(sys.argv[1], "openvino") for _ in range(3)]
+while models:
+    models.pop(0)  # first loaded, first dropped
+    gc.collect()
+handled = []
+signal.signal(signal.SIGUSR1, lambda *_: handled.append(True))  # Python's handlers run on that stack
+os.kill(os.getpid(), signal.SIGUSR1)
+assert handled
+print("handled")
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="needs POSIX signals")
+def test_dropping_openvino_models_in_load_order_keeps_signals_working(exported):
+    """Models released first-in-first-out leave the process able to take a signal.
+
+    With one ``openvino.Core`` per model, each Core's CPU plugin swapped in an alternate signal
+    stack of its own, and released in that order they left the main thread's on unmapped
+    memory: the next Python signal handler (torch's DataLoader SIGCHLD handler, when a later test
+    ran a subprocess) killed the pytest process with SIGSEGV.
+    """
+    completed = subprocess.run([sys.executable, "-c", _DROPPED_IN_LOAD_ORDER, str(exported[1]["openvino"])],
+                               check=False, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
+                               text=True, timeout=120, cwd=REPO_ROOT)
+    assert completed.returncode == 0 and completed.stdout.split() == ["handled"], \
+        f"exit status {completed.returncode}: {completed.stderr[-3000:]}"
 
 
 def test_errors(exported, loaded, tmp_path):
