@@ -56,6 +56,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
 TOLERANCE = 1e-4
 AVX2_PINS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
+from AnomalyCLIP_lib.runtime import openvino_core  # noqa: E402
 from measure import reset_peak_rss, status_mb  # noqa: E402
 
 
@@ -184,7 +185,7 @@ def export_variants(module, folder: Path, args: argparse.Namespace) -> dict[str,
     try:
         import openvino as ov
 
-        ov.save_model(ov.Core().read_model(str(folder / "anomalyclip.xml")), str(folder / "fp16w.xml"),
+        ov.save_model(openvino_core().read_model(str(folder / "anomalyclip.xml")), str(folder / "fp16w.xml"),
                       compress_to_fp16=True)
     except Exception as exc:  # noqa: BLE001 - a variant that cannot be built is reported, not fatal
         info["openvino_fp16_weights_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -201,9 +202,8 @@ def export_variants(module, folder: Path, args: argparse.Namespace) -> dict[str,
 
 def openvino_capabilities() -> list[str]:
     try:
-        import openvino as ov
 
-        return list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        return list(openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
     except Exception:  # noqa: BLE001 - no OpenVINO or no CPU plugin: no capabilities
         return []
 
