@@ -40,7 +40,7 @@ from tests.conftest import REPO_ROOT
 
 CLIS = {"train": train, "test": evaluation, "one": test_one_example, "export": export}
 # A tqdm bar as it lands on a non-terminal stderr: "desc:  33%|###3      | 2/6 [00:00<00:01,  2.96batch/s]".
-_PROGRESS = re.compile(r"\[\d+:\d+(:\d+)?(<[^\]]*)?\]\s*$")
+_PROGRESS = re.compile(r"\[\d+:\d+(:\d+)?[<,][^\]]*\]\s*$")
 
 
 def error_line(stderr: str) -> str:
@@ -78,16 +78,16 @@ def with_backbone(design_args: list[str], backbone) -> list[str]:
 
 def base_argv(cli: str, paths: dict[str, Path], design_args: list[str], out: Path) -> list:
     """A complete, valid command line of ``cli`` writing to ``out``; a case appends the flags it changes."""
-    common = [*design_args]
     if cli == "train":
         return ["--train_data_path", paths["auxiliary"], "--save_path", out, "--epoch", 1, "--batch_size", 4,
-                "--num_workers", 0, *common]
+                "--num_workers", 0, *design_args]
     if cli == "test":
         return ["--data_path", paths["target"], "--save_path", out, "--checkpoint_path", paths["checkpoint"],
-                "--batch_size", 4, "--num_workers", 0, *common]
+                "--batch_size", 4, "--num_workers", 0, *design_args]
     if cli == "one":
-        return ["--image_path", paths["image"], "--save_path", out, "--checkpoint_path", paths["checkpoint"], *common]
-    return ["--checkpoint_path", paths["checkpoint"], "--out", out, *common]
+        return ["--image_path", paths["image"], "--save_path", out, "--checkpoint_path", paths["checkpoint"],
+                *design_args]
+    return ["--checkpoint_path", paths["checkpoint"], "--out", out, *design_args]
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def paths(synthetic_datasets, trained_checkpoint, tiny_clip_files, tmp_path_fact
     folder = tmp_path_factory.mktemp("user_errors")
     auxiliary, target = synthetic_datasets
     files = {"auxiliary": auxiliary, "target": target, "checkpoint": trained_checkpoint,
-             "plain": tiny_clip_files[0], "torchscript": tiny_clip_files[1],
+             "torchscript": tiny_clip_files[1],
              "image": sorted((target / "blobs" / "Data" / "Images" / "Anomaly").iterdir())[0]}
     (folder / "empty").mkdir()
     (folder / "no_images").mkdir()
@@ -174,12 +174,14 @@ def _run_with_and_without_workers(cli, fault, paths, design_args, folder: Path) 
     for workers in (0, 2):
         argv = [*base_argv(cli, paths, design_args, out), data_flag, root, "--num_workers", workers, "--batch_size", 2]
         argv += ["--overwrite"] if cli == "train" else []  # the earlier run's epoch_1.pth may be replaced, not lost
+        gc.collect()  # garbage of earlier tests is not this run's
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr):
             status[workers] = run_cli(CLIS[cli].main, [str(arg) for arg in argv])
         started = time.monotonic()
-        gc.collect()
-        collect_seconds = time.monotonic() - started
+        gc.collect()  # frees the run's DataLoader iterator (kept alive by the error's traceback until now)
+        if workers:
+            collect_seconds = time.monotonic() - started
         lines[workers] = error_line(stderr.getvalue())
     after = {name: (out / name).read_text() for name in earlier}
     return WorkerRuns(broken, status, lines, earlier, after, collect_seconds)
