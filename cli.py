@@ -8,10 +8,11 @@ only numpy, Pillow and an inference runtime are installed.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line, os_error_line
@@ -78,8 +79,22 @@ def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> No
             raise AnomalyCLIPError(
                 f"--feature_map_layer {first} must index --features_list ({len(args.features_list)} layer(s)): "
                 f"use 0..{len(args.features_list) - 1} (0 sums the maps of every layer)")
+    for flag in ("save_path", "out"):
+        if getattr(args, flag, None):
+            check_output_folder(getattr(args, flag), f"--{flag}")
     if hasattr(args, "runtime"):
         _check_runtime_flags(args)
+
+
+def check_output_folder(folder: str | os.PathLike, flag: str) -> None:
+    """Refuse an output folder that is a file or lies under one, before any work (nothing is created here)."""
+    path = Path(folder)
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is a file" if part == path else f"lies under {part}, which is a file"
+                raise AnomalyCLIPError(f"{flag} {folder} {where}; give a folder")
+            return
 
 
 def _check_runtime_flags(args: argparse.Namespace) -> None:
@@ -110,31 +125,21 @@ def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
                              "on cores that PyTorch's threads leave free)")
 
 
-def _after_error() -> int:
-    """Exit status 2, once the objects the failed run left in reference cycles are collected now.
-
-    A DataLoader iterator caught in the error's traceback would otherwise be collected at
-    interpreter exit, where stopping its worker processes waits 5 s per worker.
-    """
-    gc.collect()
-    return 2
-
-
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a CLI entry point; user errors print one ``error: ...`` line and exit with status 2."""
     try:
         return main(argv)
     except PeerFailed:
-        return _after_error()  # the rank that failed has printed the error line
+        return 2  # the rank that failed has printed the error line
     except AnomalyCLIPError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
-        return _after_error()
+        return 2
     except OSError as exc:
         line = os_error_line(exc)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)
-        return _after_error()
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

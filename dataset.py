@@ -20,16 +20,17 @@ not exist raises :class:`AnomalyCLIPError` when the item is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.transform import binarize_mask, image_transform, load_image, load_mask, mask_transform
@@ -158,17 +159,27 @@ class AnomalyDataset(Dataset):
         self._check_files_exist()
 
     def _check_files_exist(self, shown: int = 5) -> None:
-        """Fail before any model loads when files of the index are gone, naming all of them at once."""
+        """Fail before any model loads when files of the index are gone or empty, naming all of them at once.
+
+        A file cut short but not empty is found when it is decoded (one line naming it).
+        """
         wanted = [(image, mask if int(item["anomaly"]) else "") for item, (image, mask) in zip(self.items, self._files)]
-        missing = [path for image, mask in wanted for path in (image, mask) if path and not os.path.isfile(path)]
-        if not missing:
-            return
-        listed = ", ".join(os.path.relpath(path, self.root) for path in missing[:shown])
-        more = f" and {len(missing) - shown} more" if len(missing) > shown else ""
-        raise AnomalyCLIPError(
-            f"{self._meta_path()} lists {len(missing)} file(s) that do not exist: {listed}{more}; restore them, "
-            f"or re-create the index: {INDEX_FIX.format(root=self.root)}"
-        )
+        paths = [path for image, mask in wanted for path in (image, mask) if path]
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise AnomalyCLIPError(f"{self._meta_path()} lists {len(missing)} file(s) that do not exist: "
+                                   f"{self._listed(missing, shown)}; restore them, or re-create the index: "
+                                   f"{INDEX_FIX.format(root=self.root)}")
+        empty = [path for path in paths if os.path.getsize(path) == 0]
+        if empty:
+            raise AnomalyCLIPError(f"{self._meta_path()} lists {len(empty)} empty file(s): "
+                                   f"{self._listed(empty, shown)}; replace them (re-download or re-extract), "
+                                   "or remove them and re-create the index: "
+                                   f"{INDEX_FIX.format(root=self.root)}")
+
+    def _listed(self, paths: list[str], shown: int) -> str:
+        listed = ", ".join(os.path.relpath(path, self.root) for path in paths[:shown])
+        return listed + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
     def _meta_path(self) -> str:
         return os.path.join(self.root, "meta.json")
@@ -268,3 +279,19 @@ class AnomalyDataset(Dataset):
     def any_mask(self) -> bool:
         """Whether any anomalous item has a mask file (pixel metrics are possible)."""
         return self.availability().n_masked > 0
+
+
+@contextlib.contextmanager
+def loader_batches(loader: DataLoader) -> Iterator[Iterator[Any]]:
+    """The batches of ``loader``; its worker processes are stopped when the block ends, also on an error.
+
+    Left to the garbage collector after an error (whose traceback keeps the iterator), the
+    workers would be stopped at interpreter exit, where torch waits 5 s for each of them.
+    """
+    iterator = iter(loader)
+    try:
+        yield iterator
+    finally:
+        stop_workers = getattr(iterator, "_shutdown_workers", None)  # the multi-process iterator's own clean-up
+        if stop_workers is not None:
+            stop_workers()

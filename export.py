@@ -88,8 +88,6 @@ def backbone_file(backbone: str) -> Path:
 
 def check_out_dir(out: str | os.PathLike) -> Path:
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AnomalyCLIPError(f"--out {out} is a file; pass a folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -53,7 +53,7 @@ from AnomalyCLIP_lib.runtime import RUNTIMES
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from atomic import atomic_write_texts, remove_leftovers
 from cli import use_export_settings
-from dataset import AnomalyDataset
+from dataset import AnomalyDataset, loader_batches
 from dump import DumpWriter
 from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger,
                    load_model_and_prompts, project_version, resolve_device, resolve_num_workers, run_cli, setup_seed)
@@ -189,23 +189,24 @@ def score_batches(
     loader = DataLoader(Subset(dataset, list(indices)), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     position = 0
-    for batch in tqdm(loader, desc="scoring", unit="batch", disable=not progress):
-        prediction = inference.predict(batch["img"].to(device, non_blocking=True))
-        masks = batch["img_mask"][:, 0].numpy().astype(np.uint8)
-        results = []
-        for i in range(len(prediction.scores)):
-            index = indices[position]
-            position += 1
-            item = dataset.items[index]
-            result = ImageResult(index=index, img_path=item["img_path"],
-                                 image_file=batch["img_path"][i], cls_name=batch["cls_name"][i],
-                                 label=int(batch["anomaly"][i]), score=float(prediction.scores[i]),
-                                 anomaly_map=prediction.maps[i].numpy(), mask=masks[i],
-                                 specie_name=str(item.get("specie_name") or ""))
-            if on_image is not None:
-                on_image(result)
-            results.append(result)
-        yield results
+    with loader_batches(loader) as batches:
+        for batch in tqdm(batches, total=len(loader), desc="scoring", unit="batch", disable=not progress):
+            prediction = inference.predict(batch["img"].to(device, non_blocking=True))
+            masks = batch["img_mask"][:, 0].numpy().astype(np.uint8)
+            results = []
+            for i in range(len(prediction.scores)):
+                index = indices[position]
+                position += 1
+                item = dataset.items[index]
+                result = ImageResult(index=index, img_path=item["img_path"],
+                                     image_file=batch["img_path"][i], cls_name=batch["cls_name"][i],
+                                     label=int(batch["anomaly"][i]), score=float(prediction.scores[i]),
+                                     anomaly_map=prediction.maps[i].numpy(), mask=masks[i],
+                                     specie_name=str(item.get("specie_name") or ""))
+                if on_image is not None:
+                    on_image(result)
+                results.append(result)
+            yield results
 
 
 @dataclass

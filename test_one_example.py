@@ -419,18 +419,11 @@ def calibrate(args: argparse.Namespace) -> dict[str, object]:
     return entry
 
 
-def prepare_outputs(args: argparse.Namespace) -> None:
-    """Make the output folder (or the thresholds file's folder) now, so a bad path stops the run before scoring."""
-    folder = Path(args.save_thresholds).parent if args.calibrate else Path(args.save_path)
-    folder.mkdir(parents=True, exist_ok=True)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     decision = validate_args(args)
-    prepare_outputs(args)
     if args.calibrate:
         calibrate(args)
         return 0

@@ -36,7 +36,7 @@ from AnomalyCLIP_lib.model import CLIP
 import distributed
 import feature_cache
 from atomic import atomic_torch_save, remove_leftovers
-from dataset import AnomalyDataset
+from dataset import AnomalyDataset, loader_batches
 from feature_cache import CacheShapes, FeatureCache
 from loss import LossTerms, anomalyclip_loss
 from prompt_ensemble import AnomalyCLIP_PromptLearner
@@ -241,18 +241,19 @@ def _encoded_batches(model: CLIP, data: AnomalyDataset, indices: Sequence[int], 
     loader = DataLoader(Subset(data, list(indices)), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     position = 0
-    for batch in loader:
-        with torch.no_grad():
-            embedding, tokens = model.encode_image(batch["img"].to(device, non_blocking=True), args.features_list,
-                                                   DPAM_LAYER)
-        count = len(embedding)
-        yield CachedBatch(indices=list(indices[position:position + count]),
-                          embedding=embedding.float().cpu().numpy(),
-                          patch_tokens=[t.float().cpu().numpy() for t in tokens],
-                          masks=batch["img_mask"].reshape(count, *batch["img_mask"].shape[-2:]).numpy()
-                          .astype(np.uint8),
-                          labels=batch["anomaly"].numpy().astype(np.int64))
-        position += count
+    with loader_batches(loader) as batches:
+        for batch in batches:
+            with torch.no_grad():
+                embedding, tokens = model.encode_image(batch["img"].to(device, non_blocking=True), args.features_list,
+                                                       DPAM_LAYER)
+            count = len(embedding)
+            yield CachedBatch(indices=list(indices[position:position + count]),
+                              embedding=embedding.float().cpu().numpy(),
+                              patch_tokens=[t.float().cpu().numpy() for t in tokens],
+                              masks=batch["img_mask"].reshape(count, *batch["img_mask"].shape[-2:]).numpy()
+                              .astype(np.uint8),
+                              labels=batch["anomaly"].numpy().astype(np.int64))
+            position += count
 
 
 def _cache_folder(args) -> Path:
@@ -354,13 +355,15 @@ def _train_uncached(args, model, prompt_learner, optimizer, data, device, epochs
     for epoch in epochs:
         _seed_epoch(loader, args.seed, epoch)
         local_losses, image_losses = [], []
-        for batch in tqdm(loader, desc=f"epoch {epoch}/{args.epoch}", unit="step", leave=False):
-            terms = train_step(model, prompt_learner, optimizer, batch["img"].to(device), batch["anomaly"],
-                               batch["img_mask"].to(device), args.features_list, args.feature_map_layer[0],
-                               args.image_loss_only)
-            forwards += len(batch["img"])
-            local_losses.append(terms.local.item())
-            image_losses.append(terms.image.item())
+        with loader_batches(loader) as batches:
+            for batch in tqdm(batches, total=len(loader), desc=f"epoch {epoch}/{args.epoch}", unit="step",
+                              leave=False):
+                terms = train_step(model, prompt_learner, optimizer, batch["img"].to(device), batch["anomaly"],
+                                   batch["img_mask"].to(device), args.features_list, args.feature_map_layer[0],
+                                   args.image_loss_only)
+                forwards += len(batch["img"])
+                local_losses.append(terms.local.item())
+                image_losses.append(terms.image.item())
         _end_epoch(epoch, args, prompt_learner, optimizer, local_losses, image_losses, logger)
     return forwards
 

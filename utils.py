@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
@@ -124,7 +125,8 @@ def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip", main_pro
     logger = logging.getLogger(name)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # an earlier run's log on a full disk: that run reported it
+            handler.close()
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
     logger.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
