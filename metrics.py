@@ -489,7 +489,7 @@ def decision_metrics(
         pixel = _precision_recall_summary(normal, anomalous)
         pixel_values = (pixel.ap, pixel.f1_max, pixel.threshold)
     else:
-        pixel_values = (_undefined("pixel AP and F1-max", "the masks hold a single class"), math.nan, math.nan)
+        pixel_values = (_undefined("pixel AP (and F1-max)", "the masks hold a single class"), math.nan, math.nan)
     return dict(zip(DECISION_KEYS, (*image_values, *pixel_values), strict=True))
 
 
