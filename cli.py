@@ -64,6 +64,9 @@ def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> No
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise AnomalyCLIPError(f"--{name} {value} must be at least 1")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise AnomalyCLIPError(f"--seed {seed} must be in 0..{2**32 - 1} (numpy's seed range)")
     workers = getattr(args, "num_workers", None)
     if workers is not None and workers < 0:
         raise AnomalyCLIPError(f"--num_workers {workers} must be >= 0 (0 decodes images in the main process)")

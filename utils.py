@@ -64,9 +64,14 @@ def resolve_device(name: str | None) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise AnomalyCLIPError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise AnomalyCLIPError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise AnomalyCLIPError(f"--device {name} asked for a GPU but torch sees none; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise AnomalyCLIPError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
+                               f"numbered 0..{torch.cuda.device_count() - 1}")
     return device
 
 

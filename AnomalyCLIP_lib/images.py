@@ -28,6 +28,11 @@ def _open(path: str | Path, what: str) -> Image.Image:
         raise AnomalyCLIPError(
             f"{what} {path} does not exist; restore it, or re-run the dataset indexer if it was removed"
         ) from error
+    except Image.DecompressionBombError as error:  # an Exception, not an OSError
+        raise AnomalyCLIPError(
+            f"cannot read {what} {path}: its header claims more pixels than Pillow decodes safely ({error}); "
+            "the file is corrupt or hostile: replace it, or remove it and re-run the dataset indexer"
+        ) from error
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise AnomalyCLIPError(
             f"cannot read {what} {path} ({error}); the file is corrupt or not an image: "

@@ -19,8 +19,10 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +109,18 @@ def paths(synthetic_datasets, trained_checkpoint, tiny_clip_files, tmp_path_fact
     files.update({name: folder / name for name in ("empty", "no_images", "export_without_manifest")})
     files.update({f"thresholds_{name}": folder / f"{name}.json" for name in thresholds})
     files["nowhere"] = folder / "nowhere"
+    files["bomb"] = folder / "bomb.png"
+    files["bomb"].write_bytes(png_header_only(100_000, 100_000))
     return files
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` RGB pixels and holds none (what a decompression bomb looks like)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
 def copy_dataset(source: Path, target: Path) -> tuple[Path, dict, list[dict]]:
@@ -283,6 +296,12 @@ FLAG_CASES = [
     ("model without anomalyclip.json", "one", ["--runtime", "openvino", "--model", "{export_without_manifest}"],
      "{export_without_manifest} holds no anomalyclip.json"),
     ("model without runtime", "one", ["--model", "{export_without_manifest}"], "add --runtime"),
+    ("seed -1", "train", ["--seed", "-1"], "--seed -1 must be in 0..4294967295"),
+    ("seed 2**32", "test", ["--seed", str(2**32)], "--seed 4294967296 must be in 0..4294967295"),
+    ("device meta", "test", ["--device", "meta"], "unknown device 'meta'; use cpu, cuda or cuda:N"),
+    ("device mps", "one", ["--device", "mps"], "unknown device 'mps'; use cpu, cuda or cuda:N"),
+    ("decompression bomb", "one", ["--image_path", "{bomb}"],
+     "cannot read image file {bomb}: its header claims more pixels than Pillow decodes safely"),
 ]
 
 
