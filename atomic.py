@@ -7,6 +7,7 @@ Kept free of heavy imports so the dataset indexers can use it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import os
 import tempfile
@@ -133,3 +134,25 @@ def remove_leftovers(folder: str | os.PathLike, pattern: str) -> list[Path]:
             leftover.unlink()
             removed.append(leftover)
     return removed
+
+
+def reserve_blocks(path: str | os.PathLike) -> None:
+    """Allocate the blocks of the file at ``path`` (of its current size) now.
+
+    Writing a file through a memory map on a full disk kills the process (SIGBUS); reserved
+    blocks cannot run out. A file system that cannot reserve is left as it is.
+
+    Raises:
+        OSError: The disk has no room (ENOSPC, EDQUOT), naming ``path``.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+    finally:
+        os.close(fd)

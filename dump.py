@@ -9,6 +9,7 @@ place only when complete.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from atomic import atomic_write
+from atomic import atomic_write, reserve_blocks
 
 
 class _Result(Protocol):
@@ -43,11 +44,20 @@ class DumpWriter:
 
     def __init__(self, path: str | os.PathLike, count: int, image_size: int) -> None:
         self.path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._spill = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
         shape = (count, image_size, image_size)
-        self._maps = np.lib.format.open_memmap(self._spill / "maps.npy", mode="w+", dtype=np.float32, shape=shape)
-        self._masks = np.lib.format.open_memmap(self._spill / "masks.npy", mode="w+", dtype=np.uint8, shape=shape)
+        try:  # a full disk or a refused folder names the dump, not its spill files
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._spill = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+            self._maps = np.lib.format.open_memmap(self._spill / "maps.npy", mode="w+", dtype=np.float32,
+                                                   shape=shape)
+            self._masks = np.lib.format.open_memmap(self._spill / "masks.npy", mode="w+", dtype=np.uint8,
+                                                    shape=shape)
+            for spill in ("maps.npy", "masks.npy"):  # blocks now: a full disk later would kill the run (SIGBUS)
+                reserve_blocks(self._spill / spill)
+        except OSError as exc:
+            if hasattr(self, "_spill"):
+                shutil.rmtree(self._spill, ignore_errors=True)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self._img_paths = [""] * count
         self._cls_names = [""] * count
         self._labels = np.zeros(count, dtype=np.int64)

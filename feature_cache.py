@@ -29,7 +29,7 @@ import torch
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
-from atomic import atomic_write_text
+from atomic import atomic_write_text, reserve_blocks
 
 CACHE_FORMAT = 1
 MANIFEST = "cache.json"
@@ -196,18 +196,12 @@ def format_bytes(size: int) -> str:
 
 def _reserve(path: Path) -> None:
     """Allocate the file's blocks now, so writing the memory map cannot hit a full disk (SIGBUS)."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    size = path.stat().st_size
-    with open(path, "r+b") as handle:
-        try:
-            os.posix_fallocate(handle.fileno(), 0, size)
-        except OSError as exc:
-            # EOPNOTSUPP / EINVAL: the file system cannot reserve; the free-space check stands
-            if exc.errno in (95, 22):
-                return
-            raise AnomalyCLIPError(f"cannot reserve {format_bytes(size)} for the feature cache in {path.parent} "
-                                   f"({exc.strerror}): give --cache_dir on a larger disk, or --no_cache") from None
+    try:
+        reserve_blocks(path)
+    except OSError as exc:
+        raise AnomalyCLIPError(f"cannot reserve {format_bytes(path.stat().st_size)} for the feature cache in "
+                               f"{path.parent} ({exc.strerror}): give --cache_dir on a larger disk, or --no_cache"
+                               ) from None
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -184,6 +184,11 @@ def load_prompt_state(prompt_learner: AnomalyCLIP_PromptLearner, path: str | os.
             f"not --n_ctx {expected['n_ctx']} --depth {expected['depth']} --t_n_ctx {expected['t_n_ctx']}; "
             "pass the former"
         )
+    broken = [key for key, value in state.items()
+              if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise AnomalyCLIPError(f"{path} holds NaN or infinite values in {', '.join(broken[:3])}: the training that "
+                               "wrote it diverged (try a lower --learning_rate) or the file is damaged")
     try:
         missing, unexpected = prompt_learner.load_state_dict(state, strict=False)
     except RuntimeError as exc:

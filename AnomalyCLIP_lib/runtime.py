@@ -80,6 +80,7 @@ class _OnnxRuntimeBackend:
             options.intra_op_num_threads = threads
         self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
+        self.input_shape = tuple(self._session.get_inputs()[0].shape)  # ("batch", 3, S, S)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores, maps = self._session.run(None, {self._input: images})
@@ -124,11 +125,29 @@ class _OpenVINOBackend:
             config["INFERENCE_NUM_THREADS"] = threads
         self._compiled = core.compile_model(core.read_model(str(graph)), "CPU", config)
         self._request = self._compiled.create_infer_request()
+        shape = self._compiled.inputs[0].get_partial_shape()
+        self.input_shape = tuple(d.get_length() if d.is_static else "batch" for d in shape)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         results = self._request.infer([images])
         scores, maps = (results[output] for output in self._compiled.outputs)
         return np.array(scores, copy=True), np.array(maps, copy=True)
+
+
+def _load_backend(runtime: str, graph: Path, threads: int | None,
+                  openvino_precision: str) -> _OnnxRuntimeBackend | _OpenVINOBackend:
+    """The runtime's session on ``graph``; a file it cannot load is one line naming it."""
+    try:
+        if runtime == "onnxruntime":
+            return _OnnxRuntimeBackend(graph, threads)
+        return _OpenVINOBackend(graph, threads, openvino_precision)
+    except AnomalyCLIPError:
+        raise
+    except Exception as error:  # noqa: BLE001 - each runtime has its own exception types for a bad file
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = lines[-1] if lines else type(error).__name__  # OpenVINO's last line is the reason
+        raise AnomalyCLIPError(f"{runtime} cannot load {graph} ({detail[:200]}): the file is damaged or was not "
+                               "written by export.py; re-run export.py") from None
 
 
 # --- the exported model ---------------------------------------------------------------------------
@@ -207,10 +226,11 @@ class ExportedModel:
         if not graph_path.is_file():
             raise AnomalyCLIPError(f"graph file {graph_path} named by {self.model_dir / MANIFEST_NAME} is missing; "
                                    "re-run export.py")
-        if runtime == "onnxruntime":
-            self._backend: _OnnxRuntimeBackend | _OpenVINOBackend = _OnnxRuntimeBackend(graph_path, threads)
-        else:
-            self._backend = _OpenVINOBackend(graph_path, threads, openvino_precision)
+        self._backend = _load_backend(runtime, graph_path, threads, openvino_precision)
+        if tuple(self._backend.input_shape[1:]) != (3, self.image_size, self.image_size):
+            raise AnomalyCLIPError(f"{self.model_dir / MANIFEST_NAME} says image_size {self.image_size} but "
+                                   f"{graph_path} takes {self._backend.input_shape[1:]}: they come from different "
+                                   "exports; re-run export.py")
         logger.info("loaded %s with %s", graph_path, runtime)
 
     @property

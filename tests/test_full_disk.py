@@ -232,3 +232,14 @@ def test_read_only_file_system_is_one_line_in_every_cli(synthetic_datasets, desi
         line = one_error_line(capsys.readouterr().err)
         assert line.startswith(f"error: cannot write {disk}/") and line.endswith(
             "the folder is on a read-only file system: choose a writable folder"), (cli.__name__, line)
+
+
+def test_dump_that_does_not_fit_is_one_line_before_scoring(synthetic_datasets, design_args, trained_checkpoint,
+                                                          mount_disk, tmp_path, capsys):
+    """The dump's spill files are reserved up front: a full disk is a line naming the dump, not a SIGBUS later."""
+    disk = mount_disk(4 * PAGE)
+    dump = disk / "maps.npz"
+    argv = _test_argv(synthetic_datasets, design_args, trained_checkpoint, tmp_path / "results", "--dump", str(dump))
+    assert run_cli(test_cli.main, argv) == 2
+    assert one_error_line(capsys.readouterr().err) == f"error: cannot write {dump}: {DISK_FULL}"
+    assert list(disk.iterdir()) == []

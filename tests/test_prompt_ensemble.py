@@ -113,3 +113,16 @@ def test_longest_prompt_fills_the_text_context_exactly(tiny_model):
     with pytest.raises(AnomalyCLIPError, match=r"--n_ctx 73 makes the prompt longer than the text encoder's 77 "
                                                r"tokens: use at most 72"):
         AnomalyCLIP_PromptLearner(tiny_model, design_details(n_ctx=73, depth=9, t_n_ctx=4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_checkpoint_with_non_finite_values_is_refused(learner, tiny_model, tmp_path, bad):
+    state = learner.state_dict()
+    state["compound_prompts_text.3"][1, 7] = bad
+    path = tmp_path / "diverged.pth"
+    torch.save({"prompt_learner": state}, path)
+    other = AnomalyCLIP_PromptLearner(tiny_model, design_details())
+    before = other.compound_prompts_text[3].detach().clone()
+    with pytest.raises(AnomalyCLIPError, match=r"diverged.pth holds NaN or infinite values in compound_prompts_text.3"):
+        load_prompt_state(other, path)
+    assert torch.equal(other.compound_prompts_text[3], before)  # nothing loaded

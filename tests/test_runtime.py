@@ -224,6 +224,27 @@ def test_errors(exported, loaded, tmp_path):
         runtime.ExportedModel(tmp_path)
 
 
+@pytest.mark.parametrize("runtime_name", ["onnxruntime", "openvino"])
+def test_damaged_or_mismatched_exports_are_one_line(exported, tmp_path, runtime_name):
+    """A graph cut short, and a manifest whose image size is not the graph's: our words, naming the file."""
+    import shutil
+
+    _, dirs, _ = exported
+    damaged = shutil.copytree(dirs["onnx"], tmp_path / "damaged")
+    graph = damaged / "anomalyclip.onnx"
+    graph.write_bytes(graph.read_bytes()[:1000])
+    with pytest.raises(AnomalyCLIPError, match=rf"^{runtime_name} cannot load {graph} \(.+\): the file is damaged "
+                                               r"or was not written by export.py; re-run export.py$"):
+        runtime.ExportedModel(damaged, runtime_name)
+    edited = shutil.copytree(dirs["onnx"], tmp_path / "edited")
+    manifest = json.loads((edited / "anomalyclip.json").read_text())
+    manifest["image_size"] = 2 * TINY_SIZE
+    (edited / "anomalyclip.json").write_text(json.dumps(manifest))
+    with pytest.raises(AnomalyCLIPError, match=rf"says image_size {2 * TINY_SIZE} but .* takes \(3, {TINY_SIZE}, "
+                                               rf"{TINY_SIZE}\): they come from different exports"):
+        runtime.ExportedModel(edited, runtime_name)
+
+
 def test_module_imports_no_torch():
     source = (REPO_ROOT / "AnomalyCLIP_lib" / "runtime.py").read_text()
     assert "import torch" not in source and "from torch" not in source and "scipy" not in source
