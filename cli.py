@@ -74,6 +74,10 @@ def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> No
     if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
         raise AnomalyCLIPError(f"--sigma {sigma} must be a finite number >= 0 (0 turns the smoothing off; "
                                "the original uses 4)")
+    image_size = getattr(args, "image_size", None)
+    if sigma is not None and image_size is not None and sigma > image_size:
+        raise AnomalyCLIPError(f"--sigma {sigma} is wider than the image (--image_size {image_size}): the filter "
+                               f"would only flatten the map; use at most {image_size} (the original uses 4)")
     if hasattr(args, "features_list"):
         if len(set(args.features_list)) != len(args.features_list):
             raise AnomalyCLIPError(f"--features_list {' '.join(map(str, args.features_list))} repeats a layer")

@@ -495,16 +495,20 @@ class VisaLayout:
         path = root / self.split_file
         if not path.is_file():
             raise AnomalyCLIPError(f"{self.name} split file {path} does not exist; expected layout: {self.hint}")
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            missing = [c for c in self.columns if c not in (reader.fieldnames or [])]
-            if missing:
-                raise AnomalyCLIPError(
-                    f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(reader.fieldnames or [])}); "
-                    f"restore the original {self.split_file}"
-                )
-            rows = [(reader.line_num, {k: (row[k] or "").strip().removeprefix("./") for k in self.columns})
-                    for row in reader]
+        try:
+            with open(path, newline="", encoding="utf-8-sig") as handle:
+                reader = csv.DictReader(handle)
+                missing = [c for c in self.columns if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise AnomalyCLIPError(
+                        f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(reader.fieldnames or [])}); "
+                        f"restore the original {self.split_file}"
+                    )
+                rows = [(reader.line_num, {k: (row[k] or "").strip().removeprefix("./") for k in self.columns})
+                        for row in reader]
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise AnomalyCLIPError(f"{path} is not a readable CSV text file ({error}); restore the original "
+                                   f"{self.split_file}") from None
         if not rows:
             raise AnomalyCLIPError(f"{path} lists no images; restore the original {self.split_file}")
         return rows

@@ -297,6 +297,8 @@ FLAG_CASES = [
      "{export_without_manifest} holds no anomalyclip.json"),
     ("model without runtime", "one", ["--model", "{export_without_manifest}"], "add --runtime"),
     ("seed -1", "train", ["--seed", "-1"], "--seed -1 must be in 0..4294967295"),
+    ("sigma wider than the image", "one", ["--sigma", "1e6"],
+     "--sigma 1000000.0 is wider than the image (--image_size 56): the filter would only flatten the map"),
     ("seed 2**32", "test", ["--seed", str(2**32)], "--seed 4294967296 must be in 0..4294967295"),
     ("device meta", "test", ["--device", "meta"], "unknown device 'meta'; use cpu, cuda or cuda:N"),
     ("device mps", "one", ["--device", "mps"], "unknown device 'mps'; use cpu, cuda or cuda:N"),

@@ -15,6 +15,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's modules
+from AnomalyCLIP_lib.errors import AnomalyCLIPError  # noqa: E402
+from cli import run_cli  # noqa: E402
+
 METRICS = ("pixel_auroc", "pixel_aupro", "image_auroc", "image_ap")
 EPOCH_LINE = re.compile(r"epoch \[(\d+)/(\d+)\], loss:([-\d.naif]+), image_loss:([-\d.naif]+)")
 
@@ -26,9 +30,14 @@ def _percent(value: float | None) -> str:
 def results_rows(folders: Sequence[Path]) -> list[list[str]]:
     rows = []
     for folder in folders:
-        summary = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-        mean = summary["mean"]
-        rows.append([summary["dataset"], summary["metric_set"], *(_percent(mean.get(m)) for m in METRICS)])
+        path = folder / "results.json"
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            mean = summary["mean"]
+            rows.append([summary["dataset"], summary["metric_set"], *(_percent(mean.get(m)) for m in METRICS)])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise AnomalyCLIPError(f"{path} is not a results.json written by test.py ({type(error).__name__}: "
+                                   f"{error}); run test.py again or leave that folder out") from None
     return rows
 
 
@@ -61,4 +70,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -149,3 +149,12 @@ def test_visa_missing_split_file_and_bad_rows(tmp_path: Path) -> None:
     csv_path.unlink()
     message = index_error(visa.LAYOUT, tmp_path)
     assert "split_csv/1cls.csv does not exist" in message
+
+
+def test_visa_split_file_that_is_not_text(tmp_path: Path) -> None:
+    CASES["visa"](Tree(tmp_path))
+    csv_path = tmp_path / "split_csv/1cls.csv"
+    csv_path.write_bytes(b"object,split,label,image,mask\n\x80\x81\xff binary\n")
+    message = index_error(visa.LAYOUT, tmp_path)
+    assert message.startswith(f"{csv_path} is not a readable CSV text file ('utf-8' codec can't decode byte 0x80")
+    assert message.endswith("restore the original split_csv/1cls.csv")

@@ -103,3 +103,16 @@ def test_command_line_from_another_folder(tmp_path: Path, capsys: pytest.Capture
     refused = subprocess.run([sys.executable, str(SCRIPT), "scores", "r"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=60)
     assert refused.returncode == 2 and "invalid choice: 'scores'" in refused.stderr
+
+
+def test_a_damaged_results_json_is_one_line(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{\n")
+    completed = subprocess.run([sys.executable, str(SCRIPT), "results", str(run)], capture_output=True, text=True,
+                               cwd=tmp_path, timeout=120)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert completed.stderr.strip().splitlines() == [
+        f"error: {run / 'results.json'} is not a results.json written by test.py (JSONDecodeError: Expecting "
+        "property name enclosed in double quotes: line 2 column 1 (char 2)); run test.py again or leave that "
+        "folder out"]
