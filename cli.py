@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line, os_error_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, FlagError, PeerFailed, one_line, os_error_line
 from AnomalyCLIP_lib.pretrained import available_models
 
 if TYPE_CHECKING:
@@ -26,9 +28,23 @@ DPAM_LAYER = 20
 DPAM_DEPTH = 24  # vision layers of the backbones the method is defined for (ViT-L/14)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose mistakes (unknown flag, bad value) are one ``error:`` line; the usage is behind --help."""
+
+    def error(self, message: str) -> NoReturn:
+        if prints_errors():
+            print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def prints_errors() -> bool:
+    """Whether this process prints errors every process finds alike: rank 0 under torchrun, else always."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def cli_parser(description: str) -> argparse.ArgumentParser:
     """The argument parser of every command-line tool: ``--help`` shows each flag's default."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +69,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> None:
+    """:func:`_check_flags`, its errors as :class:`FlagError` (printed once under torchrun)."""
+    try:
+        _check_flags(args, at_least_one)
+    except FlagError:
+        raise
+    except AnomalyCLIPError as error:
+        raise FlagError(str(error)) from None
+
+
+def _check_flags(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> None:
     """The checks of the flags that every CLI shares, before anything heavy runs; one-line errors.
 
     Args:
@@ -132,12 +158,48 @@ def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
                              "on cores that PyTorch's threads leave free)")
 
 
+class _Terminated(BaseException):
+    """SIGTERM (a scheduler, ``docker stop``, ``timeout``): unwinds like Ctrl-C, so the clean-up runs."""
+
+
+def _on_sigterm(owner: int) -> Callable[[int, object], None]:
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked DataLoader worker: die as usual
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise _Terminated
+
+    return handler
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run a CLI entry point; user errors print one ``error: ...`` line and exit with status 2."""
+    """Run a CLI entry point; user errors print one ``error: ...`` line and exit with status 2.
+
+    SIGTERM ends the run as Ctrl-C does (temporary files and an unkept feature cache removed),
+    with exit status 143.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid())) if in_main_thread else None
+    try:
+        return _run(main, argv)
+    except _Terminated:
+        print("terminated", file=sys.stderr)
+        return 143
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     try:
         return main(argv)
     except PeerFailed:
         return 2  # the rank that failed has printed the error line
+    except FlagError as exc:
+        if prints_errors():
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     except AnomalyCLIPError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
     args = parser.parse_args(argv)
     if args.opset < MIN_OPSET:
-        parser.error(f"--opset must be >= {MIN_OPSET}")
+        parser.error(f"--opset {args.opset} must be >= {MIN_OPSET}")
     check_args(args)
     return args
 
@@ -99,9 +99,15 @@ def export_onnx(module: AnomalyCLIPInference, path: str | os.PathLike, opset: in
     axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about the static image size, exporter deprecations
-        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=axes,
-                          do_constant_folding=True)
+        try:
+            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES), dynamic_axes=axes,
+                              do_constant_folding=True)
+        except (RuntimeError, ValueError) as error:
+            if "opset" not in str(error).lower():
+                raise
+            raise AnomalyCLIPError(f"--opset {opset}: this torch cannot export it ({str(error).strip()[:120]}); "
+                                   f"use a lower one (>= {MIN_OPSET})") from None
 
 
 def _openvino():

@@ -33,6 +33,7 @@ from atomic import atomic_write_text, reserve_blocks
 
 CACHE_FORMAT = 1
 MANIFEST = "cache.json"
+MARKER = ".anomalyclip_cache"  # written before our files: only a folder that has it (or our manifest) is cleaned
 _FIXED_FILES = ("embeddings.npy", "masks.npy", "labels.npy")
 _GB = 1024**3
 
@@ -124,6 +125,7 @@ class FeatureCache:
     def on_disk(cls, shapes: CacheShapes, folder: Path) -> FeatureCache:
         """New memory-mapped files under ``folder``, their space reserved on disk."""
         _check_free_space(folder, shapes.nbytes())
+        (folder / MARKER).write_text("feature cache files of train.py; deleted with them\n", encoding="utf-8")
         arrays = {}
         for name, shape, dtype in _array_specs(shapes):
             array = np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape)
@@ -237,13 +239,31 @@ def reusable(folder: Path, key: dict[str, object]) -> tuple[FeatureCache | None,
         return None, f"the feature cache in {folder} is unreadable ({exc})"
 
 
-def remove(folder: Path) -> None:
-    """Delete our cache files in ``folder`` (the manifest first), then the folder if it is empty."""
+def check_folder(folder: Path) -> None:
+    """Refuse a cache folder that holds files with our names which this tool did not write (they would be deleted)."""
     if not folder.is_dir():
         return
+    ours = [*(folder / name for name in _FIXED_FILES), *folder.glob("tokens_*.npy")]
+    present = [path.name for path in ours if path.exists()]
+    if present and not (folder / MARKER).exists() and not (folder / MANIFEST).exists():
+        raise AnomalyCLIPError(f"--cache_dir {folder} holds {', '.join(present[:3])} that train.py did not write "
+                               f"(no {MARKER} there); choose an empty or new --cache_dir")
+
+
+def remove(folder: Path) -> None:
+    """Delete our cache files in ``folder`` (the manifest first), then the folder if it is empty.
+
+    Raises:
+        AnomalyCLIPError: ``folder`` holds files with our names that this tool did not write.
+    """
+    if not folder.is_dir():
+        return
+    check_folder(folder)
+    ours = [*(folder / name for name in _FIXED_FILES), *folder.glob("tokens_*.npy")]
     (folder / MANIFEST).unlink(missing_ok=True)
-    for path in [*(folder / name for name in _FIXED_FILES), *folder.glob("tokens_*.npy")]:
+    for path in ours:
         path.unlink(missing_ok=True)
+    (folder / MARKER).unlink(missing_ok=True)
     try:
         folder.rmdir()
     except OSError:

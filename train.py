@@ -191,7 +191,9 @@ def _resume(checkpoint: dict[str, object] | None, optimizer: torch.optim.Optimiz
 
 
 def _check_save_path(args) -> None:
-    """Refuse to replace another run's checkpoints without being asked to."""
+    """Refuse to replace another run's checkpoints without being asked to, or a user's files in --cache_dir."""
+    if not args.no_cache:
+        feature_cache.check_folder(_cache_folder(args))
     existing = sorted(Path(args.save_path).glob("epoch_*.pth"))
     if existing and not (args.resume or args.overwrite):
         raise AnomalyCLIPError(f"{args.save_path} already holds checkpoints of another run ({existing[0].name}...): "
@@ -201,6 +203,9 @@ def _check_save_path(args) -> None:
 def _check_masks(data: AnomalyDataset, args) -> None:
     """Anomalous images without masks would teach the local loss that their defects are normal."""
     availability = data.availability()
+    if not availability.n_anomalous:
+        raise AnomalyCLIPError(f"{args.train_data_path} holds no anomalous images, and the prompts learn from "
+                               "normal and anomalous ones: train on an auxiliary dataset with defects (MVTec AD, VisA)")
     unmasked = availability.n_anomalous - availability.n_masked
     if unmasked and not args.image_loss_only:
         raise AnomalyCLIPError(f"{unmasked} of the {availability.n_anomalous} anomalous training images in "

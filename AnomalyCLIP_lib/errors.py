@@ -11,6 +11,10 @@ class AnomalyCLIPError(Exception):
     """A user-facing error whose message is one line naming the offending input and the fix."""
 
 
+class FlagError(AnomalyCLIPError):
+    """A bad command line: found by every rank alike, so under torchrun only rank 0 prints it."""
+
+
 class PeerFailed(AnomalyCLIPError):
     """Another rank hit a user error; that rank prints the line, this one stops quietly."""
 

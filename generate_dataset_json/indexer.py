@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from atomic import atomic_write_text
+from cli import OneLineParser
 
 logger = logging.getLogger(__name__)
 
@@ -637,7 +638,7 @@ def run_cli(layout: Layout | Callable[[argparse.Namespace], Layout], argv: Itera
         The exit code: 0 on success, 2 on a user error (one ``error: ...`` line on stderr).
     """
     fixed = hasattr(layout, "collect")
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         description=description or f"Index {layout.name if fixed else 'a dataset'} into DATASET_ROOT/meta.json.",
         epilog=f"Expected layout: {layout.hint}" if fixed else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

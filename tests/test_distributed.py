@@ -138,3 +138,15 @@ def test_guarded_shares_user_errors_and_raises_the_rest():
         guarded(world, fail(OSError(errno.EPIPE, "Broken pipe")))
     with pytest.raises(ValueError):
         guarded(world, fail(ValueError("a bug")))
+
+
+@pytest.mark.parametrize("bad", [["--sigma", "-1"], ["--sigmaa", "4"]], ids=["bad-value", "unknown-flag"])
+def test_bad_command_line_is_printed_once_over_the_ranks(synthetic_datasets, design_args, trained_checkpoint, tmp_path,
+                                                        bad):
+    """Every rank finds a bad command line alike; rank 0 alone says so (argparse's usage block neither)."""
+    target = synthetic_datasets[1]
+    completed = _torchrun(["test.py", *_test_args(target, trained_checkpoint, tmp_path / "out", design_args), *bad])
+    assert completed.returncode != 0
+    error_lines = re.findall(r"(?<![A-Za-z_])error: [^\n]*", completed.stderr)
+    assert len(error_lines) == 1 and bad[0] in error_lines[0], completed.stderr[-3000:]
+    assert "usage:" not in completed.stderr

@@ -13,15 +13,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
-import multiprocessing
 import io
 import json
+import multiprocessing
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -501,3 +503,64 @@ def test_indexer_stops_on_a_png_cut_to_100_bytes_and_keeps_the_old_meta_json(tmp
     assert len(errors) == 1 and all(line.startswith("WARNING: ") for line in lines if line not in errors), lines
     assert "unreadable image (1): bottle/test/good/001.png" in errors[0]
     assert (tmp_path / "meta.json").read_text() == old
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+
+def test_sigterm_stops_training_like_ctrl_c(paths, design_args, tmp_path):
+    """SIGTERM (a scheduler, docker stop): exit 143 with one word, no temporary file, no on-disk cache left."""
+    out = tmp_path / "run"
+    argv = [*base_argv("train", paths, design_args, out), "--epoch", 10_000, "--cache_memory_gb", 0]
+    process = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("epoch_2.pth")):  # training, with checkpoints being written
+            assert process.poll() is None and time.monotonic() < deadline, "train.py did not get to epoch 2"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.replace("\r", "\n").strip().splitlines()[-1].endswith("terminated")
+    assert not [p.name for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not (out / "feature_cache").exists()
+
+
+@pytest.mark.parametrize("cli, flags, expected", [
+    ("train", ["--epochs", "3"], "error: unrecognized arguments: --epochs 3; see train.py --help"),
+    ("test", ["--batch_size", "abc"], "error: argument --batch_size: invalid int value: 'abc'; see test.py --help"),
+    ("export", ["--opset", "10"], "error: --opset 10 must be >= 17; see export.py --help"),
+])
+def test_command_line_mistakes_are_one_line_without_the_usage(cli, flags, expected, paths, design_args, tmp_path):
+    script = {"train": "train.py", "test": "test.py", "export": "export.py"}[cli]
+    argv = [*map(str, base_argv(cli, paths, design_args, tmp_path / "out")), *flags]
+    completed = subprocess.run([sys.executable, script, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=120)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [expected]
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_data_without_anomalous_images_is_refused(paths, design_args, tmp_path, capsys):
+    root, meta, _ = copy_dataset(paths["auxiliary"], tmp_path / "data")
+    meta["test"] = {name: [item for item in items if not item["anomaly"]] for name, items in meta["test"].items()}
+    (root / "meta.json").write_text(json.dumps(meta))
+    line = refused("train", [*base_argv("train", paths, design_args, tmp_path / "out"), "--train_data_path", root],
+                   capsys)
+    assert line == (f"error: {root} holds no anomalous images, and the prompts learn from normal and anomalous "
+                    "ones: train on an auxiliary dataset with defects (MVTec AD, VisA)")
+
+
+def test_cache_dir_holding_the_users_own_files_is_refused_and_kept(paths, design_args, tmp_path, capsys):
+    folder = tmp_path / "my_arrays"
+    folder.mkdir()
+    for name in ("embeddings.npy", "labels.npy"):
+        (folder / name).write_bytes(b"the user's data")
+    argv = [*base_argv("train", paths, design_args, tmp_path / "out"), "--cache_memory_gb", 0, "--cache_dir", folder]
+    line = refused("train", argv, capsys)
+    assert line == (f"error: --cache_dir {folder} holds embeddings.npy, labels.npy that train.py did not write "
+                    "(no .anomalyclip_cache there); choose an empty or new --cache_dir")
+    assert sorted(p.read_bytes() for p in folder.iterdir()) == [b"the user's data"] * 2

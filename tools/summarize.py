@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -17,7 +16,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's modules
 from AnomalyCLIP_lib.errors import AnomalyCLIPError  # noqa: E402
-from cli import run_cli  # noqa: E402
+from cli import OneLineParser, run_cli  # noqa: E402
 
 METRICS = ("pixel_auroc", "pixel_aupro", "image_auroc", "image_ap")
 EPOCH_LINE = re.compile(r"epoch \[(\d+)/(\d+)\], loss:([-\d.naif]+), image_loss:([-\d.naif]+)")
@@ -54,7 +53,7 @@ def train_rows(folders: Sequence[Path]) -> list[list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=("results", "train"))
     parser.add_argument("folders", nargs="*", type=Path)
     args = parser.parse_args(argv)
