@@ -38,6 +38,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
 from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+import thresholds
 from atomic import atomic_write, atomic_write_text
 from utils import add_model_args, check_args, cli_parser, load_model_and_prompts, run_cli
 
@@ -74,11 +75,13 @@ def read_thresholds(path: str | os.PathLike | None) -> Any:
         return None
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AnomalyCLIPError(f"--thresholds {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnomalyCLIPError(f"--thresholds {path} is not a readable JSON file ({exc})".splitlines()[0]) from None
+    thresholds.load_thresholds(path)  # the layout test_one_example.py reads (a results.json is not one)
+    return document
 
 
 def backbone_file(backbone: str) -> Path:

@@ -134,6 +134,7 @@ def _check_calibration_flags(args: argparse.Namespace) -> None:
             raise AnomalyCLIPError(f"--calibrate chooses the thresholds; drop --{flag}")
     if Path(args.save_thresholds).is_dir():
         raise AnomalyCLIPError(f"--save_thresholds {args.save_thresholds} is a folder; give a file name")
+    existing_thresholds(args.save_thresholds)  # a file there must be a thresholds.json: its classes are kept
     check_target_fpr(DEFAULT_TARGET_FPR if args.target_fpr is None else args.target_fpr)
 
 
@@ -391,6 +392,17 @@ def calibration_class_name(args: argparse.Namespace) -> str:
     return (path if path.is_dir() else path.parent).name or "default"
 
 
+def existing_thresholds(path: str | Path) -> dict[str, dict]:
+    """The classes of the thresholds.json at ``path`` (none when there is no file); refuses any other file."""
+    if not Path(path).exists():
+        return {}
+    try:
+        return load_thresholds(path)
+    except AnomalyCLIPError as error:
+        raise AnomalyCLIPError(f"--save_thresholds {path} exists and is not a thresholds.json ({error}); give a new "
+                               "file name, so that the file is not replaced") from None
+
+
 def calibrate(args: argparse.Namespace) -> dict[str, object]:
     """Take every image as normal; write and return the ``normal_fpr`` class entry."""
     target_fpr = DEFAULT_TARGET_FPR if args.target_fpr is None else args.target_fpr
@@ -412,7 +424,11 @@ def calibrate(args: argparse.Namespace) -> dict[str, object]:
     entry = class_entry(image_threshold, pixel_tail.threshold(), "normal_fpr", target_fpr=target_fpr,
                         n_images=len(files), n_pixels=pixel_tail.total, image_size=args.image_size,
                         sigma=args.sigma, checkpoint_path=str(args.checkpoint_path))
-    path = save_thresholds(args.save_thresholds, {name: entry}, source="test_one_example.py --calibrate",
+    classes = existing_thresholds(args.save_thresholds)
+    if classes:
+        logger.info("%s class %s in %s; its other classes (%s) are kept", "replacing" if name in classes else "adding",
+                    name, args.save_thresholds, ", ".join(sorted(set(classes) - {name})) or "none")
+    path = save_thresholds(args.save_thresholds, {**classes, name: entry}, source="test_one_example.py --calibrate",
                            image_path=str(args.image_path))
     print(f"class {name}: image_threshold {entry['image_threshold']!r}, pixel_threshold "
           f"{entry['pixel_threshold']!r} (normal_fpr, target_fpr {target_fpr}, {len(files)} good images) -> {path}")

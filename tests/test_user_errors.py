@@ -298,6 +298,8 @@ FLAG_CASES = [
     ("model without anomalyclip.json", "one", ["--runtime", "openvino", "--model", "{export_without_manifest}"],
      "{export_without_manifest} holds no anomalyclip.json"),
     ("model without runtime", "one", ["--model", "{export_without_manifest}"], "add --runtime"),
+    ("thresholds not a thresholds.json", "export", ["--thresholds", "{thresholds_list}"],
+     "thresholds file {thresholds_list} has no 'classes' mapping: it is not a thresholds.json"),
     ("seed -1", "train", ["--seed", "-1"], "--seed -1 must be in 0..4294967295"),
     ("sigma wider than the image", "one", ["--sigma", "1e6"],
      "--sigma 1000000.0 is wider than the image (--image_size 56): the filter would only flatten the map"),
@@ -564,3 +566,28 @@ def test_cache_dir_holding_the_users_own_files_is_refused_and_kept(paths, design
     assert line == (f"error: --cache_dir {folder} holds embeddings.npy, labels.npy that train.py did not write "
                     "(no .anomalyclip_cache there); choose an empty or new --cache_dir")
     assert sorted(p.read_bytes() for p in folder.iterdir()) == [b"the user's data"] * 2
+
+
+def test_calibration_keeps_the_other_classes_of_an_existing_thresholds_file(paths, design_args, tmp_path, capsys):
+    saved = tmp_path / "thresholds.json"
+    saved.write_text(json.dumps({"version": 1, "classes": {"weave": {"image_threshold": 0.5, "pixel_threshold": 1.5,
+                                                                     "method": "f1"}}}))
+    argv = ["--image_path", paths["image"], "--checkpoint_path", paths["checkpoint"], *design_args, "--calibrate",
+            "--save_thresholds", saved, "--class_name", "blobs"]
+    status, stderr = run("one", argv, capsys)
+    assert status == 0, stderr
+    classes = json.loads(saved.read_text())["classes"]
+    assert sorted(classes) == ["blobs", "weave"]
+    assert classes["weave"] == {"image_threshold": 0.5, "pixel_threshold": 1.5, "method": "f1"}
+    assert classes["blobs"]["method"] == "normal_fpr"
+
+
+def test_calibration_refuses_to_replace_a_file_that_is_not_thresholds(paths, design_args, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    argv = ["--image_path", paths["image"], "--checkpoint_path", paths["checkpoint"], *design_args, "--calibrate",
+            "--save_thresholds", notes]
+    line = refused("one", argv, capsys)
+    assert line.startswith(f"error: --save_thresholds {notes} exists and is not a thresholds.json (")
+    assert line.endswith("give a new file name, so that the file is not replaced")
+    assert notes.read_text() == "my notes\n"
