@@ -17,7 +17,8 @@ def files(tiny_clip_state, tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export_inputs")
     torch.save(tiny_clip_state, folder / "backbone.pt")
     save_prompt_checkpoint(random_prompt_learner(tiny_model), folder / "prompts.pth")
-    (folder / "thresholds.json").write_text(json.dumps({"image": 0.61, "pixel": 0.4, "source": "val"}))
+    (folder / "thresholds.json").write_text(json.dumps({"version": 1, "source": "val", "classes": {
+        "parts": {"image_threshold": 0.61, "pixel_threshold": 0.4, "method": "f1"}}}))
     return folder
 
 

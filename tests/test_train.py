@@ -153,8 +153,8 @@ def test_kept_cache_is_reused_and_rebuilt_when_its_inputs_change(synthetic_datas
     assert _train(data, other, flags, "--epoch", "1", "--overwrite", *keep) == 0
     assert "is incomplete" in (other / "log.txt").read_text()
     assert (cache_dir / "cache.json").is_file()
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["cache.json", "embeddings.npy", "labels.npy", "masks.npy",
-                                                          "tokens_0.npy"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == [".anomalyclip_cache", "cache.json", "embeddings.npy",
+                                                          "labels.npy", "masks.npy", "tokens_0.npy"]
 
 
 def test_another_runs_checkpoints_are_not_replaced_silently(synthetic_datasets, design_args, trained_checkpoint,
