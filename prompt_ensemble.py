@@ -148,7 +148,7 @@ def read_prompt_checkpoint(path: str | os.PathLike) -> dict[str, object]:
         AnomalyCLIPError: Missing or unreadable file.
     """
     path = Path(path)
-    check_is_file(path, "prompt checkpoint", "check --checkpoint_path")
+    check_is_file(path, "prompt checkpoint", "check the path given to --checkpoint_path (or --resume)")
     checkpoint = load_tensors(path, "prompt checkpoint")
     if not isinstance(checkpoint, dict):
         raise AnomalyCLIPError(f"{path} is not a prompt checkpoint (it holds a {type(checkpoint).__name__})")

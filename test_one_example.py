@@ -188,9 +188,18 @@ def _decision_from_export(args: argparse.Namespace) -> Decision | None:
     return Decision(float(image_threshold), pixel, source, class_name)
 
 
+def _check_inputs_outside_outputs(args: argparse.Namespace) -> None:
+    """Outputs are never read back as inputs, so inputs inside the output folder would all be skipped."""
+    images, outputs = Path(args.image_path).resolve(), Path(args.save_path).resolve()
+    if images == outputs or outputs in images.parents:
+        raise AnomalyCLIPError(f"--image_path {args.image_path} lies inside --save_path {args.save_path}, whose "
+                               "files are outputs and never read as images; choose a --save_path outside it")
+
+
 def validate_args(args: argparse.Namespace) -> Decision:
     """Check every flag before any work; returns the thresholds in force. Raises one-line errors."""
     check_args(args)
+    _check_inputs_outside_outputs(args)
     _load_export(args)
     _check_finite(args.threshold, "--threshold")
     _check_finite(args.pixel_threshold, "--pixel_threshold")

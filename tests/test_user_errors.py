@@ -300,6 +300,8 @@ FLAG_CASES = [
     ("model without runtime", "one", ["--model", "{export_without_manifest}"], "add --runtime"),
     ("thresholds not a thresholds.json", "export", ["--thresholds", "{thresholds_list}"],
      "thresholds file {thresholds_list} has no 'classes' mapping: it is not a thresholds.json"),
+    ("image_path inside save_path", "one", ["--save_path", "{empty}/..", "--image_path", "{empty}"],
+     "lies inside --save_path {empty}/.., whose files are outputs and never read as images"),
     ("seed -1", "train", ["--seed", "-1"], "--seed -1 must be in 0..4294967295"),
     ("sigma wider than the image", "one", ["--sigma", "1e6"],
      "--sigma 1000000.0 is wider than the image (--image_size 56): the filter would only flatten the map"),
