@@ -30,7 +30,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable:
         ``path`` as a :class:`Path`.
     """
     path = Path(path)
-    with _naming(path):
+    with naming_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
@@ -45,7 +45,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable:
 
 
 @contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
+def naming_errors(path: Path) -> Iterator[None]:
     """Re-raise an ``OSError`` with ``path`` as its file name (a write error carries none)."""
     try:
         yield
@@ -106,7 +106,7 @@ def atomic_write_texts(texts: dict[str | os.PathLike, str]) -> list[Path]:
     try:
         for path, text in texts.items():
             path = Path(path)
-            with _naming(path):
+            with naming_errors(path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
                 staged.append((tmp_name, path))
@@ -147,12 +147,12 @@ def reserve_blocks(path: str | os.PathLike) -> None:
     """
     if not hasattr(os, "posix_fallocate"):
         return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            return
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    finally:
-        os.close(fd)
+    with naming_errors(Path(path)):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # those: the file system cannot reserve
+                raise
+        finally:
+            os.close(fd)

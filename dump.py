@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from atomic import atomic_write, reserve_blocks
+from atomic import atomic_write, naming_errors, reserve_blocks
 
 
 class _Result(Protocol):
@@ -45,19 +45,20 @@ class DumpWriter:
     def __init__(self, path: str | os.PathLike, count: int, image_size: int) -> None:
         self.path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
         shape = (count, image_size, image_size)
-        try:  # a full disk or a refused folder names the dump, not its spill files
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._spill = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-            self._maps = np.lib.format.open_memmap(self._spill / "maps.npy", mode="w+", dtype=np.float32,
-                                                   shape=shape)
-            self._masks = np.lib.format.open_memmap(self._spill / "masks.npy", mode="w+", dtype=np.uint8,
-                                                    shape=shape)
-            for spill in ("maps.npy", "masks.npy"):  # blocks now: a full disk later would kill the run (SIGBUS)
-                reserve_blocks(self._spill / spill)
-        except OSError as exc:
+        try:
+            with naming_errors(self.path):  # a full disk or a refused folder names the dump, not its spill files
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._spill = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+                self._maps = np.lib.format.open_memmap(self._spill / "maps.npy", mode="w+", dtype=np.float32,
+                                                       shape=shape)
+                self._masks = np.lib.format.open_memmap(self._spill / "masks.npy", mode="w+", dtype=np.uint8,
+                                                        shape=shape)
+                for spill in ("maps.npy", "masks.npy"):  # blocks now: a full disk later would kill the run (SIGBUS)
+                    reserve_blocks(self._spill / spill)
+        except OSError:
             if hasattr(self, "_spill"):
                 shutil.rmtree(self._spill, ignore_errors=True)
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+            raise
         self._img_paths = [""] * count
         self._cls_names = [""] * count
         self._labels = np.zeros(count, dtype=np.int64)

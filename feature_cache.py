@@ -239,12 +239,16 @@ def reusable(folder: Path, key: dict[str, object]) -> tuple[FeatureCache | None,
         return None, f"the feature cache in {folder} is unreadable ({exc})"
 
 
+def _cache_files(folder: Path) -> list[Path]:
+    """The array files a cache in ``folder`` can have (whether or not they exist)."""
+    return [*(folder / name for name in _FIXED_FILES), *folder.glob("tokens_*.npy")]
+
+
 def check_folder(folder: Path) -> None:
     """Refuse a cache folder that holds files with our names which this tool did not write (they would be deleted)."""
     if not folder.is_dir():
         return
-    ours = [*(folder / name for name in _FIXED_FILES), *folder.glob("tokens_*.npy")]
-    present = [path.name for path in ours if path.exists()]
+    present = [path.name for path in _cache_files(folder) if path.exists()]
     if present and not (folder / MARKER).exists() and not (folder / MANIFEST).exists():
         raise AnomalyCLIPError(f"--cache_dir {folder} holds {', '.join(present[:3])} that train.py did not write "
                                f"(no {MARKER} there); choose an empty or new --cache_dir")
@@ -259,9 +263,8 @@ def remove(folder: Path) -> None:
     if not folder.is_dir():
         return
     check_folder(folder)
-    ours = [*(folder / name for name in _FIXED_FILES), *folder.glob("tokens_*.npy")]
     (folder / MANIFEST).unlink(missing_ok=True)
-    for path in ours:
+    for path in _cache_files(folder):
         path.unlink(missing_ok=True)
     (folder / MARKER).unlink(missing_ok=True)
     try:
