@@ -163,7 +163,7 @@ class AnomalyDataset(Dataset):
 
         A file cut short but not empty is found when it is decoded (one line naming it).
         """
-        wanted = [(image, mask if int(item["anomaly"]) else "") for item, (image, mask) in zip(self.items, self._files)]
+        wanted = [(image, mask if item["anomaly"] else "") for item, (image, mask) in zip(self.items, self._files)]
         paths = [path for image, mask in wanted for path in (image, mask) if path]
         missing = [path for path in paths if not os.path.isfile(path)]
         if missing:
@@ -244,7 +244,7 @@ class AnomalyDataset(Dataset):
         item = self.items[index]
         image_file, mask_file = self._files[index]
         image = load_image(image_file)
-        anomaly = int(item["anomaly"])
+        anomaly = item["anomaly"]
         mask = load_mask(mask_file) if anomaly and mask_file else Image.new("L", image.size, 0)
         return {
             "img": self.transform(image),
@@ -260,9 +260,9 @@ class AnomalyDataset(Dataset):
         chosen = [(item, files) for item, files, cls_id in zip(self.items, self._files, self._cls_ids)
                   if class_name is None or self.class_names[cls_id] == class_name]
         return Availability(
-            n_normal=sum(1 for item, _ in chosen if not int(item["anomaly"])),
-            n_anomalous=sum(1 for item, _ in chosen if int(item["anomaly"])),
-            n_masked=sum(1 for item, (_, mask) in chosen if int(item["anomaly"]) and mask),
+            n_normal=sum(1 for item, _ in chosen if not item["anomaly"]),
+            n_anomalous=sum(1 for item, _ in chosen if item["anomaly"]),
+            n_masked=sum(1 for item, (_, mask) in chosen if item["anomaly"] and mask),
         )
 
     @property
