@@ -89,12 +89,6 @@ def backbone_file(backbone: str) -> Path:
     return download(backbone) if backbone in PRETRAINED else Path(backbone).expanduser()
 
 
-def check_out_dir(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def export_onnx(module: AnomalyCLIPInference, path: str | os.PathLike, opset: int = MIN_OPSET) -> None:
     """Trace ``module`` (export settings, see :meth:`AnomalyCLIPInference.export_copy`) to an ONNX file."""
     size = module.config.image_size
@@ -187,7 +181,8 @@ def build_manifest(args: argparse.Namespace, module: AnomalyCLIPInference, files
 def export(args: argparse.Namespace) -> Path:
     """Export as ``args`` asks; returns the manifest's path."""
     thresholds = read_thresholds(args.thresholds)
-    out = check_out_dir(args.out)
+    out = Path(args.out)  # check_args refused an --out that is a file or lies under one
+    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     # The CLIs' one loading path: flag and backbone checks, --trust_backbone, safe checkpoint reads.
     model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), args.checkpoint_path)
