@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary file beside the target, then rename over it.
 
 A crash or Ctrl-C mid-write leaves the previous file (or none), never a half-written one.
-Kept free of heavy imports so the dataset indexers can use it.
+Kept free of heavy imports so the dataset indexers can use it. :func:`locked_folder` keeps two
+runs from writing into one output folder at once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, folders are not locked
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".anomalyclip.lock"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable: bool = True) -> Path:
@@ -156,3 +166,73 @@ def reserve_blocks(path: str | os.PathLike) -> None:
                 raise
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_folder(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
+    """Hold ``folder`` (made if missing) for this process alone while the block runs.
+
+    A second run given the same folder stops at once with one line, instead of interleaving its
+    log and replacing the other run's files. The lock is the kernel's (``flock`` on
+    ``folder/.anomalyclip.lock``): a killed run holds it no more, and the file is removed on exit,
+    as is the folder when this made it and it stayed empty.
+
+    Args:
+        folder: The output folder.
+        flag: The flag that named it, for the error line (``"--save_path"``).
+
+    Raises:
+        AnomalyCLIPError: Another process holds the folder.
+    """
+    folder = Path(folder)
+    made = not folder.exists()
+    with naming_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield folder
+        return
+    lock_path = folder / LOCK_NAME
+    fd = _lock(lock_path, flag, folder)
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still held: a run that opened it meanwhile sees it gone and retries
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # made here and left empty (a run that failed early): not left behind
+
+
+def _lock(lock_path: Path, flag: str, folder: Path) -> int:
+    """A descriptor of ``lock_path`` holding its exclusive lock (the file is the one at that path)."""
+    while True:
+        with naming_errors(lock_path):
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise AnomalyCLIPError(f"{flag} {folder} is in use by another run{holder}: wait for it to end, "
+                                   "or choose another folder") from None
+        except OSError:
+            os.close(fd)  # a file system without locks (some network mounts): go on unlocked
+            return os.open(os.devnull, os.O_RDONLY)
+        try:
+            same_file = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same_file = False
+        if same_file:  # else the previous holder removed it after we opened it: lock the new one
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (process {pid})" if pid.isdigit() else ""

@@ -14,6 +14,7 @@ same status silently (:class:`PeerFailed`).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line, os_error_line
+from atomic import locked_folder
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +183,17 @@ def exchange(world: World, outgoing: list[list[Any]], error: str | None = None) 
         received.extend(items)
     _raise_first(world, errors)
     return received
+
+
+@contextlib.contextmanager
+def main_holds(world: World, folder: str | os.PathLike, flag: str) -> Iterator[None]:
+    """Rank 0, which writes the outputs, holds ``folder`` (:func:`atomic.locked_folder`) while the block runs.
+
+    If another run holds it, every rank stops with rank 0's line.
+    """
+    with contextlib.ExitStack() as stack:
+        together(world, lambda: stack.enter_context(locked_folder(folder, flag)) if world.is_main else None)
+        yield
 
 
 def gather_to_main(world: World, value: T) -> list[T] | None:

@@ -39,7 +39,7 @@ from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
 from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 import thresholds
-from atomic import atomic_write, atomic_write_text
+from atomic import atomic_write, atomic_write_text, locked_folder
 from utils import add_model_args, check_args, cli_parser, load_model_and_prompts, run_cli
 
 logger = logging.getLogger("anomalyclip.export")
@@ -181,8 +181,11 @@ def build_manifest(args: argparse.Namespace, module: AnomalyCLIPInference, files
 def export(args: argparse.Namespace) -> Path:
     """Export as ``args`` asks; returns the manifest's path."""
     thresholds = read_thresholds(args.thresholds)
-    out = Path(args.out)  # check_args refused an --out that is a file or lies under one
-    out.mkdir(parents=True, exist_ok=True)
+    with locked_folder(args.out, "--out") as out:  # check_args refused an --out that is a file or under one
+        return _export(args, out, thresholds)
+
+
+def _export(args: argparse.Namespace, out: Path, thresholds: dict[str, object] | None) -> Path:
     torch.manual_seed(args.seed)
     # The CLIs' one loading path: flag and backbone checks, --trust_backbone, safe checkpoint reads.
     model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), args.checkpoint_path)

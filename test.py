@@ -384,7 +384,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, object] | None:
     """Run the evaluation; returns what results.json holds (``None`` on ranks other than 0)."""
     world, device = distributed.setup(args.device, resolve_device)
     try:
-        return _evaluate(args, world, device)
+        with distributed.main_holds(world, args.save_path, "--save_path"):
+            return _evaluate(args, world, device)
     finally:
         distributed.finish(world)
 

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.precision import PRECISIONS
 from AnomalyCLIP_lib.runtime import RUNTIMES, ExportedModel, load_image
-from atomic import atomic_write_text
+from atomic import atomic_write_text, locked_folder
 from cli import DPAM_LAYER, add_model_args, check_args, cli_parser, run_cli, use_export_settings
 from thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
                         save_thresholds, select_thresholds)
@@ -450,13 +450,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     decision = validate_args(args)
     if args.calibrate:
-        calibrate(args)
+        with locked_folder(Path(args.save_thresholds).parent, "--save_thresholds's folder"):
+            calibrate(args)
         return 0
-    predictions = score_images(args, decision)
-    csv_path, _ = write_predictions(args.save_path, predictions, decision, args)
-    logger.info("wrote %s and predictions.json", csv_path)
-    if args.report:
-        logger.info("report: %s", write_report(args, predictions, decision))
+    with locked_folder(args.save_path, "--save_path"):
+        predictions = score_images(args, decision)
+        csv_path, _ = write_predictions(args.save_path, predictions, decision, args)
+        logger.info("wrote %s and predictions.json", csv_path)
+        if args.report:
+            logger.info("report: %s", write_report(args, predictions, decision))
     return 0
 
 

@@ -20,6 +20,7 @@ prompts and writes the checkpoints; the other ranks exit once their share is cac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -399,10 +400,21 @@ def train(args: argparse.Namespace) -> Path:
     """Run training; returns the folder holding the checkpoints."""
     world, device = distributed.setup(args.device, resolve_device)
     try:
-        _train(args, world, device)
+        with _held_folders(args, world):
+            _train(args, world, device)
     finally:
         distributed.finish(world)
     return Path(args.save_path)
+
+
+@contextlib.contextmanager
+def _held_folders(args: argparse.Namespace, world: distributed.World) -> Iterator[None]:
+    """--save_path (and a --cache_dir elsewhere) for this run alone: a second run there stops at once."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(distributed.main_holds(world, args.save_path, "--save_path"))
+        if args.cache_dir and not args.no_cache and Path(args.cache_dir).resolve() != Path(args.save_path).resolve():
+            stack.enter_context(distributed.main_holds(world, args.cache_dir, "--cache_dir"))
+        yield
 
 
 def _train(args: argparse.Namespace, world: distributed.World, device: torch.device) -> None:

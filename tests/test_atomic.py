@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from atomic import LOCK_NAME, atomic_write, atomic_write_bytes, atomic_write_text, locked_folder
+from tests.conftest import REPO_ROOT
 
 
 @pytest.fixture()
@@ -100,3 +103,45 @@ def test_permissions_of_a_new_file_follow_the_umask(tmp_path: Path, mask: int, e
     plain = tmp_path / f"plain_{mask:o}.txt"
     plain.write_text("x")
     assert mode(plain) == expected  # the same as a file written the ordinary way
+
+
+# --- locked_folder ---------------------------------------------------------------------------------
+
+def _try_lock_in_another_process(folder: Path) -> str:
+    """What a second process gets when it asks for ``folder``: ``"locked"`` or its error line."""
+    code = ("import sys\nfrom atomic import locked_folder\nfrom AnomalyCLIP_lib.errors import AnomalyCLIPError\n"
+            "try:\n    with locked_folder(sys.argv[1], '--save_path'):\n        print('locked')\n"
+            "except AnomalyCLIPError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True)
+    return done.stdout.strip()
+
+
+def test_locked_folder_refuses_a_second_process_and_frees_the_folder_on_exit(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    with locked_folder(folder, "--save_path") as held:
+        assert held == folder and folder.is_dir()
+        assert (folder / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+        assert _try_lock_in_another_process(folder) == (
+            f"--save_path {folder} is in use by another run (process {os.getpid()}): wait for it to end, "
+            "or choose another folder")
+        (folder / "log.txt").write_text("written while held\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["log.txt"]
+    assert _try_lock_in_another_process(folder) == "locked"
+
+
+def test_locked_folder_removes_the_folder_it_made_when_it_stays_empty(tmp_path: Path) -> None:
+    made, existing = tmp_path / "new" / "run", tmp_path / "existing"
+    existing.mkdir()
+    with locked_folder(made, "--save_path"), locked_folder(existing, "--out"):
+        pass
+    assert not made.exists() and (tmp_path / "new").is_dir()  # only the folder itself, not its parents
+    assert existing.is_dir() and not list(existing.iterdir())
+
+
+def test_locked_folder_ignores_a_stale_lock_file(tmp_path: Path) -> None:
+    """A lock file left by a killed run (it holds that run's pid) is no lock: the kernel's lock died with it."""
+    (tmp_path / LOCK_NAME).write_text("999999999\n")
+    with locked_folder(tmp_path, "--save_path"):
+        assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()}\n"
+    assert not (tmp_path / LOCK_NAME).exists()

@@ -447,6 +447,70 @@ def test_unwritable_save_path_is_one_line_in_every_cli(paths, design_args, capsy
         assert line.startswith(f"error: cannot write {target}") and "choose a" in line, (cli, line)
 
 
+
+# A run that holds a folder, as train.py does: prints "held", then waits until it is killed.
+_HOLDER = ("import sys\nfrom atomic import locked_folder\nwith locked_folder(sys.argv[1], '--save_path'):\n"
+           "    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+@contextlib.contextmanager
+def held_by_another_run(folder: Path):
+    """Another process holds ``folder`` while the block runs; yields its process id; SIGKILLed at the end."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], cwd=REPO_ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("cli", ["train", "test", "one", "export"])
+def test_output_folder_in_use_by_another_run_is_one_line(cli, paths, design_args, tmp_path, capsys):
+    """Two runs into one folder: the second stops at once and writes nothing there (no log.txt either)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "their_log.txt").write_text("the other run's file\n")
+    flag = "--out" if cli == "export" else "--save_path"
+    with held_by_another_run(out) as pid:
+        line = refused(cli, base_argv(cli, paths, design_args, out), capsys)
+        assert line == (f"error: {flag} {out} is in use by another run (process {pid}): wait for it to end, "
+                        "or choose another folder")
+        assert sorted(p.name for p in out.iterdir()) == [".anomalyclip.lock", "their_log.txt"]
+    assert (out / "their_log.txt").read_text() == "the other run's file\n"
+
+
+def test_folder_of_a_killed_run_is_free_again(paths, design_args, tmp_path, capsys):
+    """The kernel drops a killed holder's lock; its stale lock file does not block, and is removed afterwards."""
+    out = tmp_path / "out"
+    with held_by_another_run(out):
+        pass
+    assert (out / ".anomalyclip.lock").exists()  # SIGKILL left it
+    status, stderr = run("one", base_argv("one", paths, design_args, out), capsys)
+    assert status == 0, stderr
+    assert (out / "predictions.csv").exists() and not (out / ".anomalyclip.lock").exists()
+
+
+def test_cache_dir_in_use_by_another_run_is_one_line(paths, design_args, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    argv = [*base_argv("train", paths, design_args, tmp_path / "out"), "--cache_memory_gb", 0, "--cache_dir", cache]
+    with held_by_another_run(cache) as pid:
+        line = refused("train", argv, capsys)
+    assert line == (f"error: --cache_dir {cache} is in use by another run (process {pid}): wait for it to end, "
+                    "or choose another folder")
+    assert not list((tmp_path / "out").glob("epoch_*.pth"))
+
+
+def test_calibration_into_a_folder_in_use_is_one_line(paths, design_args, tmp_path, capsys):
+    saved = tmp_path / "shared" / "thresholds.json"
+    argv = ["--image_path", paths["image"], "--checkpoint_path", paths["checkpoint"], *design_args, "--calibrate",
+            "--save_thresholds", saved]
+    with held_by_another_run(saved.parent) as pid:
+        line = refused("one", argv, capsys)
+    assert line.startswith(f"error: --save_thresholds's folder {saved.parent} is in use by another run (process {pid})")
+    assert not saved.exists()
+
 # --- meta.json ----------------------------------------------------------------------------------
 
 ITEM = {"img_path": "blobs/Data/Images/Normal/0000.JPG", "mask_path": "", "cls_name": "blobs", "specie_name": "",
