@@ -15,7 +15,8 @@ looked up under ``root`` by its longest trailing part that exists there.
 
 Masks: a normal item always gets an all-zero mask; an anomalous item with ``mask_path`` ``""``
 (or, as in the original, a path that is a folder) gets an all-zero mask; a mask file that does
-not exist raises :class:`AnomalyCLIPError` when the item is loaded.
+not exist, or whose size is not its image's, raises :class:`AnomalyCLIPError` when the item is
+loaded (the original resized such a mask onto the image, shifting the defect it marks).
 """
 
 from __future__ import annotations
@@ -246,6 +247,11 @@ class AnomalyDataset(Dataset):
         image = load_image(image_file)
         anomaly = item["anomaly"]
         mask = load_mask(mask_file) if anomaly and mask_file else Image.new("L", image.size, 0)
+        if mask.size != image.size:
+            raise AnomalyCLIPError(
+                f"mask {mask_file} is {mask.size[0]}x{mask.size[1]} but its image {image_file} is "
+                f"{image.size[0]}x{image.size[1]}: a mask marks its own image's pixels; re-make it at the image's "
+                "size (or re-download the dataset) and re-run its indexer")
         return {
             "img": self.transform(image),
             "img_mask": binarize_mask(self.target_transform(mask)),

@@ -32,10 +32,12 @@ Choices made here (the README can quote them):
   indexed image and mask is fully decoded (PIL ``load()``, a progress bar in ``img`` on a
   terminal's stderr) so that an empty, truncated or non-image file is reported at indexing
   time rather than in the middle of training or evaluation.
-* Masks are paired with images by name with a per-layout :class:`MaskRule`, never by position.
+* Masks are paired with images by name with a per-layout :class:`MaskRule`, never by position,
+  and must have their image's width and height (a mask of another size belongs to another image,
+  or was resized: resizing it to the image's would shift the defect it marks).
 * Errors: every problem of a run is collected first, then one :class:`AnomalyCLIPError` lists
   them by kind (missing folder, anomalous image without mask, mask without image, folder
-  without images, class without images, unreadable image, ...), naming at most 10 paths
+  without images, class without images, unreadable image, mask of another size, ...), naming at most 10 paths
   relative to the root and counting the rest, and ending with the expected layout.
 """
 
@@ -70,9 +72,12 @@ MAX_LISTED = 10
 MAX_DECODE_THREADS = 8
 DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 UNREADABLE = "unreadable image"
+MASK_SIZE = "mask of another size than its image"
 FIXES = {
     UNREADABLE: "Unreadable images are empty, cut short or not images: re-download or re-extract "
                 "the listed file(s), or delete them",
+    MASK_SIZE: "A mask must have its image's width and height (it marks that image's pixels): re-download the "
+               "masks, or re-make them at their image's size",
 }
 
 Item = dict[str, str | int]
@@ -515,35 +520,43 @@ class VisaLayout:
         return rows
 
 
-def decode_failure(path: Path) -> str | None:
-    """Why PIL cannot fully decode the image at ``path``, or ``None`` when it can.
+def decode(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """The size of the image at ``path`` once fully decoded, or why PIL cannot decode it.
 
-    A missing file also gives ``None``: the layouts report missing files themselves.
+    Returns:
+        ``(size, None)``, or ``(None, reason)``; a missing file gives ``(None, None)`` (the layouts
+        report missing files themselves).
     """
     try:
         with Image.open(path) as image:
             image.load()
+            return image.size, None
     except FileNotFoundError:
-        return None
+        return None, None
     except DECODE_ERRORS as error:
-        return f"{type(error).__name__}: {error}"
-    return None
+        return None, f"{type(error).__name__}: {error}"
 
 
-def unreadable_images(root: Path, paths: list[str]) -> list[str]:
-    """The entries of ``paths`` (relative to ``root``) that do not decode, in the given order.
+def decoded_sizes(root: Path, paths: list[str]) -> dict[str, tuple[int, int] | None]:
+    """The size of every entry of ``paths`` (relative to ``root``) once decoded; ``None`` where it does not decode.
 
     Decodes in a few threads (PIL releases the GIL while decoding) with a tqdm bar on stderr,
     shown only when stderr is a terminal.
     """
     workers = max(1, min(MAX_DECODE_THREADS, os.cpu_count() or 1, len(paths)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        failures = list(tqdm(pool.map(lambda rel: decode_failure(root / rel), paths), total=len(paths),
-                             desc="decoding images", unit="img", file=sys.stderr, leave=False, disable=None))
-    bad = [(rel, why) for rel, why in zip(paths, failures) if why is not None]
-    for rel, why in bad:
-        logger.debug("unreadable image %s (%s)", rel, why)
-    return [rel for rel, _ in bad]
+        results = list(tqdm(pool.map(lambda rel: decode(root / rel), paths), total=len(paths),
+                            desc="decoding images", unit="img", file=sys.stderr, leave=False, disable=None))
+    for rel, (_, why) in zip(paths, results):
+        if why is not None:
+            logger.debug("unreadable image %s (%s)", rel, why)
+    return {rel: size for rel, (size, why) in zip(paths, results) if why is None}
+
+
+def unreadable_images(root: Path, paths: list[str]) -> list[str]:
+    """The entries of ``paths`` (relative to ``root``) that do not decode, in the given order."""
+    sizes = decoded_sizes(root, paths)
+    return [rel for rel in paths if rel not in sizes]
 
 
 def _indexed_files(index: MetaIndex, problems: Problems) -> list[str]:
@@ -558,9 +571,22 @@ def _indexed_files(index: MetaIndex, problems: Problems) -> list[str]:
 
 
 def _check_contents(index: MetaIndex, root: Path, problems: Problems) -> None:
-    """Record empty classes, and every image or mask that PIL cannot fully decode."""
-    for path in unreadable_images(root, _indexed_files(index, problems)):
-        problems.add(UNREADABLE, path)
+    """Record empty classes, every image or mask that PIL cannot fully decode, and masks of another size."""
+    paths = _indexed_files(index, problems)
+    sizes = decoded_sizes(root, paths)
+    for path in paths:
+        if path not in sizes:
+            problems.add(UNREADABLE, path)
+    for item in (item for classes in index.values() for items in classes.values() for item in items):
+        image_size, mask_size = sizes.get(str(item["img_path"])), sizes.get(str(item["mask_path"]))
+        if item["mask_path"] and image_size and mask_size and image_size != mask_size:
+            problems.add(MASK_SIZE, f"{item['mask_path']} ({size_text(mask_size)}) for {item['img_path']} "
+                                    f"({size_text(image_size)})")
+
+
+def size_text(size: tuple[int, int]) -> str:
+    """``"640x480"``: width x height, as image viewers show it."""
+    return f"{size[0]}x{size[1]}"
 
 
 def write_meta(root: Path, index: MetaIndex) -> Path:

@@ -215,6 +215,22 @@ def test_error_in_a_worker_stops_the_workers_at_once(cli, fault, worker_runs):
     assert worker_runs(cli, fault).workers_left == []
 
 
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mask_of_another_size_than_its_image_is_one_line(workers, paths, design_args, tmp_path, capsys):
+    """A meta.json of another indexer may pair a mask of another size; the original resized it onto the image."""
+    root, _, items = copy_dataset(paths["target"], tmp_path / "data")
+    item = next(item for item in items if item["anomaly"] and item["mask_path"])
+    mask, image = root / item["mask_path"], root / item["img_path"]
+    with Image.open(mask) as loaded:
+        width, height = loaded.size
+        loaded.resize((width + 3, height)).save(mask)
+    argv = [*base_argv("test", paths, design_args, tmp_path / "out"), "--data_path", root, "--num_workers", workers]
+    line = refused("test", argv, capsys)
+    assert line == (f"error: mask {mask} is {width + 3}x{height} but its image {image} is {width}x{height}: a mask "
+                    "marks its own image's pixels; re-make it at the image's size (or re-download the dataset) and "
+                    "re-run its indexer")
+
 # --- files gone after indexing ------------------------------------------------------------------
 
 

@@ -115,3 +115,22 @@ def test_help_shows_defaults() -> None:
     text = " ".join(done.stdout.split())
     assert "(default: _mask)" in text and "(default: ['good'])" in text
     assert "(default: all, sorted)" in text and "None" not in text
+
+
+def test_masks_of_another_size_than_their_image_stop_indexing(tmp_path: Path) -> None:
+    """A mask must mark its own image's pixels: 16x16 images with a 16x12 and a 32x32 mask are refused."""
+    from PIL import Image
+
+    mvtec_class(Tree(tmp_path), "bottle")
+    masks = sorted((tmp_path / "bottle/ground_truth").rglob("*_mask.png"))
+    Image.new("L", (16, 12), 255).save(masks[0])
+    Image.new("L", (32, 32), 255).save(masks[1])
+    done = run_mvtec(tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = error_lines(done.stderr)
+    assert len(lines) == 1
+    first, second = (mask.relative_to(tmp_path).as_posix() for mask in masks[:2])
+    assert (f"mask of another size than its image (2): {first} (16x12) for "
+            f"{first.replace('ground_truth', 'test').replace('_mask', '')} (16x16), {second} (32x32) for ") in lines[0]
+    assert "re-make them at their image's size" in lines[0]
+    assert not (tmp_path / "meta.json").exists()
