@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import AnomalyCLIPError
+
+# Graph files of an export.py folder: ONNX, OpenVINO IR (its weights, .bin, lie beside the .xml).
+GRAPH_SUFFIXES = (".onnx", ".xml")
 
 
 def check_is_file(path: Path, what: str, fix: str) -> None:
@@ -27,10 +32,17 @@ def load_tensors(path: str | os.PathLike, what: str) -> object:
     protection off.
     """
     path = Path(path)
+    if _is_graph_file(path):
+        raise AnomalyCLIPError(f"{what} {path} is an exported graph (export.py), not a PyTorch checkpoint: give a "
+                               ".pth file here; an export is scored by test.py and test_one_example.py with "
+                               f"--runtime onnxruntime|openvino --model {path.parent}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
+        with warnings.catch_warnings():  # torch's note on a plain pickle's protocol, before it refuses the file
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch says "Weights only load failed" both for a pickle of objects and for bytes that are no pickle.
+        if _looks_like_zip(path) or _is_pickle(path):
             raise AnomalyCLIPError(f"{what} {path} holds Python objects besides tensors; they are not loaded because "
                                    "a pickle can run code: use a file of tensors (a state dict saved with torch.save)"
                                    ) from None
@@ -44,6 +56,23 @@ def load_tensors(path: str | os.PathLike, what: str) -> object:
                                "download the file again") from None
 
 
+def _is_graph_file(path: Path) -> bool:
+    """An ONNX or OpenVINO graph; a ``.bin`` only beside its ``.xml`` (``pytorch_model.bin`` is torch's format)."""
+    suffix = path.suffix.lower()
+    return suffix in GRAPH_SUFFIXES or (suffix == ".bin" and path.with_suffix(".xml").is_file())
+
+
 def _looks_like_zip(path: Path) -> bool:
     with open(path, "rb") as handle:
         return handle.read(4) == b"PK\x03\x04"
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts with a whole pickle stream, read opcode by opcode (nothing is run)."""
+    try:
+        with open(path, "rb") as handle:
+            for _ in pickletools.genops(handle):
+                pass
+    except Exception:  # genops raises ValueError and others on bytes that are no pickle
+        return False
+    return True

@@ -17,6 +17,7 @@ import io
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -360,23 +361,37 @@ class _RunsCode:
 
 def _bad_file(kind: str, folder: Path) -> tuple[Path, Path]:
     """``(the bad file, the marker the malicious pickle would create)``."""
-    path, marker = folder / f"{kind}.pth", folder / "pickle_ran"
+    path, marker = folder / ("anomalyclip.onnx" if kind == "onnx graph" else f"{slug(kind)}.pth"), folder / "pickle_ran"
     if kind == "text":
         path.write_text("epoch 15, loss 0.1\n")
     elif kind == "folder":
         path.mkdir()
+    elif kind == "random bytes":
+        path.write_bytes(bytes(range(256)) * 8)
+    elif kind == "plain pickle":  # pickle.dump, not torch.save: no zip archive around it
+        path.write_bytes(pickle.dumps({"prompt_learner": {"ctx_pos": _RunsCode(marker)}}))
+    elif kind == "onnx graph":
+        onnx = pytest.importorskip("onnx")
+        value = onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1])
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["image"], ["score"])], "export", [value],
+                                       [onnx.helper.make_tensor_value_info("score", onnx.TensorProto.FLOAT, [1])])
+        onnx.save(onnx.helper.make_model(graph), path)
     else:
         torch.save({"prompt_learner": {"ctx_pos": _RunsCode(marker)}}, path)
     return path, marker
 
 
-MODEL_FILE_WORDS = {"text": "is not a PyTorch checkpoint", "folder": "is a folder, not a file",
-                    "pickle": "holds Python objects besides tensors; they are not loaded because a pickle can run code"}
+_OBJECTS = "holds Python objects besides tensors; they are not loaded because a pickle can run code"
+MODEL_FILE_WORDS = {"text": "is not a PyTorch checkpoint", "folder": "is a folder, not a file", "pickle": _OBJECTS,
+                    "plain pickle": _OBJECTS, "random bytes": "is not a PyTorch checkpoint (it cannot be unpickled)",
+                    "onnx graph": "is an exported graph (export.py), not a PyTorch checkpoint: give a .pth file here; "
+                                  "an export is scored by test.py and test_one_example.py with --runtime "
+                                  "onnxruntime|openvino --model "}
 MODEL_FILE_FLAGS = [("test", "--checkpoint_path"), ("one", "--checkpoint_path"), ("export", "--checkpoint_path"),
                     ("train", "--resume"), ("one", "--backbone"), ("train", "--backbone")]
 
 
-@pytest.mark.parametrize("kind", list(MODEL_FILE_WORDS))
+@pytest.mark.parametrize("kind", list(MODEL_FILE_WORDS), ids=slug)
 @pytest.mark.parametrize("cli, flag", MODEL_FILE_FLAGS, ids=[f"{cli}{flag}" for cli, flag in MODEL_FILE_FLAGS])
 def test_wrong_model_files_are_one_line(cli, flag, kind, paths, design_args, tmp_path, capsys):
     """A text file, a folder or a malicious pickle as a checkpoint or backbone: named, never run."""
