@@ -76,8 +76,21 @@ class Availability:
         return "pixel-level" if self.pixel_level else "none"
 
 
+def check_dataset_root(root: str | Path) -> None:
+    """A dataset root is a folder that exists (it holds meta.json, or its indexer writes one there)."""
+    root = Path(root)
+    if root.is_file():
+        fix = f"give the folder that holds it, {root.parent}" if root.name == "meta.json" else \
+            "give the dataset's root folder (where its meta.json is)"
+        raise AnomalyCLIPError(f"dataset root {root} is a file, not a folder: {fix}")
+    if not root.exists():
+        raise AnomalyCLIPError(f"dataset root {root} does not exist: check the path (the folder that holds the "
+                               "dataset and its meta.json)")
+
+
 def read_meta(root: str | Path) -> dict[str, Any]:
     """Load ``root/meta.json``, or raise an error that says how to create it."""
+    check_dataset_root(root)
     path = Path(root) / "meta.json"
     if not path.is_file():
         raise AnomalyCLIPError(f"{path} does not exist; {INDEX_FIX.format(root=root)}")
