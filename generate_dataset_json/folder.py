@@ -11,7 +11,9 @@ the order given); a root that itself holds ``test`` is one class named after the
 Anomalous type folders without a ``ground_truth/<type>`` folder are indexed without masks
 (image-level metrics only; the run says so). When the mask folder exists, every image of the
 type needs its mask and every mask its image. Masks may have any image extension;
-``--mask-suffix ""`` pairs ``000.png`` with ``ground_truth/<type>/000.png``.
+``--mask-suffix ""`` pairs ``000.png`` with ``ground_truth/<type>/000.png``. Each normal name
+must be a type folder of some class (a misspelt one would index every image as anomalous); a
+dataset without normal images takes ``--normal-names`` with no name.
 """
 
 import argparse
@@ -38,18 +40,20 @@ def folder_layout(normal_names: tuple[str, ...] = ("good",), mask_suffix: str = 
     """
     return FolderLayout(
         name="custom dataset",
-        hint=f"ROOT/<class>/test/<type>/* with normal type(s) {', '.join(normal_names)}, optional "
+        hint=f"ROOT/<class>/test/<type>/* with normal type(s) {', '.join(normal_names) or '(none)'}, optional "
         f"ROOT/<class>/train/<normal type>/* and masks ROOT/<class>/ground_truth/<type>/<stem>{mask_suffix}.<ext>",
         normal_types=tuple(normal_names),
         masks="optional",
         mask_rule=MaskRule(mask_suffix, None),
         class_filter=classes,
+        check_normal_types=True,
     )
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--normal-names", nargs="+", default=["good"], metavar="NAME",
-                        help="type folder name(s) that hold normal images")
+    parser.add_argument("--normal-names", nargs="*", default=["good"], metavar="NAME",
+                        help="type folder name(s) that hold normal images, each found in some class; no name: the "
+                             "dataset has no normal images")
     parser.add_argument("--mask-suffix", default="_mask",
                         help="mask file name = image stem + this suffix + any image extension")
     # the formatter adds "(default: ...)" unless the help names %(default)s itself

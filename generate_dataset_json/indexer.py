@@ -73,11 +73,14 @@ MAX_DECODE_THREADS = 8
 DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 UNREADABLE = "unreadable image"
 MASK_SIZE = "mask of another size than its image"
+NORMAL_TYPE_ABSENT = "normal type folder in no class"
 FIXES = {
     UNREADABLE: "Unreadable images are empty, cut short or not images: re-download or re-extract "
                 "the listed file(s), or delete them",
     MASK_SIZE: "A mask must have its image's width and height (it marks that image's pixels): re-download the "
                "masks, or re-make them at their image's size",
+    NORMAL_TYPE_ABSENT: "Give --normal-names the folder name(s) of the normal images (else every image would be "
+                        "indexed as anomalous), or --normal-names with no name when the dataset has none",
 }
 
 Item = dict[str, str | int]
@@ -272,6 +275,8 @@ class FolderLayout:
         nested_images: A sub-folder of a type folder that holds its images when the type
             folder itself holds none (COVID-19 Radiography v4: ``COVID/images/*``).
         class_filter: Only these classes, in this order (``folder.py --classes``).
+        check_normal_types: Each of ``normal_types`` must name a type folder of some class
+            (``folder.py --normal-names``: a misspelt name would index every image as anomalous).
     """
 
     name: str
@@ -289,11 +294,13 @@ class FolderLayout:
     specie_name: str | None = None
     nested_images: str | None = None
     class_filter: tuple[str, ...] | None = None
+    check_normal_types: bool = False
 
     def collect(self, root: Path, problems: Problems) -> MetaIndex:
         """Walk every class; see :class:`Layout`."""
         index: MetaIndex = {split: {} for split in SPLITS}
         without: dict[str, list[str]] = {}
+        types_seen: set[str] = set()
         for cls_name, cls_dir in self._classes(root):
             mask_folders: dict[Path, MaskFolder] = {}
             for split, sub in self.splits:
@@ -304,11 +311,16 @@ class FolderLayout:
                     else:
                         without.setdefault(split, []).append(cls_name)
                     continue
-                index[split][cls_name] = self._collect_split(root, cls_name, cls_dir, split_dir, mask_folders, problems)
+                index[split][cls_name] = self._collect_split(root, cls_name, cls_dir, split_dir, mask_folders, problems,
+                                                             types_seen)
             self._report_orphans(cls_dir, mask_folders, problems)
         for split, names in without.items():
             logger.info("%s: no %s folder for class(es) %s; their %s split is left out",
                         self.name, split, listed(names), split)
+        if self.check_normal_types:
+            for name in self.normal_types:
+                if name not in types_seen:
+                    problems.add(NORMAL_TYPE_ABSENT, f"{name} (type folders found: {listed(sorted(types_seen))})")
         return index
 
     def _classes(self, root: Path) -> list[tuple[str, Path]]:
@@ -354,9 +366,10 @@ class FolderLayout:
         return images
 
     def _collect_split(self, root: Path, cls_name: str, cls_dir: Path, split_dir: Path,
-                       mask_folders: dict[Path, MaskFolder], problems: Problems) -> list[Item]:
+                       mask_folders: dict[Path, MaskFolder], problems: Problems, types_seen: set[str]) -> list[Item]:
         items: list[Item] = []
         for type_dir in self._types(split_dir, problems):
+            types_seen.add(type_dir.name)
             images = self._type_images(type_dir)
             if not images:
                 problems.add("folder without images", type_dir)

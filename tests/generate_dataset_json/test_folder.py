@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
 from generate_dataset_json.folder import folder_layout
 from generate_dataset_json.indexer import index_dataset, run_cli
+from tests.conftest import REPO_ROOT
 from tests.generate_dataset_json.trees import SIZE, Tree, mvtec_class
 
 
@@ -66,3 +69,32 @@ def test_same_stem_masks_single_class_root_and_class_filter(tmp_path: Path) -> N
     assert list(index["test"]) == ["c", "a"]
     with pytest.raises(AnomalyCLIPError, match="class.*zzz.*not found"):
         index_dataset(folder_layout(classes=("zzz",)), tmp_path / "many")
+
+
+def _folder_cli(root: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "generate_dataset_json/folder.py"), "--root", str(root),
+                           *flags], capture_output=True, text=True, timeout=120)
+
+
+def test_misspelt_normal_name_is_refused_not_indexed_as_anomalous(tmp_path: Path) -> None:
+    """--normal-names okk (the folder is ok) used to index every image as anomalous, with warnings only."""
+    tree = Tree(tmp_path)
+    mvtec_class(tree, "gear", normal="ok", anomalous={"dent": ["a1"]})
+    done = _folder_cli(tmp_path, "--normal-names", "ok", "okk")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert "normal type folder in no class (1): okk (type folders found: dent, ok)." in lines[0]
+    assert "or --normal-names with no name when the dataset has none" in lines[0]
+    assert not (tmp_path / "meta.json").exists()
+    assert _folder_cli(tmp_path, "--normal-names", "ok").returncode == 0
+    assert json.loads((tmp_path / "meta.json").read_text())["test"]["gear"] == tree.expected["test"]["gear"]
+
+
+def test_normal_names_without_a_name_indexes_a_dataset_of_defects_only(tmp_path: Path) -> None:
+    tree = Tree(tmp_path)
+    tree.add("test", "polyp", "polyp/test/polyp/0.png", "polyp/ground_truth/polyp/0_mask.png", "polyp", 1)
+    assert _folder_cli(tmp_path).returncode == 2  # the default, good, is no folder here
+    done = _folder_cli(tmp_path, "--normal-names")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "meta.json").read_text())["test"] == tree.expected["test"]
