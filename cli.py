@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, FlagError, PeerFailed, one_line, os_error_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, FlagError, PeerFailed, one_line, user_error_line
 from AnomalyCLIP_lib.pretrained import available_models
 
 if TYPE_CHECKING:
@@ -203,8 +203,8 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
     except AnomalyCLIPError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        line = os_error_line(exc)
+    except (OSError, MemoryError, RuntimeError) as exc:
+        line = user_error_line(exc)
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line, os_error_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line, user_error_line
 from atomic import locked_folder
 
 logger = logging.getLogger(__name__)
@@ -130,8 +130,8 @@ def _raise_first(world: World, errors: list[str | None]) -> None:
 def guarded(world: World, work: Callable[[], T]) -> tuple[T | None, str | None]:
     """Run ``work``; in a distributed world a user error is returned (to be shared) instead of raised.
 
-    User errors are :class:`AnomalyCLIPError` and the operating-system errors a user fixes (a
-    full disk, a read-only folder: :func:`os_error_line`).
+    User errors are :class:`AnomalyCLIPError`, the operating-system errors a user fixes (a
+    full disk, a read-only folder) and running out of memory (:func:`user_error_line`).
     """
     if not world.distributed:
         return work(), None
@@ -141,8 +141,8 @@ def guarded(world: World, work: Callable[[], T]) -> tuple[T | None, str | None]:
         raise
     except AnomalyCLIPError as exc:
         return None, one_line(exc)
-    except OSError as exc:
-        line = os_error_line(exc)
+    except (OSError, MemoryError, RuntimeError) as exc:
+        line = user_error_line(exc)
         if line is None:
             raise
         return None, line

@@ -26,7 +26,6 @@ from cli import (  # noqa: F401
     add_model_args,
     check_args,
     cli_parser,
-    os_error_line,
     run_cli,
 )
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state

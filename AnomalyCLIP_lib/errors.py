@@ -5,6 +5,7 @@ command-line entry points catch it and print that line instead of a traceback.
 """
 
 import errno
+import re
 
 
 class AnomalyCLIPError(Exception):
@@ -57,3 +58,32 @@ def os_error_line(exc: OSError) -> str | None:
         return None
     where = f"cannot write {exc.filename}" if exc.filename else "cannot write a file"
     return f"{where}: {advice}"
+
+
+# How torch words an allocation that failed: the CPU allocator, the CUDA caching allocator, a CUDA call.
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|not enough memory|CUDA out of memory|CUDA error: out of memory")
+_TRIED = re.compile(r"tried to allocate (\d+) bytes|Tried to allocate ([\d.]+ [KMGT]i?B)")
+
+
+def out_of_memory_line(exc: BaseException) -> str | None:
+    """One line for running out of memory (a batch or an image too large for the device), else ``None``."""
+    if isinstance(exc, MemoryError):
+        device, size = "the CPU", ""
+    elif isinstance(exc, RuntimeError) and _OUT_OF_MEMORY.search(str(exc)):
+        device = "the GPU" if "CUDA" in str(exc) else "the CPU"
+        tried = _TRIED.search(str(exc))
+        size = ""
+        if tried:
+            amount = f"{int(tried[1]) / 2**30:.1f} GiB" if tried[1] else tried[2]
+            size = f" (an allocation of {amount})"
+    else:
+        return None
+    return (f"out of memory on {device}{size}: lower --batch_size or --image_size, or free memory (other processes "
+            "on that device)")
+
+
+def user_error_line(exc: BaseException) -> str | None:
+    """The line of any error the user fixes that is not an :class:`AnomalyCLIPError`: system and memory errors."""
+    if isinstance(exc, OSError):
+        return os_error_line(exc)
+    return out_of_memory_line(exc)

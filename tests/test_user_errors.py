@@ -550,6 +550,30 @@ def test_calibration_into_a_folder_in_use_is_one_line(paths, design_args, tmp_pa
     assert line.startswith(f"error: --save_thresholds's folder {saved.parent} is in use by another run (process {pid})")
     assert not saved.exists()
 
+
+def _address_space_limit(limit: int):
+    def apply() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def test_out_of_memory_is_one_line(paths, design_args, tmp_path):
+    """--image_size 59990 asks for GiBs at once; under an address-space limit (so that this machine's memory is never
+    touched) the allocation fails as it does on a device that is full."""
+    argv = [*base_argv("one", paths, design_args, tmp_path / "out"), "--image_size", 59990]
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "test_one_example.py"), *map(str, argv)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, preexec_fn=_address_space_limit(6 * 2**30))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("loaded backbone ")]  # its INFO log
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert re.fullmatch(r"error: out of memory on the CPU( \(an allocation of \d+\.\d GiB\))?: lower --batch_size or "
+                        r"--image_size, or free memory \(other processes on that device\)", lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
+
 # --- meta.json ----------------------------------------------------------------------------------
 
 ITEM = {"img_path": "blobs/Data/Images/Normal/0000.JPG", "mask_path": "", "cls_name": "blobs", "specie_name": "",
