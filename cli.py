@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -191,14 +192,24 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+# torchrun stops every rank once one has exited: the rank that prints the line gets this long to print it.
+QUIET_EXIT_DELAY_S = 1.0
+
+
+def _quiet_exit() -> int:
+    time.sleep(QUIET_EXIT_DELAY_S)
+    return 2
+
+
 def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
     try:
         return main(argv)
     except PeerFailed:
-        return 2  # the rank that failed has printed the error line
+        return _quiet_exit()  # the rank that failed prints the error line
     except FlagError as exc:
-        if prints_errors():
-            print(f"error: {one_line(exc)}", file=sys.stderr)
+        if not prints_errors():
+            return _quiet_exit()
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except AnomalyCLIPError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)

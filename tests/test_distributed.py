@@ -150,3 +150,30 @@ def test_bad_command_line_is_printed_once_over_the_ranks(synthetic_datasets, des
     error_lines = re.findall(r"(?<![A-Za-z_])error: [^\n]*", completed.stderr)
     assert len(error_lines) == 1 and bad[0] in error_lines[0], completed.stderr[-3000:]
     assert "usage:" not in completed.stderr
+
+
+def _launch(args: list[str]) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "launch.py", "--standalone", "--nproc_per_node", "2", *args], env=env,
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("bad, expected", [(["--seed", "-1"], "error: --seed -1 must be in"),
+                                           (["--data_path", "nowhere"], "error: dataset root nowhere does not exist")],
+                         ids=["flag", "missing-dataset"])
+def test_launcher_ends_a_user_error_as_its_one_line(synthetic_datasets, design_args, trained_checkpoint, tmp_path,
+                                                   bad, expected):
+    """torchrun adds a traceback and a failure summary after the line; launch.py adds nothing and exits with 2."""
+    argv = ["test.py", *_test_args(synthetic_datasets[1], trained_checkpoint, tmp_path / "out", design_args), *bad]
+    completed = _launch(argv)
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
+def test_launcher_reports_a_crash_with_torchruns_summary(tmp_path):
+    crash = tmp_path / "crash.py"
+    crash.write_text("import sys\nsys.exit(3)\n")
+    completed = _launch([str(crash)])
+    assert completed.returncode == 1
+    assert f"{crash} FAILED" in completed.stderr and "exitcode  : 3" in completed.stderr
