@@ -197,7 +197,10 @@ QUIET_EXIT_DELAY_S = 1.0
 
 
 def _quiet_exit() -> int:
-    time.sleep(QUIET_EXIT_DELAY_S)
+    try:
+        time.sleep(QUIET_EXIT_DELAY_S)
+    except _Terminated:
+        pass  # torchrun stopping this rank after the printing one exited: nothing to add
     return 2
 
 

@@ -19,7 +19,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
 USER_ERROR = 2  # the exit status of our CLIs on a user error (cli.run_cli)
-STOPPED = -int(signal.SIGTERM)  # a rank torchrun stopped because another one had exited
+# A rank torchrun stopped because another one had exited: killed by SIGTERM, or our CLIs' exit on it (128 + 15).
+STOPPED = (-int(signal.SIGTERM), 128 + int(signal.SIGTERM))
 AGENT_LOGGER = "torch.distributed.elastic.multiprocessing.api"
 
 
@@ -34,7 +35,7 @@ class _UserErrorNotices(logging.Filter):
 def is_user_error(failure: ChildFailedError) -> bool:
     """Whether the ranks stopped on a user error: one exited with status 2, the others with it or stopped."""
     codes = [process.exitcode for process in failure.failures.values()]
-    return USER_ERROR in codes and all(code in (USER_ERROR, STOPPED) for code in codes)
+    return USER_ERROR in codes and all(code == USER_ERROR or code in STOPPED for code in codes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
