@@ -224,8 +224,9 @@ def _lock(lock_path: Path, flag: str, folder: Path) -> int:
         except FileNotFoundError:
             same_file = False
         if same_file:  # else the previous holder removed it after we opened it: lock the new one
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            with contextlib.suppress(OSError):  # the pid only helps the message; a full disk is found by the run
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
             return fd
         os.close(fd)
 

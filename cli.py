@@ -69,10 +69,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "original on the same CPU kernels, slower (default: fused attention, equal to ~1e-6)")
 
 
-def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> None:
-    """:func:`_check_flags`, its errors as :class:`FlagError` (printed once under torchrun)."""
+def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = (),
+               more: Callable[[argparse.Namespace], None] | None = None) -> None:
+    """:func:`_check_flags`, then the calling CLI's own checks ``more``; errors as :class:`FlagError`
+    (printed once under torchrun)."""
     try:
         _check_flags(args, at_least_one)
+        if more is not None:
+            more(args)
     except FlagError:
         raise
     except AnomalyCLIPError as error:

@@ -41,6 +41,7 @@ from dataset import AnomalyDataset, loader_batches
 from feature_cache import CacheShapes, FeatureCache
 from loss import LossTerms, anomalyclip_loss
 from prompt_ensemble import AnomalyCLIP_PromptLearner
+from cli import check_output_folder
 from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger,
                    load_model_and_prompts, resolve_device, resolve_num_workers, run_cli, setup_seed)
 
@@ -84,16 +85,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_cache", action="store_true",
                         help="run the frozen image forward in every step, as the original does")
     args = parser.parse_args(argv)
-    check_args(args, at_least_one=("epoch", "print_freq", "save_freq"))
+    check_args(args, at_least_one=("epoch", "print_freq", "save_freq"), more=_check_train_flags)
+    return args
+
+
+def _check_train_flags(args: argparse.Namespace) -> None:
     if args.no_cache and (args.keep_cache or args.cache_dir):
         raise AnomalyCLIPError("--no_cache cannot be combined with --keep_cache or --cache_dir: drop one")
     if not (math.isfinite(args.cache_memory_gb) and args.cache_memory_gb >= 0):
         raise AnomalyCLIPError(f"--cache_memory_gb {args.cache_memory_gb} must be >= 0 (0 keeps the cache on disk)")
-    if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
-        raise AnomalyCLIPError(f"--cache_dir {args.cache_dir} is a file, not a folder: give a folder for the cache")
+    if args.cache_dir:
+        check_output_folder(args.cache_dir, "--cache_dir")
     if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
         raise AnomalyCLIPError(f"--learning_rate {args.learning_rate} must be a positive number (released: 0.001)")
-    return args
 
 
 def train_step(

@@ -103,16 +103,15 @@ def test_train_error_on_one_rank_ends_both(synthetic_datasets, design_args, tmp_
     assert not list((tmp_path / "ck").glob("epoch_*.pth"))
 
 
-def test_train_cache_error_on_rank_0_ends_both(synthetic_datasets, design_args, tmp_path):
-    # The cache folder cannot be made (its parent is a file): rank 0 fails while storing the first round.
+def test_train_cache_dir_under_a_file_is_one_line_over_the_ranks(synthetic_datasets, design_args, tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
     flags = ["--cache_memory_gb", "0", "--cache_dir", str(not_a_folder / "sub")]
     completed = _torchrun(["train.py", *_train_args(synthetic_datasets[0], tmp_path / "ck", design_args, *flags)])
     assert completed.returncode != 0
     error_lines = re.findall(r"(?<![A-Za-z_])error: [^\n]*", completed.stderr)
-    assert len(error_lines) == 1, completed.stderr[-3000:]
-    assert "cannot create the feature cache folder" in error_lines[0] and "--cache_dir" in error_lines[0]
+    assert error_lines == [f"error: --cache_dir {not_a_folder / 'sub'} lies under {not_a_folder}, which is a file; "
+                           "give a folder"], completed.stderr[-3000:]
 
 
 def test_guarded_shares_user_errors_and_raises_the_rest():

@@ -180,7 +180,7 @@ def test_feature_cache_on_a_small_disk_is_refused_before_writing(synthetic_datas
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: the feature cache needs ") and f"but {disk / 'cache'} has " in line, line
     assert "give --cache_dir on a larger disk, or --no_cache" in line and "0.00" not in line
-    assert list((disk / "cache").iterdir()) == []
+    assert not (disk / "cache").exists()  # made by this run, for the cache, and removed with it
 
 
 def _test_argv(synthetic_datasets, design_args, checkpoint: Path, save_path: Path, *flags: str) -> list[str]:

@@ -10,7 +10,8 @@ the metrics per class, and the table as text.
   original's arithmetic. On the goldens' CPU vendor (``same_kernels_as_goldens``) that is bit
   for bit: scores, maps and masks equal, every metric equal (pixel AUROC, summed in another
   order than sklearn's, to 1e-12) and the table text identical. On other vendors MKL picks
-  other AVX2 code paths, so the goldens' tolerance applies (scores and maps 1e-5, metrics 1e-4).
+  other AVX2 code paths, so the goldens' tolerance applies (scores and maps 1e-5, metrics 1e-4;
+  AUPRO 1e-3: it moved by 1.3e-4 on an Intel Xeon).
 * With the default fused attention on this machine's own kernels, maps move by ~1e-6 (1e-5
   allowed); the cflow AUPRO, a step function of 200 thresholds over the maps, can then move by
   ~1e-5 when a pixel crosses a threshold, so the metrics are held to 1e-4 there.
@@ -73,8 +74,9 @@ def _compare(record, save_path: Path, exact: bool) -> None:
             assert np.abs(maps - record[f"{name}__anomaly_maps"]).max() <= 1e-5, name
         for golden_name, ours_name in METRIC_NAMES.items():
             ours, reference = summary["per_class"][name][ours_name], float(record[f"{name}__metric__{golden_name}"])
-            if not exact:
-                assert abs(ours - reference) <= 1e-4, (name, ours_name, ours, reference)
+            if not exact:  # AUPRO, a step function of 200 thresholds, moved by 1.3e-4 on an Intel Xeon pinned to AVX2
+                allowed = 1e-3 if ours_name == "pixel_aupro" else 1e-4
+                assert abs(ours - reference) <= allowed, (name, ours_name, ours, reference)
             elif ours_name == "pixel_auroc":  # sklearn's roc_auc_score sums in another order
                 assert abs(ours - reference) <= 1e-12, (name, ours_name, ours, reference)
             else:
