@@ -41,6 +41,7 @@ from tqdm import tqdm
 # Torch-free imports only: with --runtime the whole run needs numpy, Pillow and the runtime
 # (torch is imported in _torch_batches).
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.images import unreadable_headers
 from AnomalyCLIP_lib.precision import PRECISIONS
 from AnomalyCLIP_lib.runtime import RUNTIMES, ExportedModel, load_image
 from atomic import atomic_write_text, locked_folder
@@ -238,9 +239,13 @@ def image_files(path: str | Path, exclude: str | Path | None = None) -> list[Pat
 
     Non-images, hidden files and folders, and files under ``exclude`` (the save path, when it
     lies inside the folder) are skipped.
+
+    Raises:
+        AnomalyCLIPError: No image is found, or files with an image's name are not images (all are named).
     """
     path = Path(path)
     if path.is_file():
+        _check_headers([path])
         return [path]
     if not path.is_dir():
         raise AnomalyCLIPError(f"--image_path {path} does not exist")
@@ -250,7 +255,21 @@ def image_files(path: str | Path, exclude: str | Path | None = None) -> list[Pat
     if not files:
         raise AnomalyCLIPError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); pass an image or a "
                                "folder of them")
+    _check_headers(files)
     return files
+
+
+def _check_headers(files: Sequence[Path], shown: int = 5) -> None:
+    """Refuse, before the model loads, every file that is not an image at all, listing them at once."""
+    bad = unreadable_headers(tqdm(files, desc="checking images", unit="image", disable=None, leave=False))
+    if bad and len(files) == 1:
+        raise AnomalyCLIPError(f"cannot read image file {bad[0][0]} ({bad[0][1]}); the file is corrupt or not an "
+                               "image: replace it")
+    if bad:
+        listed = "; ".join(f"{file} ({reason})" for file, reason in bad[:shown])
+        more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise AnomalyCLIPError(f"{len(bad)} of {len(files)} image file(s) cannot be read: {listed}{more}; "
+                               "they are corrupt or not images: replace or remove them")
 
 
 def relative_name(file: Path, image_path: str | Path) -> Path:

@@ -8,6 +8,7 @@ by a per-image min-max stretch, and unreadable files raise one line naming them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import AnomalyCLIPError
 
+# Fits a dataset's file and an image given on the command line alike.
+_REPLACE = "replace it, or remove it (and re-run the dataset indexer if a meta.json lists it)"
 _HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
@@ -31,13 +34,30 @@ def _open(path: str | Path, what: str) -> Image.Image:
     except Image.DecompressionBombError as error:  # an Exception, not an OSError
         raise AnomalyCLIPError(
             f"cannot read {what} {path}: its header claims more pixels than Pillow decodes safely ({error}); "
-            "the file is corrupt or hostile: replace it, or remove it and re-run the dataset indexer"
+            "the file is corrupt or hostile: " + _REPLACE
         ) from error
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise AnomalyCLIPError(
-            f"cannot read {what} {path} ({error}); the file is corrupt or not an image: "
-            "replace it, or remove it and re-run the dataset indexer"
+            f"cannot read {what} {path} ({error}); the file is corrupt or not an image: {_REPLACE}"
         ) from error
+
+
+def unreadable_headers(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
+    """The files among ``paths`` whose header Pillow cannot read, with the reason of each.
+
+    Only headers are read (a few kilobytes a file), so a folder of images is checked before a
+    model loads; a file cut inside its pixel data is found when it is decoded.
+    """
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except Image.DecompressionBombError:  # decoding refuses it, with its own line; the header is fine
+            continue
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+            bad.append((Path(path), str(error) or type(error).__name__))
+    return bad
 
 
 def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:

@@ -30,11 +30,11 @@ def normalize_layers(features_list: Iterable[int], num_layers: int) -> list[int]
     """
     layers = sorted(set(int(layer) for layer in features_list))
     if not layers:
-        raise AnomalyCLIPError("features_list is empty; pass at least one layer, e.g. --features_list 24")
+        raise AnomalyCLIPError("--features_list is empty; pass at least one layer, e.g. --features_list 24")
     bad = [layer for layer in layers if not 1 <= layer <= num_layers]
     if bad:
         raise AnomalyCLIPError(
-            f"features_list has layers {bad} outside 1..{num_layers} (the backbone has {num_layers} vision layers)"
+            f"--features_list has layers {bad} outside 1..{num_layers} (the backbone has {num_layers} vision layers)"
         )
     return layers
 

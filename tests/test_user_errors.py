@@ -273,6 +273,31 @@ def test_files_emptied_after_indexing_are_listed_before_the_model_loads(cli, pat
     assert f"{root / 'meta.json'} lists 2 empty file(s): {', '.join(in_order)}; replace them" in line
 
 
+def test_image_folder_with_non_images_is_listed_before_the_model_loads(paths, design_args, tmp_path, capsys):
+    """test_one_example.py: every file of an image's name that is not an image, in one line, before the backbone
+    is opened and before anything is written (a folder of images used to stop at the first one, after the overlays
+    of the images before it)."""
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(paths["image"], folder / "a.JPG")
+    shutil.copy(paths["image"], folder / "sub" / "d.JPG")
+    (folder / "b.png").write_text("<html>not found</html>")
+    (folder / "sub" / "c.jpg").write_bytes(b"")
+    (folder / "e.png").write_bytes(paths["image"].read_bytes()[:300])  # a JPEG cut inside its header
+    flags = with_backbone(design_args, tmp_path / "absent_backbone.pt")
+    out = tmp_path / "out"
+    argv = [*base_argv("one", paths, flags, out), "--image_path", folder, "--batch_size", 1]
+    line = refused("one", argv, capsys)
+    head = "error: 3 of 5 image file(s) cannot be read: "
+    assert line.startswith(head)
+    named = [part.split(" (")[0] for part in line.removeprefix(head).split("; ")]
+    assert named[:3] == [str(folder / "b.png"), str(folder / "e.png"), str(folder / "sub" / "c.jpg")]
+    assert "absent_backbone" not in line
+    assert not out.exists()
+    single = refused("one", [*base_argv("one", paths, flags, out), "--image_path", folder / "b.png"], capsys)
+    assert single.startswith(f"error: cannot read image file {folder / 'b.png'} (cannot identify image file")
+
+
 # --- flags --------------------------------------------------------------------------------------
 
 # (case, CLI, extra flags with {placeholders} from the ``paths`` fixture, words the line must hold)
