@@ -16,13 +16,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, FlagError, PeerFailed, one_line, user_error_line
-from AnomalyCLIP_lib.pretrained import available_models
-
-if TYPE_CHECKING:
-    from AnomalyCLIP_lib.runtime import ExportedModel
+from AnomalyCLIP_lib.pretrained import available_models, backbone_sha256, sha256_of
 
 DEFAULT_BACKBONE = "ViT-L/14@336px"
 DPAM_LAYER = 20
@@ -86,6 +83,8 @@ def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = (),
 def _check_flags(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> None:
     """The checks of the flags that every CLI shares, before anything heavy runs; one-line errors.
 
+    With ``--runtime``, the export's design then replaces the model flags (:func:`use_export_settings`).
+
     Args:
         args: Parsed flags of ``train.py``, ``test.py`` or ``test_one_example.py``; checks apply to
             the flags the namespace has.
@@ -122,6 +121,8 @@ def _check_flags(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> 
             check_output_folder(getattr(args, flag), f"--{flag}")
     if hasattr(args, "runtime"):
         _check_runtime_flags(args)
+        if args.runtime != "torch":
+            use_export_settings(args)
 
 
 def check_output_folder(folder: str | os.PathLike, flag: str) -> None:
@@ -146,13 +147,87 @@ def _check_runtime_flags(args: argparse.Namespace) -> None:
         raise AnomalyCLIPError(f"--runtime {args.runtime} needs --model DIR, a folder written by export.py")
 
 
-def use_export_settings(args: argparse.Namespace, exported: ExportedModel) -> None:
-    """The exported graph fixes the design: its settings replace the model flags (and are recorded so)."""
-    scoring = exported.scoring
-    args.image_size, args.sigma = exported.image_size, scoring["sigma"]
-    args.features_list, args.feature_map_layer = list(scoring["features_list"]), [scoring["feature_map_layer"]]
-    args.checkpoint_path = args.checkpoint_path or exported.manifest["checkpoint"]["path"]
-    args.backbone = exported.manifest["backbone"]["name"]
+_NOT_GIVEN = object()
+GIVEN_FLAGS = "_given_flags"  # attribute of parsed flags: the destinations the command line set (not defaults)
+
+
+def parse_noting_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, noting in ``args._given_flags`` which flags the command line gave.
+
+    A flag given with its default value counts as given: the check of an export's settings
+    (:func:`use_export_settings`) must not take an explicit ``--image_size 518`` for a default.
+    """
+    args = parser.parse_args(argv)
+    # argparse fills in a default only where the namespace lacks the attribute: what stays a sentinel was not given.
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), _NOT_GIVEN)))
+    setattr(args, GIVEN_FLAGS, frozenset(dest for dest, value in vars(probe).items() if value is not _NOT_GIVEN))
+    return args
+
+
+def add_sigma_arg(parser: argparse.ArgumentParser) -> None:
+    """``--sigma``, the Gaussian filter of the maps (test.py, test_one_example.py, export.py)."""
+    parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
+
+
+def use_export_settings(args: argparse.Namespace) -> None:
+    """The exported graph of ``--model`` fixes the design: its settings replace the model flags (and are recorded
+    so). Reads only the export's manifest: call it before the graph loads.
+
+    Raises:
+        AnomalyCLIPError: A design flag the command line gave differs from the export's (the graph cannot
+            honour it), or ``--checkpoint_path``/``--backbone`` name other files than the export was made from.
+    """
+    from AnomalyCLIP_lib.runtime import read_manifest  # numpy and Pillow: only with --runtime
+
+    manifest = read_manifest(args.model)
+    scoring = manifest["scoring"]
+    fixed = {"image_size": manifest["image_size"], "sigma": float(scoring["sigma"]),
+             "features_list": list(scoring["features_list"]), "feature_map_layer": [scoring["feature_map_layer"]],
+             "reference_arithmetic": scoring["reference_arithmetic"], "precision": scoring["precision"],
+             **{name: manifest["design"][name] for name in ("n_ctx", "depth", "t_n_ctx")}}
+    differing = _export_mismatches(args, manifest, fixed)
+    if differing:
+        raise AnomalyCLIPError(f"{'; '.join(differing)}: {args.model} was exported otherwise and an exported "
+                               "graph's design is fixed; drop the flag(s), or run export.py again with them")
+    for name, value in fixed.items():
+        setattr(args, name, value)
+    args.checkpoint_path = args.checkpoint_path or manifest["checkpoint"]["path"]
+    args.backbone = manifest["backbone"]["name"]
+
+
+def _export_mismatches(args: argparse.Namespace, manifest: dict, fixed: dict[str, object]) -> list[str]:
+    """The flags the command line gave that the export cannot honour, each as ``--flag value (the export's: …)``."""
+    given = getattr(args, GIVEN_FLAGS, frozenset())
+    differing = [f"--{name} {_shown(getattr(args, name))} (the export's: {_shown(value)})"
+                 for name, value in fixed.items()
+                 if name in given and not _same_setting(name, getattr(args, name), value)]
+    for name, recorded in (("checkpoint_path", manifest["checkpoint"]), ("backbone", manifest["backbone"])):
+        if name in given and not _same_file(getattr(args, name), recorded, name):
+            differing.append(f"--{name} {getattr(args, name)} (not the file the export was made from)")
+    return differing
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _same_setting(name: str, value: object, fixed: object) -> bool:
+    if name == "feature_map_layer":  # only the first value is used
+        return value[0] == fixed[0]
+    return value == fixed
+
+
+def _same_file(given: str, recorded: dict[str, str], name: str) -> bool:
+    """Whether ``given`` is the recorded file: the same string, else the same SHA-256 (a registry name's is known)."""
+    if str(given) == recorded["path" if name == "checkpoint_path" else "name"]:
+        return True
+    try:
+        digest = sha256_of(given) if name == "checkpoint_path" else backbone_sha256(given)
+    except OSError:
+        return False
+    return digest == recorded["sha256"]
 
 
 def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:

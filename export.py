@@ -40,6 +40,7 @@ from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 import thresholds
 from atomic import atomic_write, atomic_write_text, locked_folder
+from cli import add_sigma_arg
 from utils import add_model_args, check_args, cli_parser, load_model_and_prompts, run_cli
 
 logger = logging.getLogger("anomalyclip.export")
@@ -57,7 +58,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = cli_parser("Export AnomalyCLIP scoring to ONNX or OpenVINO IR.")
     parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
     add_model_args(parser)
-    parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
+    add_sigma_arg(parser)
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="graph format")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--thresholds", default=None, metavar="FILE.json", help="thresholds to store in the manifest")

@@ -52,7 +52,7 @@ from AnomalyCLIP_lib.precision import PRECISIONS
 from AnomalyCLIP_lib.runtime import RUNTIMES
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from atomic import atomic_write_texts, remove_leftovers
-from cli import use_export_settings
+from cli import add_sigma_arg, parse_noting_given
 from dataset import AnomalyDataset, loader_batches
 from dump import DumpWriter
 from utils import (DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, get_logger,
@@ -77,7 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_model_args(parser)
     parser.add_argument("--metrics", choices=METRIC_SETS, default=None,
                         help="metric set (default: what the dataset's labels and masks allow)")
-    parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
+    add_sigma_arg(parser)
     parser.add_argument("--aupro", choices=metrics.AUPRO_MODES, default="cflow",
                         help="cflow: the released variant (default); exact: MVTec AD's official definition")
     add_loader_args(parser, "images per forward pass")
@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", action="store_true", help="write save_path/report.html (curves, galleries)")
     parser.add_argument("--report_k", type=int, default=5,
                         help="report: highest-scored normal and lowest-scored anomalous images per class (default 5)")
-    args = parser.parse_args(argv)
+    args = parse_noting_given(parser, argv)
     check_args(args)
     if args.report_k < 0:
         raise AnomalyCLIPError(f"--report_k {args.report_k} must be >= 0")
@@ -396,7 +396,6 @@ def _prepare(args: argparse.Namespace, device: torch.device
     exported = None
     if args.runtime != "torch":
         exported = ExportedScorer(args.model, args.runtime)
-        use_export_settings(args, exported.exported)
     dataset = AnomalyDataset(args.data_path, image_size=args.image_size, split="test", class_names=args.classes)
     metric_set = choose_metric_set(dataset, args.metrics)
     if args.threshold_method == "normal_fpr" and not dataset.any_normal:
@@ -478,7 +477,7 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
-        "config": {k: v for k, v in vars(args).items()},
+        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),
         "table": table,

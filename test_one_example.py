@@ -45,7 +45,7 @@ from AnomalyCLIP_lib.images import unreadable_headers
 from AnomalyCLIP_lib.precision import PRECISIONS
 from AnomalyCLIP_lib.runtime import RUNTIMES, ExportedModel, load_image
 from atomic import atomic_write_text, locked_folder
-from cli import DPAM_LAYER, add_model_args, check_args, cli_parser, run_cli, use_export_settings
+from cli import DPAM_LAYER, add_model_args, add_sigma_arg, check_args, cli_parser, parse_noting_given, run_cli
 from thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
                         save_thresholds, select_thresholds)
 from visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
@@ -89,7 +89,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="prompt checkpoint (ours or the original's); not needed with --runtime")
     parser.add_argument("--save_path", default="./results/single", help="folder for overlays, masks, predictions")
     add_model_args(parser)
-    parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
+    add_sigma_arg(parser)
     parser.add_argument("--threshold", type=float, default=None, help="image threshold: 'anomalous' when score >= it")
     parser.add_argument("--pixel_threshold", type=float, default=None,
                         help="pixel threshold (with --threshold): the defect mask is map >= it")
@@ -116,7 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch")
     parser.add_argument("--model", default=None,
                         help="with --runtime: the folder export.py wrote (its design replaces the model flags)")
-    return parser.parse_args(argv)
+    return parse_noting_given(parser, argv)
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -169,10 +169,9 @@ def _decision_from_flags(args: argparse.Namespace) -> Decision:
 
 
 def _load_export(args: argparse.Namespace) -> None:
-    """With ``--runtime``, the exported graph (``args.exported``); its design replaces the model flags."""
+    """With ``--runtime``, the exported graph (``args.exported``; :func:`cli.check_args` took its design)."""
     if args.runtime != "torch":
         args.exported = ExportedModel(args.model, args.runtime)
-        use_export_settings(args, args.exported)
 
 
 def _decision_from_export(args: argparse.Namespace) -> Decision | None:
