@@ -175,7 +175,7 @@ def locked_folder(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
     A second run given the same folder stops at once with one line, instead of interleaving its
     log and replacing the other run's files. The lock is the kernel's (``flock`` on
     ``folder/.anomalyclip.lock``): a killed run holds it no more, and the file is removed on exit,
-    as is the folder when this made it and it stayed empty.
+    as are the folder and its parents that this made, while they stayed empty.
 
     Args:
         folder: The output folder.
@@ -185,7 +185,7 @@ def locked_folder(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
         AnomalyCLIPError: Another process holds the folder.
     """
     folder = Path(folder)
-    made = not folder.exists()
+    made = _missing_folders(folder)
     with naming_errors(folder):
         folder.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
@@ -199,9 +199,26 @@ def locked_folder(folder: str | os.PathLike, flag: str) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(lock_path)  # while still held: a run that opened it meanwhile sees it gone and retries
         os.close(fd)
-        if made:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # made here and left empty (a run that failed early): not left behind
+        _remove_if_empty(made)  # made here and left empty (a run that failed early): not left behind
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    for part in (folder, *folder.parents):
+        if part.exists():
+            break
+        missing.append(part)
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty."""
+    for part in folders:
+        try:
+            part.rmdir()
+        except OSError:
+            return
 
 
 def _lock(lock_path: Path, flag: str, folder: Path) -> int:

@@ -220,7 +220,7 @@ class AnomalyDataset(Dataset):
         if unknown:
             raise AnomalyCLIPError(
                 f"class(es) {', '.join(unknown)} not in the '{self.split}' split of {self._meta_path()} "
-                f"(it has: {', '.join(available)}); fix the class filter"
+                f"(it has: {', '.join(available)}); fix --classes"
             )
         return [c for c in available if c in wanted]
 

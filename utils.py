@@ -135,7 +135,8 @@ def get_logger(save_path: str | os.PathLike, name: str = "anomalyclip", main_pro
     logger.propagate = False
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if main_process:
-        handlers.insert(0, _LogFile(save_path / "log.txt", mode="a"))
+        # Opened at the first message: a run that fails before it leaves no empty log.txt (nor the folder it made).
+        handlers.insert(0, _LogFile(save_path / "log.txt", mode="a", delay=True))
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)

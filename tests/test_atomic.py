@@ -130,13 +130,16 @@ def test_locked_folder_refuses_a_second_process_and_frees_the_folder_on_exit(tmp
     assert _try_lock_in_another_process(folder) == "locked"
 
 
-def test_locked_folder_removes_the_folder_it_made_when_it_stays_empty(tmp_path: Path) -> None:
-    made, existing = tmp_path / "new" / "run", tmp_path / "existing"
+def test_locked_folder_removes_the_folders_it_made_when_they_stay_empty(tmp_path: Path) -> None:
+    made, existing = tmp_path / "new" / "deeper" / "run", tmp_path / "existing"
     existing.mkdir()
     with locked_folder(made, "--save_path"), locked_folder(existing, "--out"):
         pass
-    assert not made.exists() and (tmp_path / "new").is_dir()  # only the folder itself, not its parents
+    assert not (tmp_path / "new").exists()  # the folder and the parents it made
     assert existing.is_dir() and not list(existing.iterdir())
+    with locked_folder(made, "--save_path"):
+        (tmp_path / "new" / "other.txt").write_text("made meanwhile")
+    assert not (tmp_path / "new" / "deeper").exists() and (tmp_path / "new" / "other.txt").is_file()
 
 
 def test_locked_folder_ignores_a_stale_lock_file(tmp_path: Path) -> None:

@@ -170,7 +170,8 @@ def test_user_errors_are_one_line(synthetic_datasets, trained_checkpoint, design
     assert run_cli(evaluation.main, ["--data_path", str(synthetic_datasets[1]), "--save_path", str(tmp_path),
                                      "--checkpoint_path", str(trained_checkpoint), "--classes", "nope",
                                      *design_args]) == 2
-    assert "nope" in capsys.readouterr().err
+    assert ("error: class(es) nope not in the 'test' split of" in (err := capsys.readouterr().err)
+            and "(it has: blobs, weave); fix --classes" in err)
 
 
 # --------------------------------------------------------------------------------------------

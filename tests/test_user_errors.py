@@ -623,6 +623,21 @@ def test_output_folder_in_use_by_another_run_is_one_line(cli, paths, design_args
     assert (out / "their_log.txt").read_text() == "the other run's file\n"
 
 
+@pytest.mark.parametrize("cli", ["train", "test", "one", "export"])
+def test_run_that_fails_early_leaves_no_new_folder(cli, paths, design_args, tmp_path, capsys):
+    """A user error before the first log line (a dataset or backbone that does not exist) leaves no new output
+    folder behind, nor the parents it made: it held an empty log.txt."""
+    out = tmp_path / "new" / "out"
+    if cli in ("train", "test"):
+        argv = [*base_argv(cli, paths, design_args, out), "--data_path" if cli == "test" else "--train_data_path",
+                paths["nowhere"]]
+    else:
+        argv = base_argv(cli, paths, with_backbone(design_args, paths["nowhere"]), out)
+    line = refused(cli, argv, capsys)
+    assert str(paths["nowhere"]) in line
+    assert not (tmp_path / "new").exists()
+
+
 def test_folder_of_a_killed_run_is_free_again(paths, design_args, tmp_path, capsys):
     """The kernel drops a killed holder's lock; its stale lock file does not block, and is removed afterwards."""
     out = tmp_path / "out"
