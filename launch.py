@@ -10,13 +10,16 @@ with status 2. Any other failure (a crash, a signal) gets torchrun's summary and
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import parse_args, run
+from torch.distributed.run import get_args_parser, run
 
 USER_ERROR = 2  # the exit status of our CLIs on a user error (cli.run_cli)
 # A rank torchrun stopped because another one had exited: killed by SIGTERM, or our CLIs' exit on it (128 + 15).
@@ -38,11 +41,31 @@ def is_user_error(failure: ChildFailedError) -> bool:
     return USER_ERROR in codes and all(code == USER_ERROR or code in STOPPED for code in codes)
 
 
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """torchrun's flags, with its mistakes (no script given, a bad value) as one line instead of its usage block."""
+    parser = get_args_parser()
+    parser.prog = "launch.py"
+
+    def one_line(message: str) -> NoReturn:
+        print(f"error: {message}; usage: python launch.py [torchrun flags] SCRIPT.py [its flags], see launch.py --help",
+              file=sys.stderr)
+        sys.exit(USER_ERROR)
+
+    parser.error = one_line  # type: ignore[method-assign]
+    args = parser.parse_args(list(argv))
+    if not (args.module or args.no_python or Path(args.training_script).is_file()):
+        one_line(f"the script {args.training_script} does not exist")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.getLogger(AGENT_LOGGER).addFilter(_UserErrorNotices())
     try:
         run(args)
+    except (ValueError, AssertionError) as exc:  # torchrun refused its flags (--nproc_per_node x, --nnodes 3:1)
+        print(f"error: torchrun: {exc}; see launch.py --help", file=sys.stderr)
+        return USER_ERROR
     except ChildFailedError as failure:
         if is_user_error(failure):
             return USER_ERROR

@@ -170,6 +170,22 @@ def test_launcher_ends_a_user_error_as_its_one_line(synthetic_datasets, design_a
     assert len(lines) == 1 and lines[0].startswith(expected), lines
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([], "error: the following arguments are required: training_script, training_script_args; usage: python "
+         "launch.py [torchrun flags] SCRIPT.py [its flags], see launch.py --help"),
+    (["--nproc_per_node", "2", "nope.py"], "error: the script nope.py does not exist; usage: python launch.py"),
+    (["--nproc_per_node", "x", "test.py"], "error: torchrun: Unsupported nproc_per_node value: x; see launch.py"),
+    (["--nnodes", "3:1", "test.py"], "error: torchrun: min_nodes must be > 0 and <= max_nodes, got min_nodes=3"),
+], ids=["no_script", "script_absent", "nproc_not_a_number", "nnodes_min_above_max"])
+def test_launcher_mistakes_are_one_line(argv, expected):
+    """torchrun's own usage block or traceback (or one line per rank from python) before; no rank starts."""
+    completed = subprocess.run([sys.executable, "launch.py", *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                               timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+
+
 def test_launcher_reports_a_crash_with_torchruns_summary(tmp_path):
     crash = tmp_path / "crash.py"
     crash.write_text("import sys\nsys.exit(3)\n")
