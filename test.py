@@ -99,11 +99,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report_k", type=int, default=5,
                         help="report: highest-scored normal and lowest-scored anomalous images per class (default 5)")
     args = parse_noting_given(parser, argv)
-    check_args(args)
+    check_args(args, more=_check_test_flags)
+    return args
+
+
+def _check_test_flags(args: argparse.Namespace) -> None:
+    """test.py's own flag checks (after the shared ones)."""
     if args.report_k < 0:
         raise AnomalyCLIPError(f"--report_k {args.report_k} must be >= 0")
+    if args.dump and Path(args.dump).is_dir():
+        raise AnomalyCLIPError(f"--dump {args.dump} is a folder; give a file name, e.g. {Path(args.dump) / 'dump.npz'}")
     thresholds.check_target_fpr(args.target_fpr)
-    return args
 
 
 @dataclass
@@ -450,7 +456,7 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         gathered = {name: outcome for part, _ in parts for name, outcome in part.items()}
         check_complete(gathered, expected)
         if dump is not None:
-            dump.close()
+            logger.info("dump: %s", dump.close())
     finally:
         if dump is not None:
             dump.discard()
