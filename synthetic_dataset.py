@@ -25,7 +25,6 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import shutil
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from cli import cli_parser
 from generate_dataset_json import visa
 from generate_dataset_json.folder import folder_layout
 from generate_dataset_json.indexer import MetaIndex, index_dataset, summary_table
@@ -270,7 +270,7 @@ def make_visa_like(root: str | Path, class_names: Iterable[str] = VISA_CLASSES, 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: write one synthetic dataset and its meta.json, print the counts."""
-    parser = argparse.ArgumentParser(description="Write a synthetic anomaly-detection dataset with exact masks.")
+    parser = cli_parser("Write a synthetic anomaly-detection dataset with exact masks.")
     parser.add_argument("--layout", choices=sorted(_LAYOUT_IDS), required=True)
     parser.add_argument("--root", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
@@ -284,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.size) > 2 or min(args.size) < 8:
         parser.error("--size takes SIDE or WIDTH HEIGHT, each at least 8")
+    for flag in ("n_train", "n_test_good", "n_test_defect"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be >= 0")
+    for name in args.classes or ():
+        if not name.strip() or name in (".", "..") or any(sep in name for sep in "/\\"):
+            parser.error(f"--classes {name!r} is not a folder name: use names without / or \\")
+    if args.classes and len(set(args.classes)) != len(args.classes):
+        parser.error(f"--classes {' '.join(args.classes)} repeats a class")
     make = make_mvtec_like if args.layout == "mvtec" else make_visa_like
     defaults = MVTEC_CLASSES if args.layout == "mvtec" else VISA_CLASSES
     try:

@@ -94,3 +94,22 @@ def test_cli_and_existing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert synth.main(argv) == 2
     assert "already holds checker" in capsys.readouterr().err
     assert synth.main([*argv, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--n-train", "-1"], "error: --n-train -1 must be >= 0; see "),
+    (["--classes", "a/b"], "error: --classes 'a/b' is not a folder name: use names without / or \\"),
+    (["--classes", ".."], "error: --classes '..' is not a folder name"),
+    (["--classes", "a", "a"], "error: --classes a a repeats a class"),
+    (["--size", "4"], "error: --size takes SIDE or WIDTH HEIGHT, each at least 8"),
+    (["--layout", "nope"], "error: argument --layout: invalid choice: 'nope'"),
+], ids=["negative_count", "class_with_a_slash", "class_dot_dot", "repeated_class", "size_too_small", "layout"])
+def test_cli_mistakes_are_one_line_and_write_nothing(flags, expected, tmp_path: Path, capsys) -> None:
+    """A negative count or a class with a slash made a dataset silently (nested folders); argparse printed its usage."""
+    root = tmp_path / "out"
+    with pytest.raises(SystemExit) as stopped:
+        synth.main(["--layout", "mvtec", "--root", str(root), "--size", "24", *flags])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
+    assert not root.exists()

@@ -57,7 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("kind", choices=("results", "train"))
     parser.add_argument("folders", nargs="*", type=Path)
     args = parser.parse_args(argv)
-    folders = [f for f in args.folders if (f / ("results.json" if args.kind == "results" else "log.txt")).is_file()]
+    wanted = "results.json" if args.kind == "results" else "log.txt"
+    folders = [f for f in args.folders if (f / wanted).is_file()]
+    for skipped in (f for f in args.folders if f not in folders):  # a run that failed, or a mistyped folder
+        print(f"skipped {skipped}: {'no such folder' if not skipped.is_dir() else f'no {wanted} in it'}",
+              file=sys.stderr)
     if not folders:
         print("no runs to summarise")
         return 0

@@ -89,7 +89,12 @@ def test_train_table_takes_each_runs_last_epoch(tmp_path: Path, capsys: pytest.C
 
 @pytest.mark.parametrize("kind", ["results", "train"])
 def test_nothing_to_summarise(tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
-    assert run(capsys, kind, str(tmp_path / "absent"), str(tmp_path)) == "no runs to summarise\n"
+    assert summarize.main([kind, str(tmp_path / "absent"), str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    wanted = "results.json" if kind == "results" else "log.txt"
+    assert captured.out == "no runs to summarise\n"
+    assert captured.err.splitlines() == [f"skipped {tmp_path / 'absent'}: no such folder",
+                                         f"skipped {tmp_path}: no {wanted} in it"]
     assert run(capsys, kind) == "no runs to summarise\n"
 
 
