@@ -177,9 +177,10 @@ def use_export_settings(args: argparse.Namespace) -> None:
         AnomalyCLIPError: A design flag the command line gave differs from the export's (the graph cannot
             honour it), or ``--checkpoint_path``/``--backbone`` name other files than the export was made from.
     """
-    from AnomalyCLIP_lib.runtime import read_manifest  # numpy and Pillow: only with --runtime
+    from AnomalyCLIP_lib.runtime import MANIFEST_NAME, RECORD_FIELDS, check_fields, read_manifest  # only --runtime
 
     manifest = read_manifest(args.model)
+    check_fields(manifest, RECORD_FIELDS, Path(args.model) / MANIFEST_NAME)
     scoring = manifest["scoring"]
     fixed = {"image_size": manifest["image_size"], "sigma": float(scoring["sigma"]),
              "features_list": list(scoring["features_list"]), "feature_map_layer": [scoring["feature_map_layer"]],

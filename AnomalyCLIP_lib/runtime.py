@@ -185,25 +185,32 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     if version != SUPPORTED_MANIFEST_VERSION:
         raise AnomalyCLIPError(f"{path} has manifest version {version!r}, this code reads "
                                f"{SUPPORTED_MANIFEST_VERSION}; re-run export.py")
-    _check_fields(manifest, _MANIFEST_FIELDS, path)
+    check_fields(manifest, RUNTIME_FIELDS, path)
     return manifest
 
 
 _NUMBER = (int, float)
-# The fields this code reads, with their types (bool is an int to Python: refused where a number is wanted).
-_MANIFEST_FIELDS: dict[str, Any] = {
+# The fields the runtime reads, with their types (bool is an int to Python: refused where a number is wanted).
+RUNTIME_FIELDS: dict[str, Any] = {
     "graph": str, "image_size": int,
     "preprocessing": {"mean": list, "std": list},
     "scoring": {"features_list": list, "sigma": _NUMBER, "feature_map_layer": int, "dpam_layer": int,
                 "reference_arithmetic": bool, "precision": str, "image_size": int},
+}
+# What export.py records besides, read by the CLIs (test.py, test_one_example.py) to check and record a run.
+RECORD_FIELDS: dict[str, Any] = {
     "design": {"n_ctx": int, "depth": int, "t_n_ctx": int},
     "backbone": {"name": str, "sha256": str},
     "checkpoint": {"path": str, "sha256": str},
 }
 
 
-def _check_fields(values: dict[str, Any], fields: dict[str, Any], path: Path, prefix: str = "") -> None:
-    """Refuse a manifest (hand-edited, or of another build) that lacks a field this code reads or holds a wrong type."""
+def check_fields(values: dict[str, Any], fields: dict[str, Any], path: Path, prefix: str = "") -> None:
+    """Refuse a manifest (hand-edited, or of another build) that lacks one of ``fields`` or holds a wrong type.
+
+    Raises:
+        AnomalyCLIPError: Naming the file and the field.
+    """
     for name, kind in fields.items():
         where = f"{prefix}{name}"
         if name not in values:
@@ -213,7 +220,7 @@ def _check_fields(values: dict[str, Any], fields: dict[str, Any], path: Path, pr
         if isinstance(kind, dict):
             if not isinstance(value, dict):
                 raise AnomalyCLIPError(f"{path}: '{where}' must be an object, not {value!r}; re-run export.py")
-            _check_fields(value, kind, path, f"{where}.")
+            check_fields(value, kind, path, f"{where}.")
         elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
             raise AnomalyCLIPError(f"{path}: '{where}' has the wrong type ({value!r}); re-run export.py")
 
