@@ -202,8 +202,10 @@ def _export_mismatches(args: argparse.Namespace, manifest: dict, fixed: dict[str
     differing = [f"--{name} {_shown(getattr(args, name))} (the export's: {_shown(value)})"
                  for name, value in fixed.items()
                  if name in given and not _same_setting(name, getattr(args, name), value)]
-    for name, recorded in (("checkpoint_path", manifest["checkpoint"]), ("backbone", manifest["backbone"])):
-        if name in given and not _same_file(getattr(args, name), recorded, name):
+    files = (("checkpoint_path", manifest["checkpoint"]["path"], manifest["checkpoint"]["sha256"], sha256_of),
+             ("backbone", manifest["backbone"]["name"], manifest["backbone"]["sha256"], backbone_sha256))
+    for name, recorded, sha256, digest in files:
+        if name in given and not _same_file(getattr(args, name), recorded, sha256, digest):
             differing.append(f"--{name} {getattr(args, name)} (not the file the export was made from)")
     return differing
 
@@ -220,15 +222,14 @@ def _same_setting(name: str, value: object, fixed: object) -> bool:
     return value == fixed
 
 
-def _same_file(given: str, recorded: dict[str, str], name: str) -> bool:
+def _same_file(given: str, recorded: str, sha256: str, digest: Callable[[str], str]) -> bool:
     """Whether ``given`` is the recorded file: the same string, else the same SHA-256 (a registry name's is known)."""
-    if str(given) == recorded["path" if name == "checkpoint_path" else "name"]:
+    if str(given) == recorded:
         return True
     try:
-        digest = sha256_of(given) if name == "checkpoint_path" else backbone_sha256(given)
+        return digest(given) == sha256
     except OSError:
         return False
-    return digest == recorded["sha256"]
 
 
 def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:

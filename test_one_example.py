@@ -41,7 +41,7 @@ from tqdm import tqdm
 # Torch-free imports only: with --runtime the whole run needs numpy, Pillow and the runtime
 # (torch is imported in _torch_batches).
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.images import unreadable_headers
+from AnomalyCLIP_lib.images import unreadable_error, unreadable_headers
 from AnomalyCLIP_lib.precision import PRECISIONS
 from AnomalyCLIP_lib.runtime import RUNTIMES, ExportedModel, load_image
 from atomic import atomic_write_text, locked_folder
@@ -262,8 +262,7 @@ def _check_headers(files: Sequence[Path], shown: int = 5) -> None:
     """Refuse, before the model loads, every file that is not an image at all, listing them at once."""
     bad = unreadable_headers(tqdm(files, desc="checking images", unit="image", disable=None, leave=False))
     if bad and len(files) == 1:
-        raise AnomalyCLIPError(f"cannot read image file {bad[0][0]} ({bad[0][1]}); the file is corrupt or not an "
-                               "image: replace it")
+        raise unreadable_error("image file", *bad[0])
     if bad:
         listed = "; ".join(f"{file} ({reason})" for file, reason in bad[:shown])
         more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""

@@ -37,9 +37,12 @@ def _open(path: str | Path, what: str) -> Image.Image:
             "the file is corrupt or hostile: " + _REPLACE
         ) from error
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise AnomalyCLIPError(
-            f"cannot read {what} {path} ({error}); the file is corrupt or not an image: {_REPLACE}"
-        ) from error
+        raise unreadable_error(what, path, str(error)) from error
+
+
+def unreadable_error(what: str, path: str | Path, reason: str) -> AnomalyCLIPError:
+    """The one line for a file Pillow cannot read (``what``: ``"image file"``, ``"mask file"``)."""
+    return AnomalyCLIPError(f"cannot read {what} {path} ({reason}); the file is corrupt or not an image: {_REPLACE}")
 
 
 def unreadable_headers(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
