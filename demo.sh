@@ -20,7 +20,7 @@ echo "== 1/4 synthetic datasets under $OUT/data"
 "$PYTHON" synthetic_dataset.py --layout visa --root "$OUT/data/target" --seed 1 --size 128 --overwrite
 
 echo "== 2/4 tiny random CLIP stand-in (not the real backbone)"
-"$PYTHON" -m AnomalyCLIP_lib.random_weights --preset tiny --seed 0 --out "$OUT/tiny_random_clip.pt"
+"$PYTHON" -m pipeline.random_weights --preset tiny --seed 0 --out "$OUT/tiny_random_clip.pt"
 
 echo "== 3/4 train prompts on the auxiliary dataset"
 rm -rf "$OUT/checkpoints"

@@ -46,11 +46,11 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import metrics  # noqa: E402
 from AnomalyCLIP_lib.model import build_model  # noqa: E402
-from AnomalyCLIP_lib.random_weights import PRESETS, random_state_dict  # noqa: E402
+from pipeline.random_weights import PRESETS, random_state_dict  # noqa: E402
 from AnomalyCLIP_lib.scoring import gaussian_smooth  # noqa: E402
 from measure import peak_rss_mb, process_peak_rss_mb, reset_peak_rss  # noqa: E402
 from bench_metrics import blob  # noqa: E402
-from test import ImageResult, collect_metrics  # noqa: E402
+from pipeline.evaluation import ImageResult, collect_metrics  # noqa: E402
 
 # MVTec AD test set: class -> (images, normal images); 1,725 images, 467 normal.
 MVTEC_AD_TEST = {

@@ -52,7 +52,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from AnomalyCLIP_lib.model import CLIP, build_model, normalize_layers  # noqa: E402
 from AnomalyCLIP_lib.precision import PRECISIONS, autocast  # noqa: E402
-from AnomalyCLIP_lib.random_weights import PRESETS, TINY, random_state_dict  # noqa: E402
+from pipeline.random_weights import PRESETS, TINY, random_state_dict  # noqa: E402
 from measure import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 REL_TOLERANCE = 1e-5  # of the output's max magnitude

@@ -56,7 +56,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
 TOLERANCE = 1e-4
 AVX2_PINS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
-from AnomalyCLIP_lib.runtime import openvino_core  # noqa: E402
+from deploy.runtime import openvino_core  # noqa: E402
 from measure import reset_peak_rss, status_mb  # noqa: E402
 
 
@@ -91,7 +91,7 @@ def summarise(times: list[float], flops: float, load_s: float, load_peak: float 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Load an export with one runtime, time it on the saved input, save its outputs."""
-    from AnomalyCLIP_lib.runtime import ExportedModel
+    from deploy.runtime import ExportedModel
 
     images = np.load(spec["input"])
     started = time.perf_counter()
@@ -166,7 +166,7 @@ def build_module(args: argparse.Namespace, config: dict[str, int]):
 
 def export_variants(module, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """ONNX and OpenVINO exports plus the variants; returns the export timings and what failed."""
-    import export
+    from deploy import export
     from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     info: dict[str, Any] = {}

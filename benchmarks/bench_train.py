@@ -44,9 +44,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-import train  # noqa: E402
-from AnomalyCLIP_lib.random_weights import PRESETS, random_state_dict  # noqa: E402
-from synthetic_dataset import make_mvtec_like  # noqa: E402
+from pipeline import training as train  # noqa: E402
+from pipeline.random_weights import PRESETS, random_state_dict  # noqa: E402
+from pipeline.synthetic import make_mvtec_like  # noqa: E402
 
 TARGET_RATIO = 1.6  # E cached epochs at most this many times one cached epoch (the target for E = 4)
 

@@ -60,8 +60,8 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from atomic import atomic_write_text
-from cli import OneLineParser
+from pipeline.atomic import atomic_write_text
+from pipeline.cli import OneLineParser
 
 logger = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ def writable_copy(source: Path, target: Path, ignore=None) -> Path:
 
 
 # Test files that run ONNX Runtime or OpenVINO inside the pytest process.
-DEPLOY_FILES = ("test_export.py", "test_runtime.py", "test_bench_runtimes.py")
+DEPLOY_FILES = ("test_export.py", "test_runtime.py", "test_bench_runtimes.py")  # TODO: by folder
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -145,7 +145,7 @@ E2E_IMAGE_SIZE = 56
 @pytest.fixture(scope="session")
 def synthetic_datasets(tmp_path_factory):
     """Small synthetic datasets: ``(auxiliary MVTec-layout root, target VisA-layout root)``."""
-    from synthetic_dataset import make_mvtec_like, make_visa_like
+    from pipeline.synthetic import make_mvtec_like, make_visa_like
 
     root = tmp_path_factory.mktemp("synthetic")
     sizes = {"n_train": 2, "n_test_good": 3, "n_test_defect": 3, "image_size": (64, 48)}
@@ -164,7 +164,7 @@ def design_args(tiny_clip_files):
 @pytest.fixture(scope="session")
 def trained_checkpoint(synthetic_datasets, design_args, tmp_path_factory):
     """A prompt checkpoint written by train.py after one epoch on the auxiliary dataset."""
-    import train
+    from pipeline import training as train
 
     save_path = tmp_path_factory.mktemp("trained")
     assert train.main(["--train_data_path", str(synthetic_datasets[0]), "--save_path", str(save_path), "--epoch", "1",

@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-import test as evaluation
-import thresholds
+from pipeline import evaluation
+from pipeline import thresholds
 from dataset import AnomalyDataset
 from tests.conftest import E2E_IMAGE_SIZE
 from tests.metrics_reference import reference_cflow_aupro, reference_exact_aupro
-from utils import run_cli
+from pipeline.cli import run_cli
 
 
 def _evaluate(data_root, save_path, checkpoint, design_args, *extra):
@@ -333,7 +333,7 @@ def test_error_inside_a_dataloader_worker_is_one_line(synthetic_datasets, traine
                                                       capsys):
     import shutil
 
-    from utils import run_cli
+    from pipeline.cli import run_cli
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_datasets[1], data)
@@ -354,7 +354,7 @@ def test_runtime_scores_a_dataset_like_torch(synthetic_datasets, trained_checkpo
     """test.py --runtime onnxruntime --model DIR: the exported graph scores the dataset as the torch path does."""
     import csv
 
-    import export
+    from deploy import export
 
     out = tmp_path / "export"
     assert export.main(["--checkpoint_path", str(trained_checkpoint), *design_args, "--format", "onnx",

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import test_one_example
+from pipeline import prediction as test_one_example
 from tests.conftest import E2E_IMAGE_SIZE
-from utils import run_cli
+from pipeline.cli import run_cli
 
 
 def _visa_images(synthetic_datasets, kind):
@@ -27,7 +27,9 @@ def _reference_maps(files, checkpoint, design_args):
     """Scores and maps of ``files`` scored as one batch straight through the inference module."""
     from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
     from AnomalyCLIP_lib.transform import image_transform, load_image
-    from utils import DPAM_LAYER, load_model_and_prompts, setup_seed
+    from pipeline.cli import DPAM_LAYER
+    from utils import setup_seed
+    from pipeline.loading import load_model_and_prompts
 
     args = test_one_example.parse_args(["--image_path", str(files[0]), "--checkpoint_path", str(checkpoint),
                                         *design_args])
@@ -81,7 +83,7 @@ def test_folder_and_single_image(synthetic_datasets, trained_checkpoint, design_
 
 
 def test_scores_equal_test_py(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
-    import test as evaluation
+    from pipeline import evaluation
 
     dump = tmp_path / "dump.npz"
     evaluation.main(["--data_path", str(synthetic_datasets[1]), "--save_path", str(tmp_path / "eval"),
@@ -269,8 +271,8 @@ class Blocker(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Blocker())
 sys.argv = ["test_one_example.py", *sys.argv[1:]]
-import test_one_example
-from cli import run_cli
+from pipeline import prediction as test_one_example
+from pipeline.cli import run_cli
 code = run_cli(test_one_example.main)
 assert not any(m.split(".")[0] in ("torch", "scipy") for m in sys.modules), "torch or scipy was loaded"
 raise SystemExit(code)
@@ -283,7 +285,7 @@ def test_runtime_path_runs_without_torch_and_equals_torch(synthetic_datasets, tr
     import subprocess
     import sys
 
-    import export
+    from deploy import export
     from tests.conftest import REPO_ROOT
 
     folder = _visa_images(synthetic_datasets, "Anomaly")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import test as evaluation
+from pipeline import evaluation
 from generate_dataset_json import btad
 from generate_dataset_json.indexer import index_dataset
 from tests.conftest import run_on_avx2_kernels, same_kernels_as_goldens, writable_copy

@@ -5,8 +5,8 @@ import re
 import pytest
 import torch
 
-import train
-from utils import run_cli
+from pipeline import training as train
+from pipeline.cli import run_cli
 
 ORIGINAL_KEYS = {"ctx_pos", "ctx_neg", "token_prefix_pos", "token_prefix_neg", "token_suffix_pos", "token_suffix_neg",
                  "tokenized_prompts_pos", "tokenized_prompts_neg",

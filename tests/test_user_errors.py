@@ -33,11 +33,11 @@ import pytest
 import torch
 from PIL import Image
 
-import export
-import test as evaluation
-import test_one_example
-import train
-from cli import run_cli
+from deploy import export
+from pipeline import evaluation
+from pipeline import prediction as test_one_example
+from pipeline import training as train
+from pipeline.cli import run_cli
 from tests.conftest import REPO_ROOT
 
 CLIS = {"train": train, "test": evaluation, "one": test_one_example, "export": export}
@@ -592,7 +592,7 @@ def test_unwritable_save_path_is_one_line_in_every_cli(paths, design_args, capsy
 
 
 # A run that holds a folder, as train.py does: prints "held", then waits until it is killed.
-_HOLDER = ("import sys\nfrom atomic import locked_folder\nwith locked_folder(sys.argv[1], '--save_path'):\n"
+_HOLDER = ("import sys\nfrom pipeline.atomic import locked_folder\nwith locked_folder(sys.argv[1], '--save_path'):\n"
            "    print('held', flush=True)\n    sys.stdin.read()\n")
 
 

@@ -1,6 +1,6 @@
 """Tiny CLIP checkpoints in OpenAI's layout, built by the tests themselves (no download).
 
-The weights come from :mod:`AnomalyCLIP_lib.random_weights` (preset ``tiny``): ViT-L/14's
+The weights come from :mod:`pipeline.random_weights` (preset ``tiny``): ViT-L/14's
 depth (24 vision layers, so DPAM layer 20 and features 6/12/18/24 fit) and patch size 14 with
 small widths, and the real vocabulary (49408) and context (77) so the tokenizer works. This
 module adds the TorchScript archive, the format of OpenAI's released files.
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from AnomalyCLIP_lib.random_weights import random_state_dict
+from pipeline.random_weights import random_state_dict
 
 
 def tiny_clip_state_dict(

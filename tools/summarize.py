@@ -16,7 +16,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's modules
 from AnomalyCLIP_lib.errors import AnomalyCLIPError  # noqa: E402
-from cli import OneLineParser, run_cli  # noqa: E402
+from pipeline.cli import OneLineParser, run_cli  # noqa: E402
 
 METRICS = ("pixel_auroc", "pixel_aupro", "image_auroc", "image_ap")
 EPOCH_LINE = re.compile(r"epoch \[(\d+)/(\d+)\], loss:([-\d.naif]+), image_loss:([-\d.naif]+)")

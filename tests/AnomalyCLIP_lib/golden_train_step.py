@@ -16,7 +16,7 @@ from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.model import build_model
 from loss import layer_loss_parts
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
-from train import make_optimizer, train_step
+from pipeline.training import make_optimizer, train_step
 
 def golden_model(goldens: Path, reference_arithmetic: bool = False):
     model = build_model(torch.load(goldens / "tiny_clip.pt", weights_only=True))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from AnomalyCLIP_lib.errors import out_of_memory_line, user_error_line
-from cli import run_cli
+from pipeline.cli import run_cli
 
 TAIL = ": lower --batch_size or --image_size, or free memory (other processes on that device)"
 

@@ -89,8 +89,8 @@ def test_mis_shaped_checkpoint_is_a_clear_error(tmp_path, tiny_clip_state):
 def test_unregistered_torchscript_needs_trust(tiny_clip_files, tiny_clip_state, tmp_path, capsys):
     import hashlib
 
-    import train
-    from utils import run_cli
+    from pipeline import training as train
+    from pipeline.cli import run_cli
 
     scripted = tiny_clip_files[1]
     digest = hashlib.sha256(scripted.read_bytes()).hexdigest()

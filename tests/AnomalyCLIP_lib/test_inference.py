@@ -166,7 +166,7 @@ def test_module_errors(tiny_model, learner):
 
 
 def test_config_from_cli_flags():
-    from utils import add_model_args
+    from pipeline.cli import add_model_args
 
     parser = argparse.ArgumentParser()
     add_model_args(parser)

@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from AnomalyCLIP_lib.model import build_model
-from AnomalyCLIP_lib.random_weights import TINY, VIT_L14_336, random_state_dict
+from pipeline.random_weights import TINY, VIT_L14_336, random_state_dict
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 

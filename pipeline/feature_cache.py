@@ -29,7 +29,7 @@ import torch
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
-from atomic import atomic_write_text, reserve_blocks
+from pipeline.atomic import atomic_write_text, reserve_blocks
 
 CACHE_FORMAT = 1
 MANIFEST = "cache.json"

@@ -177,7 +177,7 @@ def use_export_settings(args: argparse.Namespace) -> None:
         AnomalyCLIPError: A design flag the command line gave differs from the export's (the graph cannot
             honour it), or ``--checkpoint_path``/``--backbone`` name other files than the export was made from.
     """
-    from AnomalyCLIP_lib.runtime import MANIFEST_NAME, RECORD_FIELDS, check_fields, read_manifest  # only --runtime
+    from deploy.runtime import MANIFEST_NAME, RECORD_FIELDS, check_fields, read_manifest  # only --runtime
 
     manifest = read_manifest(args.model)
     check_fields(manifest, RECORD_FIELDS, Path(args.model) / MANIFEST_NAME)

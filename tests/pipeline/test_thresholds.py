@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from thresholds import (NormalTail, choose_class_thresholds, class_entry, load_thresholds, normal_fpr_threshold,
+from pipeline.thresholds import (NormalTail, choose_class_thresholds, class_entry, load_thresholds,
+                                normal_fpr_threshold,
                         save_thresholds, select_thresholds)
 
 

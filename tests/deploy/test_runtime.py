@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
-import export
-from AnomalyCLIP_lib import runtime
+from deploy import export
+from deploy import runtime
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
 from AnomalyCLIP_lib.transform import image_transform, load_image
 from tests.deploy_helpers import TINY_SIZE, random_images, random_prompt_learner, save_prompt_checkpoint
-from utils import load_model_and_prompts
+from pipeline.loading import load_model_and_prompts
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4
 FEATURES = [6, 12, 18, 24]
 
@@ -147,7 +147,7 @@ except ImportError:
     pass
 else:
     raise SystemExit("torch is still importable")
-from AnomalyCLIP_lib.runtime import ExportedModel
+from deploy.runtime import ExportedModel
 out = {}
 for runtime_name, folder in json.loads(sys.argv[1]).items():
     model = ExportedModel(folder, runtime_name)
@@ -175,7 +175,7 @@ def test_runtime_runs_with_torch_unimportable(exported):
 
 _DROPPED_IN_LOAD_ORDER = r"""
 import faulthandler, gc, os, signal, sys
-from AnomalyCLIP_lib.runtime import ExportedModel
+from deploy.runtime import ExportedModel
 
 faulthandler.enable()  # as pytest does: Python's own alternate signal stack for the main thread
 models = [ExportedModel(sys.argv[1], "openvino") for _ in range(3)]
@@ -246,12 +246,12 @@ def test_damaged_or_mismatched_exports_are_one_line(exported, tmp_path, runtime_
 
 
 def test_module_imports_no_torch():
-    source = (REPO_ROOT / "AnomalyCLIP_lib" / "runtime.py").read_text()
+    source = (REPO_ROOT / "deploy" / "runtime.py").read_text()
     assert "import torch" not in source and "from torch" not in source and "scipy" not in source
 
 
 def test_exported_scorer_has_the_module_interface(exported):
-    from AnomalyCLIP_lib.inference import ExportedScorer
+    from pipeline.engine import ExportedScorer
 
     module, dirs, _ = exported
     images = random_images(2, seed=5)

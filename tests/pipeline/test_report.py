@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import report
-import test as evaluation
+from pipeline import report
+from pipeline import evaluation
 
 REPORT_K = 2
 CLASSES = ("blobs", "weave")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import visualize
+from pipeline import visualize
 
 
 def jet(level: int) -> np.ndarray:

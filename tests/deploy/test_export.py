@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-import export
-from AnomalyCLIP_lib import runtime
+from deploy import export
+from deploy import runtime
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tests.deploy_helpers import TINY_SIZE, random_prompt_learner, save_prompt_checkpoint
 
@@ -90,7 +90,7 @@ def test_openvino_export(files, tmp_path):
     ("bad_layer", "outside 1..24"),
 ])
 def test_errors_are_one_line(files, tmp_path, capsys, case, message):
-    from utils import run_cli
+    from pipeline.cli import run_cli
 
     argv = _argv(files, tmp_path / "out", "onnx")
     if case == "missing_checkpoint":

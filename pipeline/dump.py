@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from atomic import atomic_write, naming_errors, reserve_blocks
+from pipeline.atomic import atomic_write, naming_errors, reserve_blocks
 
 
 class _Result(Protocol):

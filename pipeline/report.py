@@ -28,8 +28,8 @@ from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 import metrics
-from atomic import atomic_write_text
-from visualize import overlay
+from pipeline.atomic import atomic_write_text
+from pipeline.visualize import overlay
 
 PRO_MAX_FPR = 0.3
 THUMBNAIL_SIDE = 192  # longest side of a gallery image, in pixels

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from atomic import atomic_write_text
+from pipeline.atomic import atomic_write_text
 
 THRESHOLDS_VERSION = 1
 METHODS = ("f1", "normal_fpr")

@@ -1,23 +1,23 @@
-"""utils.py: the DataLoader worker default."""
+"""pipeline.loading.py: the DataLoader worker default."""
 
 import pytest
 import torch
 
-import test as test_cli
-import train as train_cli
-from utils import resolve_num_workers
+from pipeline import evaluation as test_cli
+from pipeline import training as train_cli
+from pipeline.loading import resolve_num_workers
 
 
 @pytest.mark.parametrize(("cpu_count", "threads", "expected"), [(2, 2, 0), (5, 4, 1), (16, 8, 2), (1, 4, 0)])
 def test_cpu_default_uses_only_cores_left_by_torch_threads(monkeypatch, cpu_count, threads, expected):
-    monkeypatch.setattr("utils.os.cpu_count", lambda: cpu_count)
-    monkeypatch.setattr("utils.torch.get_num_threads", lambda: threads)
+    monkeypatch.setattr("pipeline.loading.os.cpu_count", lambda: cpu_count)
+    monkeypatch.setattr("pipeline.loading.torch.get_num_threads", lambda: threads)
     assert resolve_num_workers(None, torch.device("cpu")) == expected
 
 
 def test_gpu_default_and_explicit_value(monkeypatch):
-    monkeypatch.setattr("utils.os.cpu_count", lambda: 2)
-    monkeypatch.setattr("utils.torch.get_num_threads", lambda: 2)
+    monkeypatch.setattr("pipeline.loading.os.cpu_count", lambda: 2)
+    monkeypatch.setattr("pipeline.loading.torch.get_num_threads", lambda: 2)
     assert resolve_num_workers(None, torch.device("cuda")) == 2
     assert resolve_num_workers(3, torch.device("cpu")) == 3
     assert resolve_num_workers(0, torch.device("cuda")) == 0
@@ -28,7 +28,7 @@ def test_clis_leave_the_worker_count_to_the_device_and_reject_negative(cli, caps
     required = ["--checkpoint_path", "x.pth"] if cli is test_cli else []
     assert cli.parse_args(required).num_workers is None
     assert cli.parse_args([*required, "--num_workers", "3"]).num_workers == 3
-    from utils import run_cli
+    from pipeline.cli import run_cli
 
     assert run_cli(cli.main, [*required, "--num_workers", "-1"]) == 2
     error = capsys.readouterr().err
@@ -38,7 +38,7 @@ def test_clis_leave_the_worker_count_to_the_device_and_reject_negative(cli, caps
 def test_full_disk_and_read_only_folders_are_one_plain_line(capsys):
     import errno
 
-    from utils import run_cli
+    from pipeline.cli import run_cli
 
     def write_to_full_disk(argv):
         with open("/dev/full", "w") as handle:  # the kernel's always-full device: a real ENOSPC
@@ -61,7 +61,7 @@ def test_full_disk_and_read_only_folders_are_one_plain_line(capsys):
 def test_other_os_errors_keep_their_traceback():
     import errno
 
-    from utils import run_cli
+    from pipeline.cli import run_cli
 
     def broken_pipe(argv):
         raise OSError(errno.EPIPE, "Broken pipe")
@@ -80,8 +80,8 @@ def test_other_os_errors_keep_their_traceback():
     (["--features_list", "24", "24"], "repeats a layer"),
 ])
 def test_shared_flag_checks_in_every_cli(flags, expected, capsys, tmp_path):
-    import test_one_example
-    from utils import run_cli
+    from pipeline import prediction as test_one_example
+    from pipeline.cli import run_cli
 
     base = ["--features_list", "6", "24", "--save_path", str(tmp_path / "out")]
     commands = {
@@ -99,7 +99,7 @@ def test_shared_flag_checks_in_every_cli(flags, expected, capsys, tmp_path):
 
 
 def test_image_size_must_fit_the_backbone_patches(tiny_clip_files, synthetic_datasets, tmp_path, capsys):
-    from utils import run_cli
+    from pipeline.cli import run_cli
 
     assert run_cli(train_cli.main, ["--train_data_path", str(synthetic_datasets[0]), "--save_path",
                                     str(tmp_path / "s"), "--backbone", str(tiny_clip_files[0]), "--image_size", "50",

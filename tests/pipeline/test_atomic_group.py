@@ -2,7 +2,7 @@
 
 import pytest
 
-from atomic import atomic_write_texts, remove_leftovers
+from pipeline.atomic import atomic_write_texts, remove_leftovers
 
 
 def test_all_new_files_or_all_old_ones(tmp_path):

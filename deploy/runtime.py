@@ -10,7 +10,7 @@ transform's.
 
 Typical use::
 
-    from AnomalyCLIP_lib.runtime import ExportedModel
+    from deploy.runtime import ExportedModel
     model = ExportedModel("exported/visa", runtime="onnxruntime")   # or "openvino"
     for result in model.predict_files(["bottle.png"]):
         print(result.path, result.score, result.anomaly_map.shape)
@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import AnomalyCLIPError
-from .images import load_image
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ class ExportedModel:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m AnomalyCLIP_lib.runtime --model DIR IMAGE...``: one ``path<TAB>score`` line per image."""
+    """``python -m deploy.runtime --model DIR IMAGE...``: one ``path<TAB>score`` line per image."""
     import argparse
     import sys
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import synthetic_dataset as synth
+from pipeline import synthetic as synth
 from dataset import AnomalyDataset
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dump import DumpWriter
-from test import ImageResult  # what evaluation hands the writer
+from pipeline.dump import DumpWriter
+from pipeline.evaluation import ImageResult  # what evaluation hands the writer
 
 S = 6
 

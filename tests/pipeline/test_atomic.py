@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from atomic import LOCK_NAME, atomic_write, atomic_write_bytes, atomic_write_text, locked_folder
+from pipeline.atomic import LOCK_NAME, atomic_write, atomic_write_bytes, atomic_write_text, locked_folder
 from tests.conftest import REPO_ROOT
 
 
@@ -109,7 +109,8 @@ def test_permissions_of_a_new_file_follow_the_umask(tmp_path: Path, mask: int, e
 
 def _try_lock_in_another_process(folder: Path) -> str:
     """What a second process gets when it asks for ``folder``: ``"locked"`` or its error line."""
-    code = ("import sys\nfrom atomic import locked_folder\nfrom AnomalyCLIP_lib.errors import AnomalyCLIPError\n"
+    code = ("import sys\nfrom pipeline.atomic import locked_folder\n"
+            "from AnomalyCLIP_lib.errors import AnomalyCLIPError\n"
             "try:\n    with locked_folder(sys.argv[1], '--save_path'):\n        print('locked')\n"
             "except AnomalyCLIPError as error:\n    print(error)\n")
     done = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO_ROOT, capture_output=True, text=True,

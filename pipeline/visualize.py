@@ -21,8 +21,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from AnomalyCLIP_lib.runtime import load_image
-from atomic import atomic_write_bytes
+from deploy.runtime import load_image
+from pipeline.atomic import atomic_write_bytes
 
 VIS_SCALES = ("fixed", "per_image")
 CONTOUR_RGB = (255, 255, 255)

@@ -6,7 +6,7 @@ random weights of realistic scale. Its scores mean nothing about anomaly detecti
 
 Command line::
 
-    python -m AnomalyCLIP_lib.random_weights --preset tiny --out tiny_clip.pt
+    python -m pipeline.random_weights --preset tiny --out tiny_clip.pt
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .model import CLIP
+from AnomalyCLIP_lib.model import CLIP
 
 TINY = {
     "embed_dim": 64, "image_resolution": 56, "vision_layers": 24, "vision_width": 128, "vision_patch_size": 14,
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .pt file")
     args = parser.parse_args(argv)
-    from atomic import atomic_torch_save
+    from pipeline.atomic import atomic_torch_save
 
     state = random_state_dict(args.seed, **PRESETS[args.preset])
     atomic_torch_save(state, args.out)

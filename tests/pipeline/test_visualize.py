@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visualize import min_max_normalize, overlay, save_overlay
+from pipeline.visualize import min_max_normalize, overlay, save_overlay
 
 S = 20
 COLOUR = (200, 40, 10)

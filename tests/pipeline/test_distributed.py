@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from pipeline import training as train
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow  # each test starts torchrun with two processes
@@ -119,7 +119,7 @@ def test_guarded_shares_user_errors_and_raises_the_rest():
     import errno
 
     from AnomalyCLIP_lib.errors import AnomalyCLIPError
-    from distributed import World, guarded
+    from pipeline.distributed import World, guarded
 
     world = World(rank=1, size=2)
 

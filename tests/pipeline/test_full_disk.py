@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import test as test_cli
-import train as train_cli
-from atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text, atomic_write_texts
-from utils import run_cli
+from pipeline import evaluation as test_cli
+from pipeline import training as train_cli
+from pipeline.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text, atomic_write_texts
+from pipeline.cli import run_cli
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGE = 4096
 DISK_FULL = "the disk is full: free space there or choose another folder"
 
@@ -112,7 +112,7 @@ def test_files_written_together_stay_all_old_when_the_disk_fills_between_them(mo
 
 _SAVE_UNDER_LIMIT = """
 import errno, json, sys, torch
-from atomic import atomic_torch_save
+from pipeline.atomic import atomic_torch_save
 target = sys.argv[1]
 try:
     atomic_torch_save({"ctx": torch.zeros(100_000)}, target)
@@ -217,7 +217,7 @@ def test_log_on_a_full_disk_is_one_line(synthetic_datasets, design_args, trained
 
 def test_read_only_file_system_is_one_line_in_every_cli(synthetic_datasets, design_args, trained_checkpoint,
                                                         mount_disk, capsys):
-    import test_one_example
+    from pipeline import prediction as test_one_example
 
     disk = mount_disk(16 * PAGE, read_only=True)
     image = next(synthetic_datasets[1].rglob("*.JPG"))

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, PeerFailed, one_line, user_error_line
-from atomic import locked_folder
+from pipeline.atomic import locked_folder
 
 logger = logging.getLogger(__name__)
 
