@@ -144,7 +144,8 @@ class AnomalyDataset(Dataset):
 
     Each item is a dict: ``img`` float32 (3, S, S); ``img_mask`` float32 (1, S, S) of exact
     0/1 values; ``anomaly`` int; ``cls_name`` str; ``img_path`` str (``root`` joined with the
-    entry's path); ``cls_id`` int (index of the class in ``class_names``).
+    entry's path); ``cls_id`` int (index of the class in ``class_names``); ``index`` int (the item's own
+    index, so that results stay keyed by item whatever sampler or subset batches them).
 
     Raises:
         AnomalyCLIPError: meta.json is missing or malformed, lacks the split, or lacks a class
@@ -272,7 +273,12 @@ class AnomalyDataset(Dataset):
             "cls_name": item["cls_name"],
             "img_path": image_file,
             "cls_id": self._cls_ids[index],
+            "index": index,
         }
+
+    def image_file(self, index: int) -> str:
+        """The file item ``index``'s image is read from (``root`` joined with its path, re-rooted if needed)."""
+        return self._files[index][0]
 
     def availability(self, class_name: str | None = None) -> Availability:
         """Counts of normal, anomalous and masked images, for all classes or one of them."""

@@ -8,7 +8,7 @@ operation, so it runs on the GPU and traces into one exportable graph (``export.
 
 Typical use (what ``test.py`` and ``test_one_example.py`` do)::
 
-    inference = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args))
+    inference = AnomalyCLIPInference.from_model(model, prompt_learner, ScoringConfig(image_size=518))
     prediction = inference.predict(images)          # AnomalyPrediction on the CPU
     scores, maps = inference(images)                # tensors on the module's device
 
@@ -23,11 +23,10 @@ The Gaussian filter (``ScoringConfig.smoothing``):
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,26 +103,6 @@ class ScoringConfig:
         if unknown:
             raise AnomalyCLIPError(f"unknown scoring settings {unknown}; expected some of {sorted(names)}")
         return cls(**values)
-
-
-def config_from_args(args: argparse.Namespace, dpam_layer: int | None = DEFAULT_DPAM_LAYER) -> ScoringConfig:
-    """The scoring config of a CLI's flags (``utils.add_model_args`` plus ``--sigma`` / ``--precision``).
-
-    ``feature_map_layer`` may be the CLIs' list (only its first value is used, as the original).
-    """
-    feature_map_layer = getattr(args, "feature_map_layer", 0)
-    if isinstance(feature_map_layer, Sequence):
-        feature_map_layer = feature_map_layer[0] if feature_map_layer else 0
-    return ScoringConfig(
-        image_size=args.image_size,
-        features_list=tuple(args.features_list),
-        dpam_layer=dpam_layer,
-        sigma=getattr(args, "sigma", 4.0),
-        feature_map_layer=int(feature_map_layer),
-        reference_arithmetic=bool(getattr(args, "reference_arithmetic", False)),
-        precision=getattr(args, "precision", "fp32"),
-        smoothing=getattr(args, "smoothing", "auto"),
-    )
 
 
 def is_exporting() -> bool:

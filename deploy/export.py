@@ -22,40 +22,57 @@ equal the torch path's to ~1e-6 (tested to 1e-4).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import tempfile
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference
 from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, manifest_document
 from pipeline import thresholds
 from pipeline.atomic import atomic_write, atomic_write_text, locked_folder
-from pipeline.cli import add_sigma_arg
-from pipeline.cli import add_model_args, check_args, cli_parser, run_cli
-from pipeline.loading import load_model_and_prompts
+from pipeline.cli import (add_model_args, add_sigma_arg, check_model_spec, check_output_folder, check_sigma,
+                          cli_parser, flag_errors, model_spec, parse_flags)
+from pipeline.config import ModelSpec, RunRecord, ScoringSpec
+from pipeline.loading import load_model_and_prompts, scoring_config
 
 logger = logging.getLogger("anomalyclip.export")
 
 FORMATS = ("onnx", "openvino")
-MANIFEST_NAME = "anomalyclip.json"
-GRAPH_STEM = "anomalyclip"
-MANIFEST_VERSION = 1
 MIN_OPSET = 17
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("scores", "maps")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything ``export.py`` was asked to do (frozen; see :func:`parse_args`)."""
+
+    checkpoint_path: str
+    out: str
+    model: ModelSpec
+    sigma: float = 4.0
+    format: str = "onnx"
+    thresholds: str | None = None
+    accept_thresholds: bool = False
+    opset: int = MIN_OPSET
+    record: RunRecord = field(default_factory=lambda: RunRecord({}))
+
+    @property
+    def scoring(self) -> ScoringSpec:
+        """The scoring settings the graph computes with (fp32, torch)."""
+        return ScoringSpec(checkpoint_path=self.checkpoint_path, sigma=self.sigma)
+
+
+def build_parser():
     parser = cli_parser("Export AnomalyCLIP scoring to ONNX or OpenVINO IR.")
     parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
     add_model_args(parser)
@@ -63,12 +80,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="graph format")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--thresholds", default=None, metavar="FILE.json", help="thresholds to store in the manifest")
+    parser.add_argument(thresholds.ACCEPT_FLAG, action="store_true",
+                        help="store --thresholds made with other settings than this export's (recorded in the "
+                             "manifest)")
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
-    args = parser.parse_args(argv)
-    if args.opset < MIN_OPSET:
-        parser.error(f"--opset {args.opset} must be >= {MIN_OPSET}")
-    check_args(args)
-    return args
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ExportConfig:
+    """``export.py``'s command line, parsed once into a checked :class:`ExportConfig`."""
+    parser = build_parser()
+    flags = parse_flags(parser, argv)
+    if flags.values["opset"] < MIN_OPSET:
+        parser.error(f"--opset {flags.values['opset']} must be >= {MIN_OPSET}")
+    holder: list[ExportConfig] = []
+    flag_errors(lambda: holder.append(_config(flags)))
+    return holder[0]
+
+
+def _config(flags: RunRecord) -> ExportConfig:
+    values = flags.values
+    model = model_spec(flags)
+    check_model_spec(model)
+    check_sigma(float(values["sigma"]), model.image_size)
+    check_output_folder(values["out"], "--out")
+    if model.device not in (None, "cpu"):
+        raise AnomalyCLIPError(f"--device {model.device}: export.py traces the graph on the CPU (the graph then runs "
+                               "wherever its runtime does); drop --device")
+    if values["accept_thresholds"] and not values["thresholds"]:
+        raise AnomalyCLIPError(f"{thresholds.ACCEPT_FLAG} goes with --thresholds FILE; drop it")
+    return ExportConfig(checkpoint_path=values["checkpoint_path"], out=values["out"], model=model,
+                        sigma=float(values["sigma"]), format=values["format"], thresholds=values["thresholds"],
+                        accept_thresholds=values["accept_thresholds"], opset=values["opset"], record=flags)
 
 
 def read_thresholds(path: str | os.PathLike | None) -> Any:
@@ -154,55 +197,46 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(args: argparse.Namespace, module: AnomalyCLIPInference, files: list[str], thresholds: Any) -> dict:
+def build_manifest(config: ExportConfig, module: AnomalyCLIPInference, files: list[str], thresholds: Any) -> dict:
     """What ``anomalyclip.json`` holds (see the module docstring)."""
-    size = module.config.image_size
-    backbone = backbone_file(args.backbone)
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "format": args.format,
-        "graph": files[0],
-        "files": files,
-        "opset": args.opset,
-        "inputs": {INPUT_NAME: ["batch", 3, size, size]},
-        "outputs": {OUTPUT_NAMES[0]: ["batch"], OUTPUT_NAMES[1]: ["batch", size, size]},
-        "image_size": size,
-        "preprocessing": {"resize": "bicubic", "resize_in_stored_mode": True, "then": "convert RGB, /255, normalise",
-                          "mean": list(OPENAI_DATASET_MEAN), "std": list(OPENAI_DATASET_STD)},
-        "scoring": module.config.to_dict(),
-        "design": {"n_ctx": args.n_ctx, "depth": args.depth, "t_n_ctx": args.t_n_ctx},
-        "backbone": {"name": str(args.backbone), "sha256": sha256_of(backbone)},
-        "checkpoint": {"path": str(args.checkpoint_path), "sha256": sha256_of(args.checkpoint_path)},
-        "versions": _versions(),
-    }
-    if thresholds is not None:
-        manifest["thresholds"] = thresholds
-    return manifest
+    model = config.model
+    backbone = backbone_file(model.backbone)
+    return manifest_document(
+        fmt=config.format, files=files, opset=config.opset, image_size=module.config.image_size,
+        mean=list(OPENAI_DATASET_MEAN), std=list(OPENAI_DATASET_STD), scoring=module.config.to_dict(),
+        design={"n_ctx": model.n_ctx, "depth": model.depth, "t_n_ctx": model.t_n_ctx},
+        backbone={"name": str(model.backbone), "sha256": sha256_of(backbone)},
+        checkpoint={"path": str(config.checkpoint_path), "sha256": sha256_of(config.checkpoint_path)},
+        versions=_versions(), thresholds=thresholds)
 
 
-def export(args: argparse.Namespace) -> Path:
-    """Export as ``args`` asks; returns the manifest's path."""
-    thresholds = read_thresholds(args.thresholds)
-    with locked_folder(args.out, "--out") as out:  # check_args refused an --out that is a file or under one
-        return _export(args, out, thresholds)
+def export(config: ExportConfig) -> Path:
+    """Export as ``config`` asks; returns the manifest's path."""
+    stored = read_thresholds(config.thresholds)
+    accepted: list[str] = []
+    if stored is not None:
+        classes = thresholds.load_thresholds(config.thresholds)
+        current = thresholds.provenance_record(config.model, config.scoring)
+        accepted = thresholds.check_provenance(classes, list(classes), current, f"--thresholds {config.thresholds}",
+                                               config.accept_thresholds)
+    with locked_folder(config.out, "--out") as out:  # parse_args refused an --out that is a file or under one
+        return _export(config, out, stored, accepted)
 
 
-def _export(args: argparse.Namespace, out: Path, thresholds: dict[str, object] | None) -> Path:
-    torch.manual_seed(args.seed)
+def _export(config: ExportConfig, out: Path, stored: dict[str, object] | None, accepted: list[str]) -> Path:
+    torch.manual_seed(config.model.seed)
     # The CLIs' one loading path: flag and backbone checks, --trust_backbone, safe checkpoint reads.
-    model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), args.checkpoint_path)
-    module = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args)).export_copy()
-    files = write_graph(module, out, args.format, args.opset)
-    manifest = build_manifest(args, module, files, thresholds)
+    model, prompt_learner, _ = load_model_and_prompts(config.model, torch.device("cpu"), config.checkpoint_path)
+    module = AnomalyCLIPInference.from_model(model, prompt_learner,
+                                             scoring_config(config.model, config.scoring)).export_copy()
+    files = write_graph(module, out, config.format, config.opset)
+    manifest = build_manifest(config, module, files, stored)
+    if accepted:
+        manifest["thresholds_accepted"] = accepted
     return atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / MANIFEST_NAME)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    manifest = export(args)
+    manifest = export(parse_args(argv))
     print(f"wrote {manifest.parent / json.loads(manifest.read_text())['graph']} and {manifest}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))

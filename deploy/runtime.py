@@ -22,7 +22,6 @@ This module imports only the standard library, numpy, Pillow, the chosen runtime
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,12 +34,10 @@ from PIL import Image
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import load_image
+from deploy.manifest import MANIFEST_NAME, RUNTIMES, read_manifest
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "anomalyclip.json"
-SUPPORTED_MANIFEST_VERSION = 1
-RUNTIMES = ("onnxruntime", "openvino")
 OPENVINO_PRECISIONS = ("f32", "f16", "bf16")
 
 
@@ -166,63 +163,6 @@ class ImagePrediction:
     path: Path | None
     score: float
     anomaly_map: np.ndarray
-
-
-def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``anomalyclip.json`` of an export folder, checked.
-
-    Raises:
-        AnomalyCLIPError: Missing, unreadable or of an unknown version.
-    """
-    path = Path(model_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise AnomalyCLIPError(f"{model_dir} holds no {MANIFEST_NAME}; pass a folder written by export.py")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnomalyCLIPError(f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
-    version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
-    if version != SUPPORTED_MANIFEST_VERSION:
-        raise AnomalyCLIPError(f"{path} has manifest version {version!r}, this code reads "
-                               f"{SUPPORTED_MANIFEST_VERSION}; re-run export.py")
-    check_fields(manifest, RUNTIME_FIELDS, path)
-    return manifest
-
-
-_NUMBER = (int, float)
-# The fields the runtime reads, with their types (bool is an int to Python: refused where a number is wanted).
-RUNTIME_FIELDS: dict[str, Any] = {
-    "graph": str, "image_size": int,
-    "preprocessing": {"mean": list, "std": list},
-    "scoring": {"features_list": list, "sigma": _NUMBER, "feature_map_layer": int, "dpam_layer": int,
-                "reference_arithmetic": bool, "precision": str, "image_size": int},
-}
-# What export.py records besides, read by the CLIs (test.py, test_one_example.py) to check and record a run.
-RECORD_FIELDS: dict[str, Any] = {
-    "design": {"n_ctx": int, "depth": int, "t_n_ctx": int},
-    "backbone": {"name": str, "sha256": str},
-    "checkpoint": {"path": str, "sha256": str},
-}
-
-
-def check_fields(values: dict[str, Any], fields: dict[str, Any], path: Path, prefix: str = "") -> None:
-    """Refuse a manifest (hand-edited, or of another build) that lacks one of ``fields`` or holds a wrong type.
-
-    Raises:
-        AnomalyCLIPError: Naming the file and the field.
-    """
-    for name, kind in fields.items():
-        where = f"{prefix}{name}"
-        if name not in values:
-            raise AnomalyCLIPError(f"{path} lacks the field '{where}'; it is damaged or not written by this "
-                                   "export.py: re-run export.py")
-        value = values[name]
-        if isinstance(kind, dict):
-            if not isinstance(value, dict):
-                raise AnomalyCLIPError(f"{path}: '{where}' must be an object, not {value!r}; re-run export.py")
-            check_fields(value, kind, path, f"{where}.")
-        elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise AnomalyCLIPError(f"{path}: '{where}' has the wrong type ({value!r}); re-run export.py")
 
 
 class ExportedModel:

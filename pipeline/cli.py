@@ -20,8 +20,9 @@ from typing import NoReturn
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, FlagError, PeerFailed, one_line, user_error_line
 from AnomalyCLIP_lib.pretrained import available_models, backbone_sha256, sha256_of
+from deploy.manifest import RUNTIMES
+from pipeline.config import DEFAULT_BACKBONE, LoaderSpec, ModelSpec, RunRecord, ScoringSpec, replaced as replace
 
-DEFAULT_BACKBONE = "ViT-L/14@336px"
 DPAM_LAYER = 20
 DPAM_DEPTH = 24  # vision layers of the backbones the method is defined for (ViT-L/14)
 
@@ -66,63 +67,115 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "original on the same CPU kernels, slower (default: fused attention, equal to ~1e-6)")
 
 
-def check_args(args: argparse.Namespace, at_least_one: Sequence[str] = (),
-               more: Callable[[argparse.Namespace], None] | None = None) -> None:
-    """:func:`_check_flags`, then the calling CLI's own checks ``more``; errors as :class:`FlagError`
-    (printed once under torchrun)."""
+def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> RunRecord:
+    """Parse ``argv`` once: the flags' values (defaults included) and which ones the command line gave.
+
+    A flag given with its default value counts as given: the check of an export's settings
+    (:func:`with_export_settings`) must not take an explicit ``--image_size 518`` for a default.
+    """
+    values = vars(parser.parse_args(argv))
+    # argparse fills in a default only where the namespace lacks the attribute: what stays a sentinel was not given.
+    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(values, _NOT_GIVEN)))
+    return RunRecord(values, frozenset(dest for dest, value in vars(probe).items() if value is not _NOT_GIVEN))
+
+
+_NOT_GIVEN = object()
+
+
+def model_spec(flags: RunRecord) -> ModelSpec:
+    """The :class:`ModelSpec` of :func:`add_model_args`' flags (``--feature_map_layer``: its first value)."""
+    values = flags.values
+    return ModelSpec(backbone=values["backbone"], trust_backbone=values["trust_backbone"], n_ctx=values["n_ctx"],
+                     depth=values["depth"], t_n_ctx=values["t_n_ctx"], features_list=tuple(values["features_list"]),
+                     feature_map_layer=values["feature_map_layer"][0], image_size=values["image_size"],
+                     reference_arithmetic=values["reference_arithmetic"], seed=values["seed"],
+                     device=values["device"])
+
+
+def loader_spec(flags: RunRecord) -> LoaderSpec:
+    """The :class:`LoaderSpec` of ``--batch_size`` and ``--num_workers`` (where the CLI has them)."""
+    return LoaderSpec(batch_size=flags.values["batch_size"], num_workers=flags.values.get("num_workers"))
+
+
+def scoring_spec(flags: RunRecord) -> ScoringSpec:
+    """The :class:`ScoringSpec` of ``--checkpoint_path``, ``--sigma``, ``--precision``, ``--runtime``, ``--model``."""
+    values = flags.values
+    return ScoringSpec(checkpoint_path=values.get("checkpoint_path"), sigma=float(values.get("sigma", 4.0)),
+                       precision=values.get("precision", "fp32"), runtime=values.get("runtime", "torch"),
+                       model_dir=values.get("model"))
+
+
+def flag_errors(check: Callable[[], None]) -> None:
+    """Run flag checks; their :class:`AnomalyCLIPError` becomes a :class:`FlagError` (printed once under torchrun)."""
     try:
-        _check_flags(args, at_least_one)
-        if more is not None:
-            more(args)
+        check()
     except FlagError:
         raise
     except AnomalyCLIPError as error:
         raise FlagError(str(error)) from None
 
 
-def _check_flags(args: argparse.Namespace, at_least_one: Sequence[str] = ()) -> None:
-    """The checks of the flags that every CLI shares, before anything heavy runs; one-line errors.
-
-    With ``--runtime``, the export's design then replaces the model flags (:func:`use_export_settings`).
-
-    Args:
-        args: Parsed flags of ``train.py``, ``test.py`` or ``test_one_example.py``; checks apply to
-            the flags the namespace has.
-        at_least_one: Further integer flags of the calling CLI that must be >= 1.
-    """
-    for name in ("batch_size", "image_size", "n_ctx", "depth", "t_n_ctx", *at_least_one):
-        value = getattr(args, name, None)
+def check_positive(**values: int | None) -> None:
+    """Integer flags that must be at least 1 (``None``: not given)."""
+    for name, value in values.items():
         if value is not None and value < 1:
             raise AnomalyCLIPError(f"--{name} {value} must be at least 1")
-    seed = getattr(args, "seed", None)
-    if seed is not None and not 0 <= seed < 2**32:
-        raise AnomalyCLIPError(f"--seed {seed} must be in 0..{2**32 - 1} (numpy's seed range)")
-    workers = getattr(args, "num_workers", None)
-    if workers is not None and workers < 0:
-        raise AnomalyCLIPError(f"--num_workers {workers} must be >= 0 (0 decodes images in the main process)")
-    sigma = getattr(args, "sigma", None)
-    if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+
+
+def check_model_spec(model: ModelSpec) -> None:
+    """The checks of the model flags every CLI shares, before anything heavy runs; one-line errors."""
+    check_positive(image_size=model.image_size, n_ctx=model.n_ctx, depth=model.depth, t_n_ctx=model.t_n_ctx)
+    if not 0 <= model.seed < 2**32:
+        raise AnomalyCLIPError(f"--seed {model.seed} must be in 0..{2**32 - 1} (numpy's seed range)")
+    if len(set(model.features_list)) != len(model.features_list):
+        raise AnomalyCLIPError(f"--features_list {' '.join(map(str, model.features_list))} repeats a layer")
+    if not 0 <= model.feature_map_layer < len(model.features_list):
+        count = len(model.features_list)
+        raise AnomalyCLIPError(
+            f"--feature_map_layer {model.feature_map_layer} must index --features_list ({count} layer(s)): "
+            f"use 0..{count - 1} (0 sums the maps of every layer)")
+
+
+def check_loader_spec(loader: LoaderSpec) -> None:
+    """``--batch_size`` at least 1, ``--num_workers`` not negative."""
+    check_positive(batch_size=loader.batch_size)
+    if loader.num_workers is not None and loader.num_workers < 0:
+        raise AnomalyCLIPError(f"--num_workers {loader.num_workers} must be >= 0 (0 decodes images in the main "
+                               "process)")
+
+
+def check_sigma(sigma: float, image_size: int) -> None:
+    """``--sigma``: finite, not negative, not wider than the image."""
+    if not (math.isfinite(sigma) and sigma >= 0):
         raise AnomalyCLIPError(f"--sigma {sigma} must be a finite number >= 0 (0 turns the smoothing off; "
                                "the original uses 4)")
-    image_size = getattr(args, "image_size", None)
-    if sigma is not None and image_size is not None and sigma > image_size:
+    if sigma > image_size:
         raise AnomalyCLIPError(f"--sigma {sigma} is wider than the image (--image_size {image_size}): the filter "
                                f"would only flatten the map; use at most {image_size} (the original uses 4)")
-    if hasattr(args, "features_list"):
-        if len(set(args.features_list)) != len(args.features_list):
-            raise AnomalyCLIPError(f"--features_list {' '.join(map(str, args.features_list))} repeats a layer")
-        first = args.feature_map_layer[0]
-        if not 0 <= first < len(args.features_list):
-            raise AnomalyCLIPError(
-                f"--feature_map_layer {first} must index --features_list ({len(args.features_list)} layer(s)): "
-                f"use 0..{len(args.features_list) - 1} (0 sums the maps of every layer)")
-    for flag in ("save_path", "out"):
-        if getattr(args, flag, None):
-            check_output_folder(getattr(args, flag), f"--{flag}")
-    if hasattr(args, "runtime"):
-        _check_runtime_flags(args)
-        if args.runtime != "torch":
-            use_export_settings(args)
+
+
+def check_scoring_spec(scoring: ScoringSpec) -> None:
+    """``--runtime`` scores with an exported graph, which needs ``--model``; the torch path needs a checkpoint."""
+    if scoring.runtime == "torch":
+        if scoring.model_dir is not None:
+            raise AnomalyCLIPError("--model is an export folder for --runtime onnxruntime|openvino; add --runtime")
+        if not scoring.checkpoint_path:
+            raise AnomalyCLIPError("--checkpoint_path is required (or --runtime onnxruntime|openvino --model DIR)")
+    elif not scoring.model_dir:
+        raise AnomalyCLIPError(f"--runtime {scoring.runtime} needs --model DIR, a folder written by export.py")
+
+
+def check_device_and_precision(device: str | None, precision: str = "fp32", where: str = "") -> None:
+    """``--device`` names a device this machine has, and ``--precision fp16|bf16`` has a CUDA device to run on.
+
+    Checked before any data or model loads (torch is imported here only for the torch path).
+    """
+    from pipeline.loading import resolve_device  # torch: the torch path only
+
+    resolved = resolve_device(device)
+    if precision != "fp32" and resolved.type != "cuda":
+        raise AnomalyCLIPError(f"--precision {precision} needs a CUDA device and this run is on {resolved}{where}; "
+                               "use --precision fp32 (the default)")
 
 
 def check_output_folder(folder: str | os.PathLike, flag: str) -> None:
@@ -136,77 +189,65 @@ def check_output_folder(folder: str | os.PathLike, flag: str) -> None:
             return
 
 
-def _check_runtime_flags(args: argparse.Namespace) -> None:
-    """``--runtime`` scores with an exported graph, which needs ``--model``; the torch path needs a checkpoint."""
-    if args.runtime == "torch":
-        if args.model is not None:
-            raise AnomalyCLIPError("--model is an export folder for --runtime onnxruntime|openvino; add --runtime")
-        if not args.checkpoint_path:
-            raise AnomalyCLIPError("--checkpoint_path is required (or --runtime onnxruntime|openvino --model DIR)")
-    elif not args.model:
-        raise AnomalyCLIPError(f"--runtime {args.runtime} needs --model DIR, a folder written by export.py")
-
-
-_NOT_GIVEN = object()
-GIVEN_FLAGS = "_given_flags"  # attribute of parsed flags: the destinations the command line set (not defaults)
-
-
-def parse_noting_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """``parser.parse_args(argv)``, noting in ``args._given_flags`` which flags the command line gave.
-
-    A flag given with its default value counts as given: the check of an export's settings
-    (:func:`use_export_settings`) must not take an explicit ``--image_size 518`` for a default.
-    """
-    args = parser.parse_args(argv)
-    # argparse fills in a default only where the namespace lacks the attribute: what stays a sentinel was not given.
-    probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), _NOT_GIVEN)))
-    setattr(args, GIVEN_FLAGS, frozenset(dest for dest, value in vars(probe).items() if value is not _NOT_GIVEN))
-    return args
-
-
 def add_sigma_arg(parser: argparse.ArgumentParser) -> None:
     """``--sigma``, the Gaussian filter of the maps (test.py, test_one_example.py, export.py)."""
     parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
 
 
-def use_export_settings(args: argparse.Namespace) -> None:
-    """The exported graph of ``--model`` fixes the design: its settings replace the model flags (and are recorded
-    so). Reads only the export's manifest: call it before the graph loads.
+def add_scoring_args(parser: argparse.ArgumentParser, runtime_help: str, model_help: str) -> None:
+    """``--precision``, ``--runtime`` and ``--model`` (test.py, test_one_example.py)."""
+    from AnomalyCLIP_lib.precision import PRECISIONS
+
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
+    parser.add_argument("--runtime", choices=("torch", *RUNTIMES), default="torch", help=runtime_help)
+    parser.add_argument("--model", default=None, help=model_help)
+
+
+def with_export_settings(model: ModelSpec, scoring: ScoringSpec, flags: RunRecord
+                         ) -> tuple[ModelSpec, ScoringSpec, RunRecord]:
+    """The settings of a run on the exported graph of ``--model``: its design replaces the model flags.
+
+    Reads only the export's manifest: call it before the graph loads. Returns new configs (and the
+    record of the run with the export's values); the given ones are left as they are.
 
     Raises:
         AnomalyCLIPError: A design flag the command line gave differs from the export's (the graph cannot
             honour it), or ``--checkpoint_path``/``--backbone`` name other files than the export was made from.
     """
-    from deploy.runtime import MANIFEST_NAME, RECORD_FIELDS, check_fields, read_manifest  # only --runtime
+    from deploy.manifest import MANIFEST_NAME, RECORD_FIELDS, check_fields, read_manifest  # only --runtime
 
-    manifest = read_manifest(args.model)
-    check_fields(manifest, RECORD_FIELDS, Path(args.model) / MANIFEST_NAME)
-    scoring = manifest["scoring"]
-    fixed = {"image_size": manifest["image_size"], "sigma": float(scoring["sigma"]),
-             "features_list": list(scoring["features_list"]), "feature_map_layer": [scoring["feature_map_layer"]],
-             "reference_arithmetic": scoring["reference_arithmetic"], "precision": scoring["precision"],
+    manifest = read_manifest(scoring.model_dir)
+    check_fields(manifest, RECORD_FIELDS, Path(scoring.model_dir) / MANIFEST_NAME)
+    settings = manifest["scoring"]
+    fixed = {"image_size": manifest["image_size"], "sigma": float(settings["sigma"]),
+             "features_list": list(settings["features_list"]), "feature_map_layer": [settings["feature_map_layer"]],
+             "reference_arithmetic": settings["reference_arithmetic"], "precision": settings["precision"],
              **{name: manifest["design"][name] for name in ("n_ctx", "depth", "t_n_ctx")}}
-    differing = _export_mismatches(args, manifest, fixed)
+    differing = _export_mismatches(flags, manifest, fixed)
     if differing:
-        raise AnomalyCLIPError(f"{'; '.join(differing)}: {args.model} was exported otherwise and an exported "
+        raise AnomalyCLIPError(f"{'; '.join(differing)}: {scoring.model_dir} was exported otherwise and an exported "
                                "graph's design is fixed; drop the flag(s), or run export.py again with them")
-    for name, value in fixed.items():
-        setattr(args, name, value)
-    args.checkpoint_path = args.checkpoint_path or manifest["checkpoint"]["path"]
-    args.backbone = manifest["backbone"]["name"]
+    checkpoint = scoring.checkpoint_path or manifest["checkpoint"]["path"]
+    backbone = manifest["backbone"]["name"]
+    new_model = replace(model, backbone=backbone, image_size=fixed["image_size"],
+                        features_list=tuple(fixed["features_list"]), feature_map_layer=settings["feature_map_layer"],
+                        reference_arithmetic=fixed["reference_arithmetic"],
+                        n_ctx=fixed["n_ctx"], depth=fixed["depth"], t_n_ctx=fixed["t_n_ctx"])
+    new_scoring = replace(scoring, checkpoint_path=checkpoint, sigma=fixed["sigma"], precision=fixed["precision"])
+    return new_model, new_scoring, flags.with_values(**fixed, checkpoint_path=checkpoint, backbone=backbone)
 
 
-def _export_mismatches(args: argparse.Namespace, manifest: dict, fixed: dict[str, object]) -> list[str]:
+def _export_mismatches(flags: RunRecord, manifest: dict, fixed: dict[str, object]) -> list[str]:
     """The flags the command line gave that the export cannot honour, each as ``--flag value (the export's: …)``."""
-    given = getattr(args, GIVEN_FLAGS, frozenset())
-    differing = [f"--{name} {_shown(getattr(args, name))} (the export's: {_shown(value)})"
+    values = flags.values
+    differing = [f"--{name} {_shown(values[name])} (the export's: {_shown(value)})"
                  for name, value in fixed.items()
-                 if name in given and not _same_setting(name, getattr(args, name), value)]
+                 if name in flags.given and not _same_setting(name, values[name], value)]
     files = (("checkpoint_path", manifest["checkpoint"]["path"], manifest["checkpoint"]["sha256"], sha256_of),
              ("backbone", manifest["backbone"]["name"], manifest["backbone"]["sha256"], backbone_sha256))
     for name, recorded, sha256, digest in files:
-        if name in given and not _same_file(getattr(args, name), recorded, sha256, digest):
-            differing.append(f"--{name} {getattr(args, name)} (not the file the export was made from)")
+        if name in flags.given and not _same_file(values[name], recorded, sha256, digest):
+            differing.append(f"--{name} {values[name]} (not the file the export was made from)")
     return differing
 
 

@@ -1,41 +1,187 @@
-"""The one engine that turns image files into predictions (torch inference module or exported graph)."""
+"""The one engine that turns images into predictions, for every entry point.
+
+``test.py`` (a dataset through a DataLoader), ``test_one_example.py`` (files) and the exported
+runtimes all go through :func:`score_batches`: typed :class:`Batch` es of preprocessed images,
+each row carrying the index of its item (in the dataset, or in the list of files), go through a
+:class:`Scorer` -- the torch inference module (:class:`TorchScorer`) or an exported graph
+(:class:`ExportedScorer`) -- and come out as :class:`ScoredImage` s keyed by that index, so a
+sampler, a shard or a dropped batch can never attach a score to the wrong image.
+
+Torch-free at import: the torch parts load only when a torch scorer or a DataLoader is made, so
+``test_one_example.py --runtime`` runs where only numpy, Pillow and a runtime are installed.
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+import numpy as np
+from tqdm import tqdm
 
-from AnomalyCLIP_lib import scoring
-from AnomalyCLIP_lib.inference import ScoringConfig
+from AnomalyCLIP_lib.images import load_image
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
+    from dataset import AnomalyDataset
+    from deploy.runtime import ExportedModel
+    from pipeline.config import LoaderSpec
+
+
+@dataclass
+class Batch:
+    """Preprocessed images with the index of each row's item.
+
+    Attributes:
+        indices: The item index of each row (dataset index, or position in a list of files).
+        images: ``(B, 3, S, S)`` float32, a torch tensor or a numpy array (as the scorer stacks them).
+        sizes: ``(width, height)`` of each original image, where known.
+        masks: ``(B, S, S)`` uint8 ground-truth masks (evaluation), else ``None``.
+    """
+
+    indices: list[int]
+    images: Any
+    sizes: list[tuple[int, int]] | None = None
+    masks: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """One image's prediction, keyed by its item index.
+
+    Attributes:
+        index: The item index (see :class:`Batch`).
+        score: Image anomaly score.
+        anomaly_map: ``(S, S)`` float32 anomaly map (Gaussian filter applied).
+        size: ``(width, height)`` of the original image, where known.
+        mask: ``(S, S)`` uint8 ground truth (evaluation), else ``None``.
+    """
+
+    index: int
+    score: float
+    anomaly_map: np.ndarray
+    size: tuple[int, int] | None = None
+    mask: np.ndarray | None = None
+
+
+class Scorer(Protocol):
+    """What scores batches: preprocessing, stacking, and the forward to numpy scores and maps."""
+
+    image_size: int
+
+    def preprocess(self, image: Image.Image) -> Any:
+        """One PIL image as a ``(3, S, S)`` row."""
+
+    def stack(self, rows: Sequence[Any]) -> Any:
+        """Rows of :meth:`preprocess` as one ``(B, 3, S, S)`` batch."""
+
+    def predict(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Scores ``(B,)`` and maps ``(B, S, S)``, float32 numpy arrays."""
+
+
+class TorchScorer:
+    """The torch inference module (:class:`AnomalyCLIP_lib.inference.AnomalyCLIPInference`) on a device."""
+
+    def __init__(self, inference: AnomalyCLIPInference, device: torch.device) -> None:
+        from AnomalyCLIP_lib.transform import image_transform
+
+        self.inference = inference
+        self.device = device
+        self.config: ScoringConfig = inference.config
+        self.image_size = inference.config.image_size
+        self._transform = image_transform(self.image_size)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self._transform(image)
+
+    def stack(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        return torch.stack(list(rows))
+
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        prediction = self.inference.predict(images.to(self.device, non_blocking=True))
+        return prediction.scores.numpy(), prediction.maps.numpy()
 
 
 class ExportedScorer:
-    """An exported graph behind :meth:`AnomalyCLIPInference.predict`'s interface (for ``test.py --runtime``).
+    """An exported graph (:class:`deploy.runtime.ExportedModel`): numpy in, numpy out, no torch needed.
 
-    Takes the torch batches a DataLoader makes and returns :class:`scoring.AnomalyPrediction`,
-    so a dataset can be scored through ONNX Runtime or OpenVINO with the evaluation code as is.
-
-    Args:
-        model_dir: Folder written by ``export.py``.
-        runtime: ``"onnxruntime"`` or ``"openvino"``.
-        threads: Runtime threads (default: the runtime's).
+    Also takes the torch batches a DataLoader makes (``test.py --runtime``).
 
     Attributes:
-        config: The scoring settings the graph was exported with.
-        exported: The :class:`deploy.runtime.ExportedModel`.
+        exported: The loaded export (its ``scoring`` holds the settings it was exported with).
     """
 
-    device = torch.device("cpu")
+    def __init__(self, exported: ExportedModel) -> None:
+        self.exported = exported
+        self.image_size = exported.image_size
 
-    def __init__(self, model_dir: str | os.PathLike, runtime: str = "onnxruntime", threads: int | None = None) -> None:
+    @classmethod
+    def load(cls, model_dir: str, runtime: str, threads: int | None = None) -> ExportedScorer:
+        """The export in ``model_dir`` loaded into ``runtime`` (``onnxruntime`` or ``openvino``)."""
         from deploy.runtime import ExportedModel
 
-        self.exported = ExportedModel(model_dir, runtime, threads)
-        self.config = ScoringConfig.from_dict(self.exported.scoring)
+        return cls(ExportedModel(model_dir, runtime, threads))
 
-    def predict(self, images: torch.Tensor) -> scoring.AnomalyPrediction:
-        """Scores and maps of preprocessed images ``(B, 3, S, S)``, on the CPU."""
-        scores, maps = self.exported.predict(images.detach().to("cpu", torch.float32).numpy())
-        return scoring.AnomalyPrediction(scores=torch.from_numpy(scores), maps=torch.from_numpy(maps))
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self.exported.preprocess(image)
 
+    def stack(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack(rows)
+
+    def predict(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(images, np.ndarray):  # a DataLoader's CPU tensor
+            images = images.detach().cpu().numpy()
+        return self.exported.predict(images)
+
+
+def score_batches(scorer: Scorer, batches: Iterable[Batch]) -> Iterator[list[ScoredImage]]:
+    """THE loop: every batch through ``scorer``; one list of :class:`ScoredImage` per batch, in batch order."""
+    for batch in batches:
+        scores, maps = scorer.predict(batch.images)
+        if len(scores) != len(batch.indices):
+            raise RuntimeError(f"the scorer returned {len(scores)} results for a batch of {len(batch.indices)}")
+        yield [ScoredImage(index=index, score=float(scores[row]), anomaly_map=maps[row],
+                           size=None if batch.sizes is None else batch.sizes[row],
+                           mask=None if batch.masks is None else batch.masks[row])
+               for row, index in enumerate(batch.indices)]
+
+
+def file_batches(files: Sequence[Path], scorer: Scorer, batch_size: int,
+                 progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> Iterator[Batch]:
+    """The files as batches of ``batch_size``, decoded in order (index = position in ``files``).
+
+    Args:
+        progress: Wraps the batch start positions (a progress bar); default: a tqdm bar on a terminal.
+    """
+    starts: Iterable[int] = range(0, len(files), batch_size)
+    starts = progress(starts) if progress is not None else tqdm(starts, desc="scoring", unit="batch", disable=None)
+    for start in starts:
+        chunk = range(start, min(start + batch_size, len(files)))
+        images = [load_image(files[index]) for index in chunk]
+        yield Batch(indices=list(chunk), images=scorer.stack([scorer.preprocess(image) for image in images]),
+                    sizes=[image.size for image in images])
+
+
+def dataset_batches(dataset: AnomalyDataset, indices: Sequence[int], loader: LoaderSpec, num_workers: int,
+                    device: torch.device, progress: bool = True) -> Iterator[Batch]:
+    """The items ``indices`` of ``dataset`` through a DataLoader, with their ground-truth masks.
+
+    Each row's index comes from the item itself (``item["index"]``), never from its position.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from dataset import loader_batches
+
+    data_loader = DataLoader(Subset(dataset, list(indices)), batch_size=loader.batch_size, shuffle=False,
+                             num_workers=num_workers, pin_memory=device.type == "cuda")
+    with loader_batches(data_loader) as batches:
+        for batch in tqdm(batches, total=len(data_loader), desc="scoring", unit="batch", disable=not progress):
+            yield Batch(indices=[int(index) for index in batch["index"]], images=batch["img"],
+                        masks=batch["img_mask"][:, 0].numpy().astype(np.uint8))

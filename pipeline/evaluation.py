@@ -25,7 +25,6 @@ image. The numbers are a one-process run's (see :mod:`distributed`).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -33,33 +32,29 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
-from pipeline import distributed
 import metrics
-from pipeline import report
-from pipeline import thresholds
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
-from pipeline.engine import ExportedScorer
-from AnomalyCLIP_lib.precision import PRECISIONS
-from deploy.runtime import RUNTIMES
-from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
+from dataset import AnomalyDataset
+from pipeline import distributed, report, thresholds
 from pipeline.atomic import atomic_write_texts, remove_leftovers
-from pipeline.cli import add_sigma_arg, parse_noting_given
-from dataset import AnomalyDataset, loader_batches
+from pipeline.cli import (add_loader_args, add_model_args, add_scoring_args, add_sigma_arg, check_device_and_precision,
+                          check_loader_spec, check_model_spec, check_output_folder, check_scoring_spec, check_sigma,
+                          cli_parser, flag_errors, loader_spec, model_spec, parse_flags, scoring_spec,
+                          with_export_settings)
+from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
 from pipeline.dump import DumpWriter
-from pipeline.cli import DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, run_cli
-from utils import get_logger, project_version, setup_seed
-from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
+from pipeline.engine import Batch, ExportedScorer, ScoredImage, Scorer, dataset_batches, score_batches
+from pipeline.loading import open_scorer, resolve_device, resolve_num_workers
+from pipeline.naming import OVERLAY_SUFFIX, VIS_FOLDER, output_path, relative_to_root
 from pipeline.visualize import save_overlay
+from utils import get_logger, project_version, setup_seed
 
 METRIC_SETS = ("image-level", "pixel-level", "image-pixel-level")
 # Decision metrics: always in results.json, in the table with --extra_metrics.
@@ -69,7 +64,46 @@ UNNAMED_DEFECT_TYPE = "unspecified"  # the defect type of an anomalous item whos
 logger = logging.getLogger("anomalyclip.test")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class EvaluationOutputs:
+    """What an evaluation writes besides results.json, scores.csv and thresholds.json.
+
+    Attributes:
+        save_path: The output folder.
+        vis: Heat-map overlays under ``save_path/imgs/`` (:mod:`pipeline.naming`).
+        dump: ``FILE.npz`` for every score, map and mask, or ``None``.
+        extra_metrics: Image F1-max, pixel AP and pixel F1-max in the printed table too.
+        report: ``save_path/report.html``.
+        report_k: Images per class in the report's galleries.
+    """
+
+    save_path: str
+    vis: bool = False
+    dump: str | None = None
+    extra_metrics: bool = False
+    report: bool = False
+    report_k: int = 5
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Everything ``test.py`` was asked to do (frozen; see :func:`parse_args`)."""
+
+    data_path: str
+    dataset: str
+    model: ModelSpec
+    loader: LoaderSpec
+    scoring: ScoringSpec
+    outputs: EvaluationOutputs
+    classes: tuple[str, ...] | None = None
+    metrics: str | None = None
+    aupro: str = "cflow"
+    threshold_method: str = "f1"
+    target_fpr: float = 0.01
+    record: RunRecord = field(default_factory=lambda: RunRecord({}))
+
+
+def build_parser():
     parser = cli_parser("Evaluate AnomalyCLIP prompts zero-shot on a dataset.")
     parser.add_argument("--data_path", default="./data/visa", help="dataset root holding meta.json")
     parser.add_argument("--save_path", default="./results", help="folder for log.txt, results.json, scores.csv")
@@ -83,10 +117,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--aupro", choices=metrics.AUPRO_MODES, default="cflow",
                         help="cflow: the released variant (default); exact: MVTec AD's official definition")
     add_loader_args(parser, "images per forward pass")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
-    parser.add_argument("--runtime", choices=("torch", *RUNTIMES), default="torch",
-                        help="score through an exported graph (export.py) with ONNX Runtime or OpenVINO")
-    parser.add_argument("--model", default=None, help="with --runtime: the folder export.py wrote")
+    add_scoring_args(parser, "score through an exported graph (export.py) with ONNX Runtime or OpenVINO",
+                     "with --runtime: the folder export.py wrote")
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
     parser.add_argument("--vis", action="store_true", help="write heat-map overlays under save_path/imgs/")
     parser.add_argument("--dump", default=None, metavar="FILE.npz", help="save paths, labels, scores, maps and masks")
@@ -100,18 +132,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report", action="store_true", help="write save_path/report.html (curves, galleries)")
     parser.add_argument("--report_k", type=int, default=5,
                         help="report: highest-scored normal and lowest-scored anomalous images per class (default 5)")
-    args = parse_noting_given(parser, argv)
-    check_args(args, more=_check_test_flags)
-    return args
+    return parser
 
 
-def _check_test_flags(args: argparse.Namespace) -> None:
-    """test.py's own flag checks (after the shared ones)."""
-    if args.report_k < 0:
-        raise AnomalyCLIPError(f"--report_k {args.report_k} must be >= 0")
-    if args.dump and Path(args.dump).is_dir():
-        raise AnomalyCLIPError(f"--dump {args.dump} is a folder; give a file name, e.g. {Path(args.dump) / 'dump.npz'}")
-    thresholds.check_target_fpr(args.target_fpr)
+def parse_args(argv: Sequence[str] | None = None) -> EvaluationConfig:
+    """``test.py``'s command line, parsed once into a checked :class:`EvaluationConfig`."""
+    flags = parse_flags(build_parser(), argv)
+    holder: list[EvaluationConfig] = []
+    flag_errors(lambda: holder.append(_config(flags)))
+    return holder[0]
+
+
+def _config(flags: RunRecord) -> EvaluationConfig:
+    """The checked config of ``flags`` (with ``--runtime``, the export's design in place of the model flags)."""
+    values = flags.values
+    model, loader, scoring = model_spec(flags), loader_spec(flags), scoring_spec(flags)
+    check_loader_spec(loader)
+    check_model_spec(model)
+    check_sigma(scoring.sigma, model.image_size)
+    check_output_folder(values["save_path"], "--save_path")
+    check_scoring_spec(scoring)
+    if scoring.exported:
+        model, scoring, flags = with_export_settings(model, scoring, flags)
+    else:
+        check_device_and_precision(model.device, scoring.precision)
+    if values["report_k"] < 0:
+        raise AnomalyCLIPError(f"--report_k {values['report_k']} must be >= 0")
+    if values["dump"] and Path(values["dump"]).is_dir():
+        raise AnomalyCLIPError(f"--dump {values['dump']} is a folder; give a file name, e.g. "
+                               f"{Path(values['dump']) / 'dump.npz'}")
+    thresholds.check_target_fpr(values["target_fpr"])
+    outputs = EvaluationOutputs(save_path=values["save_path"], vis=values["vis"], dump=values["dump"],
+                                extra_metrics=values["extra_metrics"], report=values["report"],
+                                report_k=values["report_k"])
+    classes = tuple(values["classes"]) if values["classes"] else None
+    return EvaluationConfig(data_path=values["data_path"], dataset=values["dataset"], model=model, loader=loader,
+                            scoring=scoring, outputs=outputs, classes=classes, metrics=values["metrics"],
+                            aupro=values["aupro"], threshold_method=values["threshold_method"],
+                            target_fpr=values["target_fpr"], record=flags)
 
 
 @dataclass
@@ -179,42 +237,28 @@ class ClassGatherer:
         )
 
 
-def score_batches(
-    inference: AnomalyCLIPInference | ExportedScorer,
-    dataset: AnomalyDataset,
-    indices: Sequence[int],
-    args: argparse.Namespace,
-    device: torch.device,
-    on_image: Callable[[ImageResult], None] | None = None,
-    progress: bool = True,
-) -> Iterator[list[ImageResult]]:
-    """Per-image results of the items ``indices`` of ``dataset``, one list per batch, in that order.
+def image_results(scorer: Scorer, dataset: AnomalyDataset, batches: Iterable[Batch],
+                  on_image: Callable[[ImageResult], None] | None = None) -> Iterable[list[ImageResult]]:
+    """Per-image results of the dataset items in ``batches`` (the engine's loop), one list per batch.
+
+    Each result is keyed by its item's own index.
 
     Args:
         on_image: Called with each result as it is made (overlays of the rank that scored it).
-        progress: Show the progress bar (rank 0 only).
     """
-    loader = DataLoader(Subset(dataset, list(indices)), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    position = 0
-    with loader_batches(loader) as batches:
-        for batch in tqdm(batches, total=len(loader), desc="scoring", unit="batch", disable=not progress):
-            prediction = inference.predict(batch["img"].to(device, non_blocking=True))
-            masks = batch["img_mask"][:, 0].numpy().astype(np.uint8)
-            results = []
-            for i in range(len(prediction.scores)):
-                index = indices[position]
-                position += 1
-                item = dataset.items[index]
-                result = ImageResult(index=index, img_path=item["img_path"],
-                                     image_file=batch["img_path"][i], cls_name=batch["cls_name"][i],
-                                     label=int(batch["anomaly"][i]), score=float(prediction.scores[i]),
-                                     anomaly_map=prediction.maps[i].numpy(), mask=masks[i],
-                                     specie_name=str(item.get("specie_name") or ""))
-                if on_image is not None:
-                    on_image(result)
-                results.append(result)
-            yield results
+    for scored in score_batches(scorer, batches):
+        results = [_image_result(dataset, one) for one in scored]
+        if on_image is not None:
+            for result in results:
+                on_image(result)
+        yield results
+
+
+def _image_result(dataset: AnomalyDataset, scored: ScoredImage) -> ImageResult:
+    item = dataset.items[scored.index]
+    return ImageResult(index=scored.index, img_path=item["img_path"], image_file=dataset.image_file(scored.index),
+                       cls_name=item["cls_name"], label=int(item["anomaly"]), score=scored.score,
+                       anomaly_map=scored.anomaly_map, mask=scored.mask, specie_name=str(item.get("specie_name") or ""))
 
 
 @dataclass
@@ -388,63 +432,61 @@ def scores_csv_text(results: list[tuple[str, str, int, float]]) -> str:
     return buffer.getvalue()
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, object] | None:
+def evaluate(config: EvaluationConfig) -> dict[str, object] | None:
     """Run the evaluation; returns what results.json holds (``None`` on ranks other than 0)."""
-    world, device = distributed.setup(args.device, resolve_device)
+    world, device = distributed.setup(config.model.device, resolve_device)
     try:
-        with distributed.main_holds(world, args.save_path, "--save_path"):
-            return _evaluate(args, world, device)
+        with distributed.main_holds(world, config.outputs.save_path, "--save_path"):
+            return _evaluate(config, world, device)
     finally:
         distributed.finish(world)
 
 
-def _prepare(args: argparse.Namespace, device: torch.device
-             ) -> tuple[AnomalyDataset, str, AnomalyCLIPInference | ExportedScorer]:
+def _prepare(config: EvaluationConfig, device: torch.device) -> tuple[AnomalyDataset, str, Scorer]:
     """The dataset, its metric set and what scores it (the inference module, or an exported graph)."""
-    exported = None
-    if args.runtime != "torch":
-        exported = ExportedScorer(args.model, args.runtime)
-    dataset = AnomalyDataset(args.data_path, image_size=args.image_size, split="test", class_names=args.classes)
-    metric_set = choose_metric_set(dataset, args.metrics)
-    if args.threshold_method == "normal_fpr" and not dataset.any_normal:
+    scoring = config.scoring
+    exported = ExportedScorer.load(scoring.model_dir, scoring.runtime) if scoring.exported else None
+    dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
+                             class_names=list(config.classes) if config.classes else None)
+    metric_set = choose_metric_set(dataset, config.metrics)
+    if config.threshold_method == "normal_fpr" and not dataset.any_normal:
         raise AnomalyCLIPError(f"--threshold_method normal_fpr needs normal images and {dataset.root} has none; "
                                "use --threshold_method f1")
-    if exported is not None:
-        return dataset, metric_set, exported
-    model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
-    return dataset, metric_set, AnomalyCLIPInference.from_model(model, prompt_learner,
-                                                                config_from_args(args, DPAM_LAYER))
+    return dataset, metric_set, exported or open_scorer(config.model, scoring, device)
 
 
-def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.device) -> dict[str, object] | None:
+def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.device) -> dict[str, object] | None:
     started = time.time()
-    setup_seed(args.seed)
-    args.num_workers = resolve_num_workers(args.num_workers, device)
-    save_path = Path(args.save_path)
+    setup_seed(config.model.seed)
+    num_workers = resolve_num_workers(config.loader.num_workers, device)
+    outputs = config.outputs
+    save_path = Path(outputs.save_path)
     logger = get_logger(save_path, "anomalyclip.test", main_process=world.is_main)
     if world.is_main:
         for name in ("results.json", "scores.csv", "thresholds.json", "report.html"):
             remove_leftovers(save_path, name)  # of a run killed while writing
-    dataset, metric_set, inference = distributed.together(world, lambda: _prepare(args, device))
+    dataset, metric_set, scorer = distributed.together(world, lambda: _prepare(config, device))
     columns = metrics.metric_columns(metric_set)
 
     expected = {name: sum(item["cls_name"] == name for item in dataset.items) for name in dataset.class_names}
     owners = {name: position % world.size for position, name in enumerate(dataset.class_names)}
-    options = OutcomeOptions(metric_set, args.aupro, args.threshold_method, args.target_fpr,
-                             args.report_k if args.report else None)
+    options = OutcomeOptions(metric_set, config.aupro, config.threshold_method, config.target_fpr,
+                             outputs.report_k if outputs.report else None)
     collector = ClassMetricsCollector({name: count for name, count in expected.items() if owners[name] == world.rank},
                                       options)
     score_rows: list[ImageResult] = []
-    dump = DumpWriter(args.dump, len(dataset), args.image_size) if args.dump and world.is_main else None
+    dump = DumpWriter(outputs.dump, len(dataset), config.model.image_size) if outputs.dump and world.is_main else None
     scored_here = 0
     try:
         shard = world.shard(len(dataset))
-        on_image = (lambda r: _save_vis(r, save_path)) if args.vis else None
-        batches = score_batches(inference, dataset, shard, args, device, on_image, progress=world.is_main)
-        for local, error in distributed.lockstep(world, batches, world.rounds(len(dataset), args.batch_size)):
+        on_image = (lambda r: _save_vis(r, dataset, save_path)) if outputs.vis else None
+        batches = dataset_batches(dataset, shard, config.loader, num_workers, device, progress=world.is_main)
+        results = image_results(scorer, dataset, batches, on_image)
+        rounds = world.rounds(len(dataset), config.loader.batch_size)
+        for local, error in distributed.lockstep(world, results, rounds):
             local = local or []
             scored_here += len(local)
-            outgoing = route(local, owners, world.size, arrays_to_main=bool(args.dump))
+            outgoing = route(local, owners, world.size, arrays_to_main=bool(outputs.dump))
             for result in distributed.exchange(world, outgoing, error):
                 if world.is_main:
                     score_rows.append(result)
@@ -465,15 +507,17 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
 
     outcomes = {name: gathered[name] for name in dataset.class_names if name in gathered}
     per_class = {name: outcome.values for name, outcome in outcomes.items()}
-    table_columns = columns + list(EXTRA_COLUMNS) if args.extra_metrics else columns
+    table_columns = columns + list(EXTRA_COLUMNS) if outputs.extra_metrics else columns
     table = metrics.format_results_table(per_class, table_columns)
     logger.info("\n%s", table)
     mean = metrics.mean_over_classes(per_class, columns + list(EXTRA_COLUMNS))
+    manifest = scorer.exported.manifest if isinstance(scorer, ExportedScorer) else None
+    provenance = thresholds.provenance_record(config.model, config.scoring, manifest)
     summary = {
-        "dataset": args.dataset,
-        "data_path": str(args.data_path),
-        "checkpoint_path": str(args.checkpoint_path),
-        **_model_hashes(args, inference),
+        "dataset": config.dataset,
+        "data_path": str(config.data_path),
+        "checkpoint_path": str(config.scoring.checkpoint_path),
+        **_model_hashes(config.scoring, provenance),
         "metric_set": metric_set,
         "columns": columns,
         "extra_columns": list(EXTRA_COLUMNS),
@@ -485,64 +529,58 @@ def _evaluate(args: argparse.Namespace, world: distributed.World, device: torch.
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
-        "config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "config": config.record.with_values(num_workers=num_workers).as_dict(),
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),
         "table": table,
     }
     score_rows.sort(key=lambda r: r.index)
-    entries = {name: outcome.threshold_entry for name, outcome in outcomes.items()}
+    entries = {name: {**outcome.threshold_entry, "provenance": provenance}
+               for name, outcome in outcomes.items()}
     # Together: a failure (a full disk) leaves all the old files or all the new ones.
     atomic_write_texts({save_path / "results.json": json.dumps(summary, indent=2) + "\n",
                         save_path / "scores.csv": scores_csv_text([(r.img_path, r.cls_name, r.label, r.score)
                                                                    for r in score_rows]),
-                        save_path / "thresholds.json": _thresholds_text(args, entries)})
-    if args.report:
-        path = report.write_report(save_path / "report.html", _report_title(args), summary, table_columns,
+                        save_path / "thresholds.json": _thresholds_text(config, entries)})
+    if outputs.report:
+        path = report.write_report(save_path / "report.html", _report_title(config), summary, table_columns,
                                    {name: outcome.report_part for name, outcome in outcomes.items()}, entries)
         logger.info("report: %s", path)
     return summary
 
 
-def _model_hashes(args: argparse.Namespace, inference: AnomalyCLIPInference | ExportedScorer) -> dict[str, str]:
+def _model_hashes(scoring: ScoringSpec, provenance: dict[str, object]) -> dict[str, object]:
     """SHA-256 of the checkpoint and the backbone (as the export recorded them, for an exported graph)."""
-    if isinstance(inference, ExportedScorer):
-        manifest = inference.exported.manifest
-        return {"checkpoint_sha256": manifest["checkpoint"]["sha256"],
-                "backbone_sha256": manifest["backbone"]["sha256"],
-                "runtime": args.runtime, "model": str(args.model)}
-    return {"checkpoint_sha256": sha256_of(args.checkpoint_path), "backbone_sha256": backbone_sha256(args.backbone)}
+    hashes = {"checkpoint_sha256": provenance["checkpoint_sha256"], "backbone_sha256": provenance["backbone_sha256"]}
+    if scoring.exported:
+        hashes.update(runtime=scoring.runtime, model=str(scoring.model_dir))
+    return hashes
 
 
 def _json_numbers(values: dict[str, float]) -> dict[str, float | None]:
     return {key: _json_number(value) for key, value in values.items()}
 
 
-def _thresholds_text(args: argparse.Namespace, classes: dict[str, dict]) -> str:
-    """``thresholds.json`` with what the thresholds depend on (model, image size, sigma)."""
+def _thresholds_text(config: EvaluationConfig, classes: dict[str, dict]) -> str:
+    """``thresholds.json``: the classes' thresholds, each with the provenance of the maps they were chosen on."""
     return thresholds.thresholds_text(
-        classes, source="test.py", requested_method=args.threshold_method,
-        target_fpr=args.target_fpr, dataset=args.dataset, data_path=str(args.data_path),
-        checkpoint_path=str(args.checkpoint_path), backbone=str(args.backbone), image_size=args.image_size,
-        features_list=list(args.features_list), sigma=args.sigma)
+        classes, source="test.py", requested_method=config.threshold_method,
+        target_fpr=config.target_fpr, dataset=config.dataset, data_path=str(config.data_path),
+        checkpoint_path=str(config.scoring.checkpoint_path), backbone=str(config.model.backbone),
+        image_size=config.model.image_size, features_list=list(config.model.features_list),
+        sigma=config.scoring.sigma)
 
 
-def _report_title(args: argparse.Namespace) -> str:
-    return f"AnomalyCLIP on {args.dataset} ({args.data_path}), prompts {args.checkpoint_path}"
+def _report_title(config: EvaluationConfig) -> str:
+    return f"AnomalyCLIP on {config.dataset} ({config.data_path}), prompts {config.scoring.checkpoint_path}"
 
 
-def _save_vis(result: ImageResult, save_path: Path) -> None:
-    # The image's full name stays in the overlay's (000.png -> 000.png.overlay.png), so 000.png and
-    # 000.jpg in one folder get two overlays, as in test_one_example.py.
-    relative = Path(result.img_path)
-    save_overlay(result.image_file, result.anomaly_map,
-                 save_path / "imgs" / result.cls_name / relative.parent.name / f"{relative.name}.overlay.png")
+def _save_vis(result: ImageResult, dataset: AnomalyDataset, save_path: Path) -> None:
+    """The overlay of one image, at the mirror of its path under the dataset root (:mod:`pipeline.naming`)."""
+    relative = relative_to_root(result.image_file, dataset.root)
+    save_overlay(result.image_file, result.anomaly_map, output_path(save_path / VIS_FOLDER, relative, OVERLAY_SUFFIX))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     evaluate(parse_args(argv))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
 import AnomalyCLIP_lib
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
 from AnomalyCLIP_lib.model import CLIP, normalize_layers
-
 from pipeline.cli import DPAM_DEPTH, DPAM_LAYER
+from pipeline.config import ModelSpec, ScoringSpec
+from pipeline.engine import ExportedScorer, Scorer, TorchScorer
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
 
 
-def check_backbone_fits(args: argparse.Namespace, model: CLIP) -> None:
+def check_backbone_fits(spec: ModelSpec, model: CLIP) -> None:
     """Flags that depend on the loaded backbone: the layers exist and the image size fits its patches."""
     if model.visual.num_layers != DPAM_DEPTH:
-        raise AnomalyCLIPError(f"--backbone {args.backbone} has {model.visual.num_layers} vision layers; AnomalyCLIP "
+        raise AnomalyCLIPError(f"--backbone {spec.backbone} has {model.visual.num_layers} vision layers; AnomalyCLIP "
                                f"(DPAM from layer {DPAM_LAYER}) needs an OpenAI-layout CLIP ViT with {DPAM_DEPTH}, "
                                "such as ViT-L/14@336px")
-    normalize_layers(args.features_list, model.visual.num_layers)
+    normalize_layers(spec.features_list, model.visual.num_layers)
     patch = int(model.visual.conv1.kernel_size[0])
-    if args.image_size % patch:
-        below = args.image_size // patch * patch
+    if spec.image_size % patch:
+        below = spec.image_size // patch * patch
         options = f"{below} or {below + patch}" if below else str(patch)
-        raise AnomalyCLIPError(f"--image_size {args.image_size} is not a multiple of the backbone's patch size "
+        raise AnomalyCLIPError(f"--image_size {spec.image_size} is not a multiple of the backbone's patch size "
                                f"{patch}: use {options} (the released setting is 518)")
 
 
@@ -64,18 +65,38 @@ def resolve_num_workers(requested: int | None, device: torch.device) -> int:
 
 
 def load_model_and_prompts(
-    args: argparse.Namespace, device: torch.device, checkpoint_path: str | None = None
+    spec: ModelSpec, device: torch.device, checkpoint_path: str | None = None
 ) -> tuple[CLIP, AnomalyCLIP_PromptLearner, dict[str, object] | None]:
-    """Backbone and prompt learner for the design in ``args``, with prompts from a checkpoint.
+    """Backbone and prompt learner of the design in ``spec``, with prompts from a checkpoint.
 
     Returns:
         ``(model, prompt_learner, checkpoint)`` on ``device``; ``checkpoint`` is the loaded file
         (``None`` when no path was given and the prompts are freshly initialised).
     """
-    model, _ = AnomalyCLIP_lib.load(args.backbone, device=device, trust_backbone=getattr(args, "trust_backbone", False))
-    check_backbone_fits(args, model)
-    model.visual.reference_arithmetic = getattr(args, "reference_arithmetic", False)
-    design = design_details(n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx)
+    model, _ = AnomalyCLIP_lib.load(spec.backbone, device=device, trust_backbone=spec.trust_backbone)
+    check_backbone_fits(spec, model)
+    model.visual.reference_arithmetic = spec.reference_arithmetic
+    design = design_details(n_ctx=spec.n_ctx, depth=spec.depth, t_n_ctx=spec.t_n_ctx)
     prompt_learner = AnomalyCLIP_PromptLearner(model, design)
     checkpoint = load_prompt_state(prompt_learner, checkpoint_path) if checkpoint_path else None
     return model, prompt_learner.to(device), checkpoint
+
+
+def scoring_config(model: ModelSpec, scoring: ScoringSpec) -> ScoringConfig:
+    """The inference module's settings for a run's model and scoring settings."""
+    return ScoringConfig(image_size=model.image_size, features_list=tuple(model.features_list), dpam_layer=DPAM_LAYER,
+                         sigma=scoring.sigma, feature_map_layer=model.feature_map_layer,
+                         reference_arithmetic=model.reference_arithmetic, precision=scoring.precision)
+
+
+def inference_module(model: ModelSpec, scoring: ScoringSpec, device: torch.device) -> AnomalyCLIPInference:
+    """Backbone and prompts loaded, text features computed once: the inference module of the run."""
+    clip, prompt_learner, _ = load_model_and_prompts(model, device, scoring.checkpoint_path)
+    return AnomalyCLIPInference.from_model(clip, prompt_learner, scoring_config(model, scoring))
+
+
+def open_scorer(model: ModelSpec, scoring: ScoringSpec, device: torch.device) -> Scorer:
+    """What scores the run's images: the exported graph of ``--model``, or the torch inference module."""
+    if scoring.exported:
+        return ExportedScorer.load(scoring.model_dir, scoring.runtime)
+    return TorchScorer(inference_module(model, scoring, device), device)

@@ -5,6 +5,11 @@ Verdicts and masks for a folder, with thresholds from ``test.py`` or from a cali
     python test_one_example.py --image_path parts/ --checkpoint_path CKPT \
         --thresholds thresholds.json --class_name bottle          # or: --threshold 0.5 --pixel_threshold 1.2
 
+Thresholds hold only for the maps they were chosen on: each class of a thresholds.json records the
+checkpoint and backbone SHA-256, image size, sigma, features list and feature-map layer it was
+made with, and a run with other settings is refused (``--accept_thresholds`` uses them anyway and
+records that it did in predictions.json).
+
 Calibration from known-good images only (no ``meta.json``): every image is taken as normal, the
 image threshold is the score that at most ``--target_fpr`` of them reach, the pixel threshold the
 map value that at most that fraction of their pixels reach (``thresholds.normal_fpr``)::
@@ -16,57 +21,84 @@ Prints one tab-separated line per image: path, score (4 decimals), then the verd
 (``anomalous``/``normal``, when an image threshold is known), the defect area in pixels (when a
 pixel threshold is known) and the overlay. A value is flagged when ``value >= threshold``.
 
-Outputs mirror the input tree: the image ``FOLDER/sub/a.png`` gives ``save_path/sub/a.png.overlay.png``
-and ``save_path/sub/a.png.mask.png`` (0/255 at the image's own size), so ``a.png``, ``a.jpg`` and
-two ``000.png`` in different folders never overwrite each other. ``save_path/predictions.csv`` and
-``predictions.json`` hold every image's row (``path, score, verdict, defect_pixels, overlay, mask``;
-overlay and mask relative to ``save_path``).
-"""
+Outputs mirror the input tree (:mod:`pipeline.naming`): the image ``FOLDER/sub/a.png`` gives
+``save_path/sub/a.png.overlay.png`` and ``save_path/sub/a.png.mask.png`` (0/255 at the image's own size), so
+``a.png``, ``a.jpg`` and two ``000.png`` in different folders never overwrite each other.
+``save_path/predictions.csv`` and ``predictions.json`` hold every image's row (``path, score, verdict,
+defect_pixels, overlay, mask``; overlay and mask relative to ``save_path``). """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 # Torch-free imports only: with --runtime the whole run needs numpy, Pillow and the runtime
-# (torch is imported in _torch_batches).
+# (torch is imported by pipeline.loading, for the torch path alone).
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import unreadable_error, unreadable_headers
-from AnomalyCLIP_lib.precision import PRECISIONS
-from deploy.runtime import RUNTIMES, ExportedModel, load_image
 from pipeline.atomic import atomic_write_text, locked_folder
-from pipeline.cli import DPAM_LAYER, add_model_args, add_sigma_arg, check_args, cli_parser, parse_noting_given, run_cli
-from pipeline.thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
-                        save_thresholds, select_thresholds)
+from pipeline.cli import (add_model_args, add_scoring_args, add_sigma_arg, check_device_and_precision,
+                          check_model_spec, check_output_folder, check_positive, check_scoring_spec, check_sigma,
+                          cli_parser, flag_errors, model_spec, parse_flags, scoring_spec, with_export_settings)
+from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
+from pipeline.engine import ExportedScorer, Scorer, file_batches, score_batches
+from pipeline.naming import MASK_SUFFIX, OVERLAY_SUFFIX, output_path
+from pipeline.thresholds import (ACCEPT_FLAG, NormalTail, check_provenance, check_target_fpr, class_entry,
+                                 load_thresholds, normal_fpr_threshold, provenance_record, save_thresholds,
+                                 select_thresholds)
 from pipeline.visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-OVERLAY_SUFFIX = ".overlay.png"
-MASK_SUFFIX = ".mask.png"
 PREDICTION_COLUMNS = ("path", "score", "verdict", "defect_pixels", "overlay", "mask")
 DEFAULT_TARGET_FPR = 0.01
 
 
 @dataclass(frozen=True)
+class PredictionConfig:
+    """Everything ``test_one_example.py`` was asked to do (frozen; see :func:`parse_args`)."""
+
+    image_path: str
+    save_path: str
+    model: ModelSpec
+    loader: LoaderSpec
+    scoring: ScoringSpec
+    threshold: float | None = None
+    pixel_threshold: float | None = None
+    thresholds: str | None = None
+    class_name: str | None = None
+    vis_scale: str | None = None
+    calibrate: bool = False
+    target_fpr: float | None = None
+    save_thresholds: str | None = None
+    report: bool = False
+    accept_thresholds: bool = False
+    record: RunRecord = field(default_factory=lambda: RunRecord({}))
+
+
+@dataclass(frozen=True)
 class Decision:
-    """The thresholds in force and where they came from (all None: scores only)."""
+    """The thresholds in force and where they came from (all None: scores only).
+
+    Attributes:
+        accepted: Provenance differences the user accepted with ``--accept_thresholds`` (recorded).
+    """
 
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     source: str | None = None
     class_name: str | None = None
+    accepted: tuple[str, ...] = ()
 
 
 @dataclass
@@ -81,8 +113,7 @@ class Prediction:
     mask: Path | None = None
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line (see the module docstring); checked further by :func:`validate_args`."""
+def build_parser():
     parser = cli_parser("Anomaly scores, verdicts, defect masks and heat maps for images.")
     parser.add_argument("--image_path", required=True, help="an image file, or a folder of images (read recursively)")
     parser.add_argument("--checkpoint_path", default=None,
@@ -95,6 +126,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="pixel threshold (with --threshold): the defect mask is map >= it")
     parser.add_argument("--thresholds", default=None,
                         help="thresholds.json (from test.py or --calibrate) giving both thresholds")
+    parser.add_argument(ACCEPT_FLAG, action="store_true",
+                        help="use --thresholds (or an export's) made with other settings than this run's "
+                             "(checkpoint, backbone, image size, sigma, layers); recorded in predictions.json")
     parser.add_argument("--class_name", default=None,
                         help="class of --thresholds to use (needed when it holds several); with --calibrate the "
                              "name to save under (default: the folder's name)")
@@ -109,14 +143,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"(default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--save_thresholds", default=None, help="with --calibrate: the thresholds.json to write")
     parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
     parser.add_argument("--report", action="store_true",
                         help="write save_path/report.html: every image's overlay, highest score first, with verdicts")
-    parser.add_argument("--runtime", choices=("torch", *RUNTIMES), default="torch",
-                        help="run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch")
-    parser.add_argument("--model", default=None,
-                        help="with --runtime: the folder export.py wrote (its design replaces the model flags)")
-    return parse_noting_given(parser, argv)
+    add_scoring_args(parser, "run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch",
+                     "with --runtime: the folder export.py wrote (its design replaces the model flags)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> PredictionConfig:
+    """The command line, parsed once into a :class:`PredictionConfig` (shared flag checks included).
+
+    With ``--runtime``, the export's design replaces the model flags (read from its manifest only).
+    The checks that need the thresholds or the export are :func:`validate`'s.
+    """
+    flags = parse_flags(build_parser(), argv)
+    holder: list[PredictionConfig] = []
+    flag_errors(lambda: holder.append(_config(flags)))
+    return holder[0]
+
+
+def _config(flags: RunRecord) -> PredictionConfig:
+    values = flags.values
+    model, scoring = model_spec(flags), scoring_spec(flags)
+    check_positive(batch_size=values["batch_size"])
+    check_model_spec(model)
+    check_sigma(scoring.sigma, model.image_size)
+    check_output_folder(values["save_path"], "--save_path")
+    check_scoring_spec(scoring)
+    if scoring.exported:
+        model, scoring, flags = with_export_settings(model, scoring, flags)
+    else:
+        check_device_and_precision(model.device, scoring.precision)
+    return PredictionConfig(
+        image_path=values["image_path"], save_path=values["save_path"], model=model,
+        loader=LoaderSpec(batch_size=values["batch_size"]), scoring=scoring, threshold=values["threshold"],
+        pixel_threshold=values["pixel_threshold"], thresholds=values["thresholds"], class_name=values["class_name"],
+        vis_scale=values["vis_scale"], calibrate=values["calibrate"], target_fpr=values["target_fpr"],
+        save_thresholds=values["save_thresholds"], report=values["report"],
+        accept_thresholds=values["accept_thresholds"], record=flags)
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -127,99 +191,124 @@ def _check_finite(value: float | None, flag: str) -> None:
         raise AnomalyCLIPError(f"{flag} {value} is not a finite number")
 
 
-def _check_calibration_flags(args: argparse.Namespace) -> None:
-    if args.save_thresholds is None:
+def _check_calibration_flags(config: PredictionConfig) -> None:
+    if config.save_thresholds is None:
         raise AnomalyCLIPError("--calibrate needs --save_thresholds FILE: where to write the thresholds")
     for flag in ("threshold", "pixel_threshold", "thresholds", "vis_scale"):
-        if getattr(args, flag) is not None:
+        if getattr(config, flag) is not None:
             raise AnomalyCLIPError(f"--calibrate chooses the thresholds; drop --{flag}")
-    if Path(args.save_thresholds).is_dir():
-        raise AnomalyCLIPError(f"--save_thresholds {args.save_thresholds} is a folder; give a file name")
-    existing_thresholds(args.save_thresholds)  # a file there must be a thresholds.json: its classes are kept
-    check_target_fpr(DEFAULT_TARGET_FPR if args.target_fpr is None else args.target_fpr)
+    if config.accept_thresholds:
+        raise AnomalyCLIPError(f"--calibrate chooses the thresholds; drop {ACCEPT_FLAG}")
+    if Path(config.save_thresholds).is_dir():
+        raise AnomalyCLIPError(f"--save_thresholds {config.save_thresholds} is a folder; give a file name")
+    existing_thresholds(config.save_thresholds)  # a file there must be a thresholds.json: its classes are kept
+    check_target_fpr(DEFAULT_TARGET_FPR if config.target_fpr is None else config.target_fpr)
 
 
-def _decision_from_file(args: argparse.Namespace) -> Decision:
-    if args.threshold is not None or args.pixel_threshold is not None:
-        raise AnomalyCLIPError("--thresholds gives both thresholds; drop --threshold/--pixel_threshold or --thresholds")
-    classes = load_thresholds(args.thresholds)
-    image_threshold, pixel_threshold = select_thresholds(classes, args.class_name, args.thresholds)
-    class_name = args.class_name if args.class_name is not None else next(iter(classes))
+def _checked_values(classes: dict[str, dict], class_name: str, source: str) -> tuple[float, float | None]:
+    image_threshold, pixel_threshold = classes[class_name].get("image_threshold"), \
+        classes[class_name].get("pixel_threshold")
     if image_threshold is None:
-        raise AnomalyCLIPError(f"{args.thresholds}: class {class_name!r} has no image threshold; calibrate it again")
+        raise AnomalyCLIPError(f"{source}: class {class_name!r} has no image threshold; calibrate it again")
     for value, what in ((image_threshold, "image_threshold"), (pixel_threshold, "pixel_threshold")):
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise AnomalyCLIPError(f"{args.thresholds}: class {class_name!r} has an invalid {what} {value!r}")
-    size = classes[class_name].get("image_size")
-    if size is not None and size != args.image_size:
-        logger.warning("%s: class %r was calibrated at --image_size %s, this run uses %s", args.thresholds,
-                       class_name, size, args.image_size)
-    pixel = None if pixel_threshold is None else float(pixel_threshold)
-    return Decision(float(image_threshold), pixel, str(args.thresholds), class_name)
+            raise AnomalyCLIPError(f"{source}: class {class_name!r} has an invalid {what} {value!r}")
+    return float(image_threshold), None if pixel_threshold is None else float(pixel_threshold)
 
 
-def _decision_from_flags(args: argparse.Namespace) -> Decision:
-    if args.class_name is not None:
+def _decision_from_file(config: PredictionConfig, provenance: dict[str, object]) -> Decision:
+    if config.threshold is not None or config.pixel_threshold is not None:
+        raise AnomalyCLIPError("--thresholds gives both thresholds; drop --threshold/--pixel_threshold or --thresholds")
+    classes = load_thresholds(config.thresholds)
+    select_thresholds(classes, config.class_name, config.thresholds)  # the class exists (or is the only one)
+    class_name = config.class_name if config.class_name is not None else next(iter(classes))
+    image_threshold, pixel_threshold = _checked_values(classes, class_name, str(config.thresholds))
+    accepted = check_provenance(classes, [class_name], provenance, f"--thresholds {config.thresholds}",
+                                config.accept_thresholds)
+    return Decision(image_threshold, pixel_threshold, str(config.thresholds), class_name, tuple(accepted))
+
+
+def _decision_from_flags(config: PredictionConfig) -> Decision:
+    if config.class_name is not None:
         raise AnomalyCLIPError("--class_name picks a class of --thresholds FILE (or names a --calibrate result)")
-    if args.pixel_threshold is not None and args.threshold is None:
+    if config.pixel_threshold is not None and config.threshold is None:
         raise AnomalyCLIPError("--pixel_threshold needs an image threshold too: add --threshold X")
-    if args.threshold is None:
+    if config.threshold is None:
         return Decision()
-    return Decision(args.threshold, args.pixel_threshold, "--threshold")
+    return Decision(config.threshold, config.pixel_threshold, "--threshold")
 
 
-def _load_export(args: argparse.Namespace) -> None:
-    """With ``--runtime``, the exported graph (``args.exported``; :func:`cli.check_args` took its design)."""
-    if args.runtime != "torch":
-        args.exported = ExportedModel(args.model, args.runtime)
-
-
-def _decision_from_export(args: argparse.Namespace) -> Decision | None:
+def _decision_from_export(config: PredictionConfig, scorer: ExportedScorer | None,
+                          provenance: dict[str, object]) -> Decision | None:
     """The thresholds export.py stored (a thresholds.json's content), when no threshold flag is given."""
-    stored = getattr(args, "exported", None) and args.exported.thresholds
+    stored = scorer.exported.thresholds if scorer is not None else None
     if not isinstance(stored, dict) or not isinstance(stored.get("classes"), dict) or not stored["classes"]:
         return None
-    source = f"{args.model}/anomalyclip.json"
-    image_threshold, pixel_threshold = select_thresholds(stored["classes"], args.class_name, source)
-    class_name = args.class_name if args.class_name is not None else next(iter(stored["classes"]))
-    if image_threshold is None:
+    source = f"{config.scoring.model_dir}/anomalyclip.json"
+    classes = stored["classes"]
+    select_thresholds(classes, config.class_name, source)
+    class_name = config.class_name if config.class_name is not None else next(iter(classes))
+    if classes[class_name].get("image_threshold") is None:
         return None
-    pixel = None if pixel_threshold is None else float(pixel_threshold)
-    return Decision(float(image_threshold), pixel, source, class_name)
+    image_threshold, pixel_threshold = _checked_values(classes, class_name, source)
+    accepted = scorer.exported.manifest.get("thresholds_accepted") or []
+    if not accepted:  # accepted at export time: recorded there, not asked again
+        accepted = check_provenance(classes, [class_name], provenance, f"the thresholds in {source}",
+                                    config.accept_thresholds)
+    return Decision(image_threshold, pixel_threshold, source, class_name, tuple(accepted))
 
 
-def _check_inputs_outside_outputs(args: argparse.Namespace) -> None:
+def _check_inputs_outside_outputs(config: PredictionConfig) -> None:
     """Outputs are never read back as inputs, so inputs inside the output folder would all be skipped."""
-    images, outputs = Path(args.image_path).resolve(), Path(args.save_path).resolve()
+    images, outputs = Path(config.image_path).resolve(), Path(config.save_path).resolve()
     if images == outputs or outputs in images.parents:
-        raise AnomalyCLIPError(f"--image_path {args.image_path} lies inside --save_path {args.save_path}, whose "
+        raise AnomalyCLIPError(f"--image_path {config.image_path} lies inside --save_path {config.save_path}, whose "
                                "files are outputs and never read as images; choose a --save_path outside it")
 
 
-def validate_args(args: argparse.Namespace) -> Decision:
-    """Check every flag before any work; returns the thresholds in force. Raises one-line errors."""
-    check_args(args)
-    _check_inputs_outside_outputs(args)
-    _load_export(args)
-    _check_finite(args.threshold, "--threshold")
-    _check_finite(args.pixel_threshold, "--pixel_threshold")
-    if args.calibrate:
-        _check_calibration_flags(args)
+def open_export(config: PredictionConfig) -> ExportedScorer | None:
+    """With ``--runtime``, the exported graph of ``--model`` loaded (``None`` on the torch path)."""
+    if not config.scoring.exported:
+        return None
+    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime)
+
+
+def run_provenance(config: PredictionConfig, exported: ExportedScorer | None) -> dict[str, object]:
+    """This run's :func:`thresholds.provenance_record` (an export's recorded hashes, else the files')."""
+    manifest = exported.exported.manifest if exported is not None else None
+    return provenance_record(config.model, config.scoring, manifest)
+
+
+def validate(config: PredictionConfig, exported: ExportedScorer | None = None) -> Decision:
+    """Check what the flags alone cannot show, before any image is scored; returns the thresholds in force.
+
+    Raises one-line errors.
+    """
+    _check_inputs_outside_outputs(config)
+    _check_finite(config.threshold, "--threshold")
+    _check_finite(config.pixel_threshold, "--pixel_threshold")
+    if config.calibrate:
+        _check_calibration_flags(config)
         return Decision()
     for flag in ("target_fpr", "save_thresholds"):
-        if getattr(args, flag) is not None:
+        if getattr(config, flag) is not None:
             raise AnomalyCLIPError(f"--{flag} is used only with --calibrate")
-    if args.thresholds is not None:
-        decision = _decision_from_file(args)
-    elif args.threshold is None and args.pixel_threshold is None and (stored := _decision_from_export(args)):
+    if config.thresholds is not None:
+        decision = _decision_from_file(config, run_provenance(config, exported))
+    elif config.threshold is None and config.pixel_threshold is None and exported is not None and \
+            (stored := _decision_from_export(config, exported, run_provenance(config, exported))):
         decision = stored
     else:
-        decision = _decision_from_flags(args)
-    if args.vis_scale == "fixed" and decision.pixel_threshold is None:
+        decision = _decision_from_flags(config)
+    if config.accept_thresholds and not decision.accepted and decision.source in (None, "--threshold"):
+        raise AnomalyCLIPError(f"{ACCEPT_FLAG} goes with --thresholds FILE (or an export's thresholds); drop it")
+    if config.vis_scale == "fixed" and decision.pixel_threshold is None:
         raise AnomalyCLIPError("--vis_scale fixed needs a pixel threshold (--pixel_threshold or --thresholds)")
-    if decision.pixel_threshold is not None and decision.pixel_threshold <= 0 and args.vis_scale != "per_image":
+    if decision.pixel_threshold is not None and decision.pixel_threshold <= 0 and config.vis_scale != "per_image":
         raise AnomalyCLIPError(f"pixel threshold {decision.pixel_threshold} is not positive: the fixed colour scale "
                                "cannot use it; add --vis_scale per_image")
+    for difference in decision.accepted:
+        logger.warning("%s: using thresholds made for other settings (%s)", ACCEPT_FLAG, difference)
     return decision
 
 
@@ -276,67 +365,41 @@ def relative_name(file: Path, image_path: str | Path) -> Path:
     return Path(file.name) if image_path.is_file() else file.relative_to(image_path)
 
 
-def output_path(save_path: Path, relative: Path, suffix: str) -> Path:
-    """``save_path/<relative path with its extension><suffix>``, e.g. ``sub/a.png.overlay.png``."""
-    return save_path / relative.parent / f"{relative.name}{suffix}"
-
-
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def scored_batches(args: argparse.Namespace, files: Sequence[Path]
-                   ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
-    """Yield ``(file, (width, height), score, map)`` per image, in order, batch by batch."""
-    if getattr(args, "exported", None) is not None:
-        yield from _exported_batches(args.exported, files, args.batch_size)
-    else:
-        yield from _torch_batches(args, files)
-
-
-def _exported_batches(exported: ExportedModel, files: Sequence[Path], batch_size: int
-                      ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
-    """The exported graph's results (no torch)."""
-    for start in tqdm(range(0, len(files), batch_size), desc="scoring", unit="batch", disable=None):
-        chunk = files[start : start + batch_size]
-        loaded = [load_image(file) for file in chunk]
-        for file, image, result in zip(chunk, loaded, exported.predict_images(loaded)):
-            yield file, image.size, result.score, result.anomaly_map
-
-
-def _torch_batches(args: argparse.Namespace, files: Sequence[Path]
-                   ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
-    """The inference module's results (the reference path)."""
-    import torch
-
-    from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
-    from AnomalyCLIP_lib.transform import image_transform
+def open_torch_scorer(config: PredictionConfig) -> Scorer:
+    """The torch inference module of the run (the reference path; imports torch)."""
+    from pipeline.loading import open_scorer, resolve_device
     from utils import setup_seed
-    from pipeline.loading import load_model_and_prompts, resolve_device
 
-    setup_seed(args.seed)
-    device = resolve_device(args.device)
-    model, prompt_learner, _ = load_model_and_prompts(args, device, args.checkpoint_path)
-    inference = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args, DPAM_LAYER))
-    preprocess = image_transform(args.image_size)
-    for start in tqdm(range(0, len(files), args.batch_size), desc="scoring", unit="batch", disable=None):
-        chunk = files[start : start + args.batch_size]
-        loaded = [load_image(file) for file in chunk]
-        images = torch.stack([preprocess(image) for image in loaded]).to(device)
-        prediction = inference.predict(images)
-        for file, image, score, anomaly_map in zip(chunk, loaded, prediction.scores.tolist(), prediction.maps.numpy()):
-            yield file, image.size, score, anomaly_map
+    setup_seed(config.model.seed)
+    return open_scorer(config.model, config.scoring, resolve_device(config.model.device))
 
 
-def vis_scale(args: argparse.Namespace, decision: Decision) -> str:
+def scored_files(config: PredictionConfig, files: Sequence[Path], scorer: Scorer | None
+                 ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
+    """``(file, (width, height), score, map)`` per image, in order, through the engine's one loop.
+
+    Args:
+        scorer: The exported graph, or ``None`` for the torch path (loaded here, after the files are listed).
+    """
+    scorer = scorer if scorer is not None else open_torch_scorer(config)
+    for scored in score_batches(scorer, file_batches(files, scorer, config.loader.batch_size)):
+        for one in scored:
+            yield files[one.index], one.size, one.score, one.anomaly_map
+
+
+def vis_scale(config: PredictionConfig, decision: Decision) -> str:
     """``--vis_scale``, else ``fixed`` where a pixel threshold is known and ``per_image`` otherwise."""
-    return args.vis_scale or ("per_image" if decision.pixel_threshold is None else "fixed")
+    return config.vis_scale or ("per_image" if decision.pixel_threshold is None else "fixed")
 
 
 def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndarray, decision: Decision,
-           args: argparse.Namespace) -> Prediction:
+           config: PredictionConfig) -> Prediction:
     """Verdict, mask and overlay of one image; writes the mask and overlay files."""
-    save_path = Path(args.save_path)
-    relative = relative_name(file, args.image_path)
+    save_path = Path(config.save_path)
+    relative = relative_name(file, config.image_path)
     prediction = Prediction(file, score)
     mask = None
     if decision.image_threshold is not None:
@@ -346,7 +409,7 @@ def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndar
         prediction.defect_pixels = int(mask.sum())
         prediction.mask = save_mask(mask, output_path(save_path, relative, MASK_SUFFIX))
     prediction.overlay = save_overlay(file, anomaly_map, output_path(save_path, relative, OVERLAY_SUFFIX),
-                                      scale=vis_scale(args, decision), pixel_threshold=decision.pixel_threshold,
+                                      scale=vis_scale(config, decision), pixel_threshold=decision.pixel_threshold,
                                       mask=mask)
     return prediction
 
@@ -358,13 +421,16 @@ def print_line(prediction: Prediction) -> None:
     tqdm.write("\t".join([*fields, str(prediction.overlay)]))
 
 
-def score_images(args: argparse.Namespace, decision: Decision | None = None) -> list[Prediction]:
+def score_images(config: PredictionConfig, decision: Decision | None = None,
+                 exported: ExportedScorer | None = None) -> list[Prediction]:
     """Score every image, write its overlay (and mask), print its line; returns the predictions in order."""
-    decision = validate_args(args) if decision is None else decision
-    files = image_files(args.image_path, exclude=args.save_path)
+    if decision is None:
+        exported = exported if exported is not None else open_export(config)
+        decision = validate(config, exported)
+    files = image_files(config.image_path, exclude=config.save_path)
     predictions = []
-    for file, size, score, anomaly_map in scored_batches(args, files):
-        predictions.append(decide(file, size, score, anomaly_map, decision, args))
+    for file, size, score, anomaly_map in scored_files(config, files, exported):
+        predictions.append(decide(file, size, score, anomaly_map, decision, config))
         print_line(predictions[-1])
     return predictions
 
@@ -388,20 +454,22 @@ def _csv_cell(value: object) -> object:
     return "" if value is None else repr(value) if isinstance(value, float) else value
 
 
-def write_predictions(save_path: str | Path, predictions: Sequence[Prediction], decision: Decision,
-                      args: argparse.Namespace) -> tuple[Path, Path]:
-    """Write ``predictions.csv`` and ``predictions.json`` atomically; returns their paths."""
-    save_path = Path(save_path)
+def write_predictions(predictions: Sequence[Prediction], decision: Decision, config: PredictionConfig
+                      ) -> tuple[Path, Path]:
+    """Write ``predictions.csv`` and ``predictions.json`` into ``--save_path`` atomically; returns their paths."""
+    save_path = Path(config.save_path)
     rows = [prediction_row(p, save_path) for p in predictions]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows([{key: _csv_cell(value) for key, value in row.items()} for row in rows])
-    document = {"thresholds": {"image_threshold": decision.image_threshold,
-                               "pixel_threshold": decision.pixel_threshold, "source": decision.source,
-                               "class_name": decision.class_name, "rule": "value >= threshold"},
-                "image_path": str(args.image_path), "checkpoint_path": str(args.checkpoint_path),
-                "image_size": args.image_size, "vis_scale": vis_scale(args, decision), "predictions": rows}
+    in_force = {"image_threshold": decision.image_threshold, "pixel_threshold": decision.pixel_threshold,
+                "source": decision.source, "class_name": decision.class_name, "rule": "value >= threshold"}
+    if decision.accepted:
+        in_force["accepted_other_settings"] = list(decision.accepted)
+    document = {"thresholds": in_force, "image_path": str(config.image_path),
+                "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
+                "vis_scale": vis_scale(config, decision), "predictions": rows}
     csv_path = atomic_write_text(buffer.getvalue(), save_path / "predictions.csv")
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"
     json_path = atomic_write_text(json_text, save_path / "predictions.json")
@@ -411,11 +479,11 @@ def write_predictions(save_path: str | Path, predictions: Sequence[Prediction], 
 # --- calibration --------------------------------------------------------------------------------
 
 
-def calibration_class_name(args: argparse.Namespace) -> str:
+def calibration_class_name(config: PredictionConfig) -> str:
     """``--class_name``, else the folder's name (the file's folder for a single image)."""
-    if args.class_name:
-        return args.class_name
-    path = Path(args.image_path).resolve()
+    if config.class_name:
+        return config.class_name
+    path = Path(config.image_path).resolve()
     return (path if path.is_dir() else path.parent).name or "default"
 
 
@@ -430,14 +498,14 @@ def existing_thresholds(path: str | Path) -> dict[str, dict]:
                                "file name, so that the file is not replaced") from None
 
 
-def calibrate(args: argparse.Namespace) -> dict[str, object]:
-    """Take every image as normal; write and return the ``normal_fpr`` class entry."""
-    target_fpr = DEFAULT_TARGET_FPR if args.target_fpr is None else args.target_fpr
-    files = image_files(args.image_path, exclude=args.save_path)
-    pixel_tail = NormalTail(len(files) * args.image_size**2, target_fpr)
+def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None) -> dict[str, object]:
+    """Take every image as normal; write and return the ``normal_fpr`` class entry (with its provenance)."""
+    target_fpr = DEFAULT_TARGET_FPR if config.target_fpr is None else config.target_fpr
+    files = image_files(config.image_path, exclude=config.save_path)
+    pixel_tail = NormalTail(len(files) * config.model.image_size**2, target_fpr)
     pending: list[np.ndarray] = []
     scores = []
-    for file, _, score, anomaly_map in scored_batches(args, files):
+    for file, _, score, anomaly_map in scored_files(config, files, exported):
         scores.append(score)
         pending.append(anomaly_map)
         if len(pending) * anomaly_map.size >= pixel_tail.allowed + 1:  # amortised: each value partitioned O(1) times
@@ -447,16 +515,17 @@ def calibrate(args: argparse.Namespace) -> dict[str, object]:
     if pending:
         pixel_tail.update(np.stack(pending))
     image_threshold = normal_fpr_threshold(np.asarray(scores, dtype=np.float32), target_fpr)
-    name = calibration_class_name(args)
+    name = calibration_class_name(config)
     entry = class_entry(image_threshold, pixel_tail.threshold(), "normal_fpr", target_fpr=target_fpr,
-                        n_images=len(files), n_pixels=pixel_tail.total, image_size=args.image_size,
-                        sigma=args.sigma, checkpoint_path=str(args.checkpoint_path))
-    classes = existing_thresholds(args.save_thresholds)
+                        n_images=len(files), n_pixels=pixel_tail.total, image_size=config.model.image_size,
+                        sigma=config.scoring.sigma, checkpoint_path=str(config.scoring.checkpoint_path),
+                        provenance=run_provenance(config, exported))
+    classes = existing_thresholds(config.save_thresholds)
     if classes:
         logger.info("%s class %s in %s; its other classes (%s) are kept", "replacing" if name in classes else "adding",
-                    name, args.save_thresholds, ", ".join(sorted(set(classes) - {name})) or "none")
-    path = save_thresholds(args.save_thresholds, {**classes, name: entry}, source="test_one_example.py --calibrate",
-                           image_path=str(args.image_path))
+                    name, config.save_thresholds, ", ".join(sorted(set(classes) - {name})) or "none")
+    path = save_thresholds(config.save_thresholds, {**classes, name: entry}, source="test_one_example.py --calibrate",
+                           image_path=str(config.image_path))
     print(f"class {name}: image_threshold {entry['image_threshold']!r}, pixel_threshold "
           f"{entry['pixel_threshold']!r} (normal_fpr, target_fpr {target_fpr}, {len(files)} good images) -> {path}")
     return entry
@@ -465,27 +534,28 @@ def calibrate(args: argparse.Namespace) -> dict[str, object]:
 def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    decision = validate_args(args)
-    if args.calibrate:
-        with locked_folder(Path(args.save_thresholds).parent, "--save_thresholds's folder"):
-            calibrate(args)
+    config = parse_args(argv)
+    exported = open_export(config)
+    decision = validate(config, exported)
+    if config.calibrate:
+        with locked_folder(Path(config.save_thresholds).parent, "--save_thresholds's folder"):
+            calibrate(config, exported)
         return 0
-    with locked_folder(args.save_path, "--save_path"):
-        predictions = score_images(args, decision)
-        csv_path, _ = write_predictions(args.save_path, predictions, decision, args)
+    with locked_folder(config.save_path, "--save_path"):
+        predictions = score_images(config, decision, exported)
+        csv_path, _ = write_predictions(predictions, decision, config)
         logger.info("wrote %s and predictions.json", csv_path)
-        if args.report:
-            logger.info("report: %s", write_report(args, predictions, decision))
+        if config.report:
+            logger.info("report: %s", write_report(config, predictions, decision))
     return 0
 
 
-def write_report(args: argparse.Namespace, predictions: Sequence[Prediction], decision: Decision) -> Path:
+def write_report(config: PredictionConfig, predictions: Sequence[Prediction], decision: Decision) -> Path:
     """``save_path/report.html``: the gallery of :func:`report.write_folder_report`."""
     from pipeline import report  # matplotlib and scikit-learn: only when a report is asked for
 
-    save_path = Path(args.save_path)
-    tiles = [report.FolderTile(path=str(relative_name(p.path, args.image_path)), score=p.score,
+    save_path = Path(config.save_path)
+    tiles = [report.FolderTile(path=str(relative_name(p.path, config.image_path)), score=p.score,
                                overlay=p.overlay.relative_to(save_path).as_posix(), verdict=p.verdict,
                                defect_pixels=p.defect_pixels) for p in predictions]
     if decision.image_threshold is None:
@@ -494,8 +564,4 @@ def write_report(args: argparse.Namespace, predictions: Sequence[Prediction], de
         note = f"image threshold {decision.image_threshold:.6g}"
         note += "" if decision.pixel_threshold is None else f", pixel threshold {decision.pixel_threshold:.6g}"
         note += f" from {decision.source}"
-    return report.write_folder_report(save_path / "report.html", f"AnomalyCLIP on {args.image_path}", tiles, note)
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))
+    return report.write_folder_report(save_path / "report.html", f"AnomalyCLIP on {config.image_path}", tiles, note)

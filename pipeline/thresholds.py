@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from pipeline.atomic import atomic_write_text
+from pipeline.config import ModelSpec, ScoringSpec
 
 THRESHOLDS_VERSION = 1
 METHODS = ("f1", "normal_fpr")
@@ -157,6 +159,86 @@ def select_thresholds(classes: dict[str, dict], class_name: str | None, source: 
         raise AnomalyCLIPError(f"{source} has no class {class_name!r}; it has: {', '.join(sorted(classes))}")
     entry = classes[class_name]
     return entry.get("image_threshold"), entry.get("pixel_threshold")
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance: what the maps a threshold was chosen on depended on
+# --------------------------------------------------------------------------------------------
+
+# The settings a threshold holds for, each with the flag that sets it (in the order an error lists them).
+PROVENANCE_FLAGS = {"checkpoint_sha256": "--checkpoint_path", "backbone_sha256": "--backbone",
+                    "image_size": "--image_size", "sigma": "--sigma", "features_list": "--features_list",
+                    "feature_map_layer": "--feature_map_layer"}
+ACCEPT_FLAG = "--accept_thresholds"
+
+
+def provenance_record(model: ModelSpec, scoring: ScoringSpec, manifest: dict | None = None) -> dict[str, object]:
+    """The settings that shape a run's scores and maps: what a threshold chosen on them holds for.
+
+    Args:
+        model: The run's model settings (with an export, already the export's).
+        scoring: The run's scoring settings.
+        manifest: The export's ``anomalyclip.json`` when an exported graph scores: its recorded
+            SHA-256s are used instead of hashing files again.
+    """
+    if manifest is not None:
+        checkpoint, backbone = manifest["checkpoint"]["sha256"], manifest["backbone"]["sha256"]
+    else:
+        checkpoint, backbone = sha256_of(scoring.checkpoint_path), backbone_sha256(model.backbone)
+    return {"checkpoint_sha256": checkpoint, "backbone_sha256": backbone, "image_size": int(model.image_size),
+            "sigma": float(scoring.sigma), "features_list": sorted(int(layer) for layer in model.features_list),
+            "feature_map_layer": int(model.feature_map_layer)}
+
+
+def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[str]:
+    """How a class's recorded provenance differs from this run's, one phrase per setting (empty: it matches)."""
+    if not isinstance(recorded, dict):
+        return ["it records no settings (written by hand or by an older version)"]
+    differing = []
+    for name, flag in PROVENANCE_FLAGS.items():
+        theirs, ours = recorded.get(name), current[name]
+        if name == "features_list" and isinstance(theirs, list):
+            theirs = sorted(theirs)
+        if theirs == ours or (name == "sigma" and isinstance(theirs, (int, float)) and float(theirs) == ours):
+            continue
+        if name.endswith("_sha256"):
+            differing.append(f"{flag} (another file than the thresholds were made with)")
+        else:
+            differing.append(f"{flag} {_shown(ours)} against the thresholds' {_shown(theirs)}")
+    return differing
+
+
+def check_provenance(classes: dict[str, dict], names: list[str], current: dict[str, object], source: str,
+                     accept: bool = False) -> list[str]:
+    """Refuse thresholds chosen on maps made with other settings than this run's, unless ``accept``.
+
+    Args:
+        classes: The ``classes`` of a thresholds file.
+        names: The classes that will be used.
+        current: This run's :func:`provenance_record`.
+        source: The file (or manifest) the thresholds come from, for the message.
+        accept: The override (``--accept_thresholds``): differences are returned, not refused.
+
+    Returns:
+        The differences found (``class: phrase``), empty when everything matches.
+
+    Raises:
+        AnomalyCLIPError: Some setting differs and ``accept`` is off; one line naming the setting and both values.
+    """
+    differences = [f"{name}: {phrase}" if len(names) > 1 else phrase
+                   for name in names for phrase in provenance_mismatches(classes[name].get("provenance"), current)]
+    if differences and not accept:
+        raise AnomalyCLIPError(f"{source} was made for other settings than this run: {'; '.join(differences)}; "
+                               "thresholds only hold for the maps they were chosen on: make them again with these "
+                               f"settings (test.py or test_one_example.py --calibrate), or use them anyway with "
+                               f"{ACCEPT_FLAG}")
+    return differences
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return " ".join(map(str, value)) if isinstance(value, list) else "none" if value is None else str(value)
 
 
 # --------------------------------------------------------------------------------------------

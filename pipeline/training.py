@@ -19,11 +19,10 @@ prompts and writes the checkpoints; the other ranks exit once their share is cac
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +33,18 @@ from tqdm import tqdm
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.model import CLIP
-from pipeline import distributed
-from pipeline import feature_cache
-from pipeline.atomic import atomic_torch_save, remove_leftovers
 from dataset import AnomalyDataset, loader_batches
-from pipeline.feature_cache import CacheShapes, FeatureCache
 from loss import LossTerms, anomalyclip_loss
-from prompt_ensemble import AnomalyCLIP_PromptLearner
-from pipeline.cli import check_output_folder
-from pipeline.cli import DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, run_cli
-from utils import get_logger, setup_seed
+from pipeline import distributed, feature_cache
+from pipeline.atomic import atomic_torch_save, remove_leftovers
+from pipeline.cli import (DPAM_LAYER, add_loader_args, add_model_args, check_device_and_precision, check_loader_spec,
+                          check_model_spec, check_output_folder, check_positive, cli_parser, flag_errors, loader_spec,
+                          model_spec, parse_flags)
+from pipeline.config import LoaderSpec, ModelSpec, RunRecord, replaced
+from pipeline.feature_cache import CacheShapes, FeatureCache
 from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
+from prompt_ensemble import AnomalyCLIP_PromptLearner
+from utils import get_logger, setup_seed
 
 ADAM_BETAS = (0.5, 0.999)
 
@@ -60,7 +60,44 @@ class CachedBatch:
     labels: np.ndarray
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class CacheSpec:
+    """The frozen-feature cache (:mod:`pipeline.feature_cache`).
+
+    Attributes:
+        enabled: Cache the frozen image forward (off: ``--no_cache``, the original's every-step forward).
+        memory_gb: Keep the cache in memory up to this size, else on disk.
+        folder: ``--cache_dir`` (default: ``save_path/feature_cache``).
+        keep: Keep the on-disk cache for later runs.
+    """
+
+    enabled: bool = True
+    memory_gb: float = 4.0
+    folder: str | None = None
+    keep: bool = False
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything ``train.py`` was asked to do (frozen; see :func:`parse_args`)."""
+
+    train_data_path: str
+    save_path: str
+    dataset: str
+    model: ModelSpec
+    loader: LoaderSpec
+    cache: CacheSpec = CacheSpec()
+    epoch: int = 15
+    learning_rate: float = 0.001
+    print_freq: int = 1
+    save_freq: int = 1
+    resume: str | None = None
+    overwrite: bool = False
+    image_loss_only: bool = False
+    record: RunRecord = field(default_factory=lambda: RunRecord({}))
+
+
+def build_parser():
     parser = cli_parser("Train AnomalyCLIP prompts on an auxiliary dataset.")
     parser.add_argument("--train_data_path", default="./data/visa", help="dataset root holding meta.json")
     parser.add_argument("--save_path", default="./checkpoint", help="folder for epoch_N.pth and log.txt")
@@ -85,20 +122,41 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="train with the image-level loss alone (for data whose anomalous images have no masks)")
     parser.add_argument("--no_cache", action="store_true",
                         help="run the frozen image forward in every step, as the original does")
-    args = parser.parse_args(argv)
-    check_args(args, at_least_one=("epoch", "print_freq", "save_freq"), more=_check_train_flags)
-    return args
+    return parser
 
 
-def _check_train_flags(args: argparse.Namespace) -> None:
-    if args.no_cache and (args.keep_cache or args.cache_dir):
+def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
+    """``train.py``'s command line, parsed once into a checked :class:`TrainingConfig`."""
+    flags = parse_flags(build_parser(), argv)
+    holder: list[TrainingConfig] = []
+    flag_errors(lambda: holder.append(_config(flags)))
+    return holder[0]
+
+
+def _config(flags: RunRecord) -> TrainingConfig:
+    values = flags.values
+    model, loader = model_spec(flags), loader_spec(flags)
+    check_loader_spec(loader)
+    check_model_spec(model)
+    check_positive(epoch=values["epoch"], print_freq=values["print_freq"], save_freq=values["save_freq"])
+    check_output_folder(values["save_path"], "--save_path")
+    check_device_and_precision(model.device)
+    cache = CacheSpec(enabled=not values["no_cache"], memory_gb=values["cache_memory_gb"], folder=values["cache_dir"],
+                      keep=values["keep_cache"])
+    if not cache.enabled and (cache.keep or cache.folder):
         raise AnomalyCLIPError("--no_cache cannot be combined with --keep_cache or --cache_dir: drop one")
-    if not (math.isfinite(args.cache_memory_gb) and args.cache_memory_gb >= 0):
-        raise AnomalyCLIPError(f"--cache_memory_gb {args.cache_memory_gb} must be >= 0 (0 keeps the cache on disk)")
-    if args.cache_dir:
-        check_output_folder(args.cache_dir, "--cache_dir")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        raise AnomalyCLIPError(f"--learning_rate {args.learning_rate} must be a positive number (released: 0.001)")
+    if not (math.isfinite(cache.memory_gb) and cache.memory_gb >= 0):
+        raise AnomalyCLIPError(f"--cache_memory_gb {cache.memory_gb} must be >= 0 (0 keeps the cache on disk)")
+    if cache.folder:
+        check_output_folder(cache.folder, "--cache_dir")
+    learning_rate = values["learning_rate"]
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise AnomalyCLIPError(f"--learning_rate {learning_rate} must be a positive number (released: 0.001)")
+    return TrainingConfig(train_data_path=values["train_data_path"], save_path=values["save_path"],
+                          dataset=values["dataset"], model=model, loader=loader, cache=cache, epoch=values["epoch"],
+                          learning_rate=learning_rate, print_freq=values["print_freq"], save_freq=values["save_freq"],
+                          resume=values["resume"], overwrite=values["overwrite"],
+                          image_loss_only=values["image_loss_only"], record=flags)
 
 
 def train_step(
@@ -163,13 +221,14 @@ def make_optimizer(prompt_learner: AnomalyCLIP_PromptLearner, learning_rate: flo
     return torch.optim.Adam(prompt_learner.parameters(), lr=learning_rate, betas=ADAM_BETAS)
 
 
-def _checkpoint(prompt_learner, optimizer, epoch: int, args: argparse.Namespace) -> dict[str, object]:
-    config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, list, type(None)))}
+def _checkpoint(prompt_learner, optimizer, epoch: int, config: TrainingConfig) -> dict[str, object]:
+    flags = config.record.with_values(num_workers=config.loader.num_workers).values
+    recorded = {key: value for key, value in flags.items() if isinstance(value, (int, float, str, list, type(None)))}
     return {
         "prompt_learner": {key: value.cpu() for key, value in prompt_learner.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
-        "config": config,
+        "config": recorded,
     }
 
 
@@ -178,53 +237,55 @@ RESUMABLE_FLAGS = ("learning_rate", "epoch", "batch_size", "seed", "features_lis
                    "train_data_path", "backbone", "image_loss_only", "reference_arithmetic")
 
 
-def _resume(checkpoint: dict[str, object] | None, optimizer: torch.optim.Optimizer, args, logger) -> int:
+def _resume(checkpoint: dict[str, object] | None, optimizer: torch.optim.Optimizer, config, logger) -> int:
     """Restore the optimizer from our checkpoint; returns the first epoch still to train."""
     if checkpoint is None or "optimizer" not in checkpoint:
         return 1
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError) as exc:
-        raise AnomalyCLIPError(f"--resume {args.resume}: its optimizer state does not fit ({exc})") from None
+        raise AnomalyCLIPError(f"--resume {config.resume}: its optimizer state does not fit ({exc})") from None
     saved = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}
-    changed = [f"--{name} {saved[name]} -> {getattr(args, name)}" for name in RESUMABLE_FLAGS
-               if name in saved and saved[name] != getattr(args, name)]
+    current = config.record.values
+    changed = [f"--{name} {saved[name]} -> {current[name]}" for name in RESUMABLE_FLAGS
+               if name in saved and saved[name] != current[name]]
     if changed:
-        logger.info("resuming %s with flags that differ from its config, applied: %s", args.resume, "; ".join(changed))
+        logger.info("resuming %s with flags that differ from its config, applied: %s", config.resume,
+                    "; ".join(changed))
     for group in optimizer.param_groups:
-        group["lr"] = args.learning_rate
+        group["lr"] = config.learning_rate
     return int(checkpoint.get("epoch", 0)) + 1
 
 
-def _check_save_path(args) -> None:
+def _check_save_path(config) -> None:
     """Refuse to replace another run's checkpoints without being asked to, or a user's files in --cache_dir."""
-    if not args.no_cache:
-        feature_cache.check_folder(_cache_folder(args))
-    existing = sorted(Path(args.save_path).glob("epoch_*.pth"))
-    if existing and not (args.resume or args.overwrite):
-        raise AnomalyCLIPError(f"{args.save_path} already holds checkpoints of another run ({existing[0].name}...): "
+    if config.cache.enabled:
+        feature_cache.check_folder(_cache_folder(config))
+    existing = sorted(Path(config.save_path).glob("epoch_*.pth"))
+    if existing and not (config.resume or config.overwrite):
+        raise AnomalyCLIPError(f"{config.save_path} already holds checkpoints of another run ({existing[0].name}...): "
                                "choose another --save_path, continue it with --resume, or replace it with --overwrite")
 
 
-def _check_masks(data: AnomalyDataset, args) -> None:
+def _check_masks(data: AnomalyDataset, config) -> None:
     """Anomalous images without masks would teach the local loss that their defects are normal."""
     availability = data.availability()
     if not availability.n_anomalous:
-        raise AnomalyCLIPError(f"{args.train_data_path} holds no anomalous images, and the prompts learn from "
+        raise AnomalyCLIPError(f"{config.train_data_path} holds no anomalous images, and the prompts learn from "
                                "normal and anomalous ones: train on an auxiliary dataset with defects (MVTec AD, VisA)")
     unmasked = availability.n_anomalous - availability.n_masked
-    if unmasked and not args.image_loss_only:
+    if unmasked and not config.image_loss_only:
         raise AnomalyCLIPError(f"{unmasked} of the {availability.n_anomalous} anomalous training images in "
-                               f"{args.train_data_path} have no mask, so the local loss would learn their defects "
+                               f"{config.train_data_path} have no mask, so the local loss would learn their defects "
                                "as normal: give masks, or train with the image loss alone (--image_loss_only)")
 
 
-def _loader(train_data: AnomalyDataset, args, device: torch.device) -> DataLoader:
+def _loader(train_data: AnomalyDataset, config, device: torch.device) -> DataLoader:
     return DataLoader(
         train_data,
-        batch_size=args.batch_size,
+        batch_size=config.loader.batch_size,
         shuffle=True,
-        num_workers=args.num_workers,
+        num_workers=config.loader.num_workers,
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),
         persistent_workers=False,
@@ -246,44 +307,42 @@ def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
     loader.generator.manual_seed(seed * 100_003 + epoch)
 
 
-def _encoded_batches(model: CLIP, data: AnomalyDataset, indices: Sequence[int], args, device: torch.device
+def _encoded_batches(model: CLIP, data: AnomalyDataset, indices: Sequence[int], config, device: torch.device
                      ) -> Iterator[CachedBatch]:
     """The frozen features of the items ``indices`` of ``data``, one batch at a time, as CPU arrays."""
-    loader = DataLoader(Subset(data, list(indices)), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda")
-    position = 0
+    loader = DataLoader(Subset(data, list(indices)), batch_size=config.loader.batch_size, shuffle=False,
+                        num_workers=config.loader.num_workers, pin_memory=device.type == "cuda")
     with loader_batches(loader) as batches:
         for batch in batches:
             with torch.no_grad():
-                embedding, tokens = model.encode_image(batch["img"].to(device, non_blocking=True), args.features_list,
-                                                       DPAM_LAYER)
+                embedding, tokens = model.encode_image(batch["img"].to(device, non_blocking=True),
+                                                       list(config.model.features_list), DPAM_LAYER)
             count = len(embedding)
-            yield CachedBatch(indices=list(indices[position:position + count]),
+            yield CachedBatch(indices=[int(index) for index in batch["index"]],
                               embedding=embedding.float().cpu().numpy(),
                               patch_tokens=[t.float().cpu().numpy() for t in tokens],
                               masks=batch["img_mask"].reshape(count, *batch["img_mask"].shape[-2:]).numpy()
                               .astype(np.uint8),
                               labels=batch["anomaly"].numpy().astype(np.int64))
-            position += count
 
 
-def _cache_folder(args) -> Path:
-    return Path(args.cache_dir) if args.cache_dir else Path(args.save_path) / "feature_cache"
+def _cache_folder(config) -> Path:
+    return Path(config.cache.folder) if config.cache.folder else Path(config.save_path) / "feature_cache"
 
 
-def _build_cache(args, world: distributed.World, model: CLIP, data: AnomalyDataset, device: torch.device,
+def _build_cache(config, world: distributed.World, model: CLIP, data: AnomalyDataset, device: torch.device,
                  folder: Path, key: dict | None, logger) -> FeatureCache | None:
     """Encode every image once; shards over the ranks, everything lands in rank 0's cache."""
     if world.is_main:
         feature_cache.remove(folder)  # a stale or half-written cache of ours; the manifest goes first
     shard = world.shard(len(data))
-    batches = _encoded_batches(model, data, shard, args, device)
+    batches = _encoded_batches(model, data, shard, config, device)
     holder: list[FeatureCache] = []
     progress = tqdm(total=len(data), desc="caching features", unit="img", disable=not world.is_main)
 
     def store(part: CachedBatch) -> None:
         if not holder:
-            holder.append(_new_cache(args, len(data), part, folder, logger))
+            holder.append(_new_cache(config, len(data), part, folder, logger))
         holder[0].put(part.indices, part.embedding, part.patch_tokens, part.masks, part.labels)
         progress.update(len(part.indices))
 
@@ -291,7 +350,7 @@ def _build_cache(args, world: distributed.World, model: CLIP, data: AnomalyDatas
     # the final check after the last round, so that every rank stops with it.
     storing_error: str | None = None
     try:
-        for local, error in distributed.lockstep(world, batches, world.rounds(len(data), args.batch_size)):
+        for local, error in distributed.lockstep(world, batches, world.rounds(len(data), config.loader.batch_size)):
             outgoing = [[local] if local else []] + [[] for _ in range(world.size - 1)]
             for part in distributed.exchange(world, outgoing, error or storing_error):
                 if storing_error is None:
@@ -313,26 +372,27 @@ def _raise_if(error: str | None) -> None:
         raise AnomalyCLIPError(error)
 
 
-def _new_cache(args, n_images: int, first: CachedBatch, folder: Path, logger) -> FeatureCache:
+def _new_cache(config, n_images: int, first: CachedBatch, folder: Path, logger) -> FeatureCache:
     shapes = CacheShapes(n_images, first.embedding.shape[-1], tuple(t.shape[1:] for t in first.patch_tokens),
-                         args.image_size)
+                         config.model.image_size)
     size = feature_cache.format_bytes(shapes.nbytes())
-    if not args.keep_cache and feature_cache.fits_in_memory(shapes, args.cache_memory_gb):
-        logger.info("caching frozen features in memory (%s, budget %g GiB)", size, args.cache_memory_gb)
+    if not config.cache.keep and feature_cache.fits_in_memory(shapes, config.cache.memory_gb):
+        logger.info("caching frozen features in memory (%s, budget %g GiB)", size, config.cache.memory_gb)
         return FeatureCache.in_memory(shapes)
-    reason = "--keep_cache" if args.keep_cache else f"over the --cache_memory_gb {args.cache_memory_gb:g} budget"
+    reason = "--keep_cache" if config.cache.keep else f"over the --cache_memory_gb {config.cache.memory_gb:g} budget"
     logger.info("caching frozen features on disk in %s (%s, %s)", folder, size, reason)
     return FeatureCache.on_disk(shapes, folder)
 
 
-def _feature_cache(args, world: distributed.World, model: CLIP, data: AnomalyDataset, device: torch.device,
+def _feature_cache(config, world: distributed.World, model: CLIP, data: AnomalyDataset, device: torch.device,
                    logger) -> tuple[FeatureCache | None, bool]:
     """Rank 0's cache (reused or built) and whether this run built it; other ranks get ``None``."""
-    folder = _cache_folder(args)
+    folder = _cache_folder(config)
     key, existing = None, None
     if world.is_main:
-        key = feature_cache.cache_key(args.backbone, args.train_data_path, args.image_size, args.features_list,
-                                      DPAM_LAYER, bool(args.reference_arithmetic))
+        key = feature_cache.cache_key(config.model.backbone, config.train_data_path, config.model.image_size,
+                                      list(config.model.features_list), DPAM_LAYER,
+                                      bool(config.model.reference_arithmetic))
         existing, why_not = feature_cache.reusable(folder, key)
         if why_not:
             logger.info("%s; rebuilding it", why_not)
@@ -341,7 +401,7 @@ def _feature_cache(args, world: distributed.World, model: CLIP, data: AnomalyDat
             logger.info("reusing the feature cache in %s (made with the same backbone, image size, features list "
                         "and meta.json)", folder)
         return existing, False
-    return _build_cache(args, world, model, data, device, folder, key, logger), True
+    return _build_cache(config, world, model, data, device, folder, key, logger), True
 
 
 def _check_epoch_losses(epoch: int, local_losses: list[float], image_losses: list[float]) -> None:
@@ -349,111 +409,113 @@ def _check_epoch_losses(epoch: int, local_losses: list[float], image_losses: lis
         raise AnomalyCLIPError(f"training diverged at epoch {epoch} (non-finite loss); lower --learning_rate")
 
 
-def _end_epoch(epoch: int, args, prompt_learner, optimizer, local_losses, image_losses, logger) -> None:
+def _end_epoch(epoch: int, config, prompt_learner, optimizer, local_losses, image_losses, logger) -> None:
     _check_epoch_losses(epoch, local_losses, image_losses)
-    if epoch % args.print_freq == 0:
-        logger.info("epoch [%d/%d], loss:%.4f, image_loss:%.4f", epoch, args.epoch,
+    if epoch % config.print_freq == 0:
+        logger.info("epoch [%d/%d], loss:%.4f, image_loss:%.4f", epoch, config.epoch,
                     np.mean(local_losses), np.mean(image_losses))
-    if epoch % args.save_freq == 0 or epoch == args.epoch:
-        atomic_torch_save(_checkpoint(prompt_learner, optimizer, epoch, args),
-                          Path(args.save_path) / f"epoch_{epoch}.pth")
+    if epoch % config.save_freq == 0 or epoch == config.epoch:
+        atomic_torch_save(_checkpoint(prompt_learner, optimizer, epoch, config),
+                          Path(config.save_path) / f"epoch_{epoch}.pth")
 
 
-def _train_uncached(args, model, prompt_learner, optimizer, data, device, epochs: range, logger) -> int:
+def _train_uncached(config, model, prompt_learner, optimizer, data, device, epochs: range, logger) -> int:
     """Today's trainer: the frozen forward in every step. Returns the number of image forwards."""
-    loader = _loader(data, args, device)
+    loader = _loader(data, config, device)
     forwards = 0
     for epoch in epochs:
-        _seed_epoch(loader, args.seed, epoch)
+        _seed_epoch(loader, config.model.seed, epoch)
         local_losses, image_losses = [], []
         with loader_batches(loader) as batches:
-            for batch in tqdm(batches, total=len(loader), desc=f"epoch {epoch}/{args.epoch}", unit="step",
+            for batch in tqdm(batches, total=len(loader), desc=f"epoch {epoch}/{config.epoch}", unit="step",
                               leave=False):
                 terms = train_step(model, prompt_learner, optimizer, batch["img"].to(device), batch["anomaly"],
-                                   batch["img_mask"].to(device), args.features_list, args.feature_map_layer[0],
-                                   args.image_loss_only)
+                                   batch["img_mask"].to(device), list(config.model.features_list),
+                                   config.model.feature_map_layer, config.image_loss_only)
                 forwards += len(batch["img"])
                 local_losses.append(terms.local.item())
                 image_losses.append(terms.image.item())
-        _end_epoch(epoch, args, prompt_learner, optimizer, local_losses, image_losses, logger)
+        _end_epoch(epoch, config, prompt_learner, optimizer, local_losses, image_losses, logger)
     return forwards
 
 
-def _train_cached(args, model, prompt_learner, optimizer, cache: FeatureCache, device, epochs: range, logger) -> None:
+def _train_cached(config, model, prompt_learner, optimizer, cache: FeatureCache, device, epochs: range, logger) -> None:
     """The same steps as :func:`_train_uncached`, from the cached features."""
-    order = _index_loader(cache.shapes.n_images, args.batch_size)
+    order = _index_loader(cache.shapes.n_images, config.loader.batch_size)
     for epoch in epochs:
-        _seed_epoch(order, args.seed, epoch)
+        _seed_epoch(order, config.model.seed, epoch)
         local_losses, image_losses = [], []
-        for indices in tqdm(order, desc=f"epoch {epoch}/{args.epoch}", unit="step", leave=False):
+        for indices in tqdm(order, desc=f"epoch {epoch}/{config.epoch}", unit="step", leave=False):
             embedding, tokens, labels, masks = cache.batch(indices.numpy(), device)
-            terms = prompt_step(model, prompt_learner, optimizer, embedding, tokens, labels, masks, args.image_size,
-                                args.feature_map_layer[0], args.image_loss_only)
+            terms = prompt_step(model, prompt_learner, optimizer, embedding, tokens, labels, masks,
+                                config.model.image_size, config.model.feature_map_layer, config.image_loss_only)
             local_losses.append(terms.local.item())
             image_losses.append(terms.image.item())
-        _end_epoch(epoch, args, prompt_learner, optimizer, local_losses, image_losses, logger)
+        _end_epoch(epoch, config, prompt_learner, optimizer, local_losses, image_losses, logger)
 
 
-def _prepare(args, device: torch.device):
-    train_data = AnomalyDataset(args.train_data_path, image_size=args.image_size, split="test")
-    _check_masks(train_data, args)
-    model, prompt_learner, checkpoint = load_model_and_prompts(args, device, args.resume)
+def _prepare(config, device: torch.device):
+    train_data = AnomalyDataset(config.train_data_path, image_size=config.model.image_size, split="test")
+    _check_masks(train_data, config)
+    model, prompt_learner, checkpoint = load_model_and_prompts(config.model, device, config.resume)
     return train_data, model, prompt_learner, checkpoint
 
 
-def train(args: argparse.Namespace) -> Path:
+def train(config: TrainingConfig) -> Path:
     """Run training; returns the folder holding the checkpoints."""
-    world, device = distributed.setup(args.device, resolve_device)
+    world, device = distributed.setup(config.model.device, resolve_device)
     try:
-        with _held_folders(args, world):
-            _train(args, world, device)
+        with _held_folders(config, world):
+            _train(config, world, device)
     finally:
         distributed.finish(world)
-    return Path(args.save_path)
+    return Path(config.save_path)
 
 
 @contextlib.contextmanager
-def _held_folders(args: argparse.Namespace, world: distributed.World) -> Iterator[None]:
+def _held_folders(config: TrainingConfig, world: distributed.World) -> Iterator[None]:
     """--save_path (and a --cache_dir elsewhere) for this run alone: a second run there stops at once."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(distributed.main_holds(world, args.save_path, "--save_path"))
-        if args.cache_dir and not args.no_cache and Path(args.cache_dir).resolve() != Path(args.save_path).resolve():
-            stack.enter_context(distributed.main_holds(world, args.cache_dir, "--cache_dir"))
+        stack.enter_context(distributed.main_holds(world, config.save_path, "--save_path"))
+        elsewhere = config.cache.folder and Path(config.cache.folder).resolve() != Path(config.save_path).resolve()
+        if elsewhere and config.cache.enabled:
+            stack.enter_context(distributed.main_holds(world, config.cache.folder, "--cache_dir"))
         yield
 
 
-def _train(args: argparse.Namespace, world: distributed.World, device: torch.device) -> None:
-    if world.distributed and args.no_cache:
+def _train(config: TrainingConfig, world: distributed.World, device: torch.device) -> None:
+    if world.distributed and not config.cache.enabled:
         raise AnomalyCLIPError("--no_cache trains in one process: run it with python, not torchrun "
                                "(under torchrun the ranks share the caching pass)")
-    distributed.together(world, lambda: _check_save_path(args))
-    setup_seed(args.seed)
-    args.num_workers = resolve_num_workers(args.num_workers, device)
-    logger = get_logger(args.save_path, "anomalyclip.train", main_process=world.is_main)
+    distributed.together(world, lambda: _check_save_path(config))
+    setup_seed(config.model.seed)
+    config = replaced(config, loader=replaced(config.loader, num_workers=resolve_num_workers(config.loader.num_workers,
+                                                                                              device)))
+    logger = get_logger(config.save_path, "anomalyclip.train", main_process=world.is_main)
     if world.is_main:
-        remove_leftovers(args.save_path, "epoch_*.pth")  # of a run killed while saving
-    train_data, model, prompt_learner, checkpoint = distributed.together(world, lambda: _prepare(args, device))
-    optimizer = make_optimizer(prompt_learner, args.learning_rate)
-    first_epoch = _resume(checkpoint, optimizer, args, logger)
-    if first_epoch > args.epoch:
-        logger.info("nothing to do: %s already holds epoch %d of %d", args.resume, first_epoch - 1, args.epoch)
+        remove_leftovers(config.save_path, "epoch_*.pth")  # of a run killed while saving
+    train_data, model, prompt_learner, checkpoint = distributed.together(world, lambda: _prepare(config, device))
+    optimizer = make_optimizer(prompt_learner, config.learning_rate)
+    first_epoch = _resume(checkpoint, optimizer, config, logger)
+    if first_epoch > config.epoch:
+        logger.info("nothing to do: %s already holds epoch %d of %d", config.resume, first_epoch - 1, config.epoch)
         return
-    epochs = range(first_epoch, args.epoch + 1)
+    epochs = range(first_epoch, config.epoch + 1)
     logger.info("training on %d images of %s (%s) on %s, epochs %d..%d", len(train_data),
-                args.train_data_path, ", ".join(train_data.class_names), device, first_epoch, args.epoch)
+                config.train_data_path, ", ".join(train_data.class_names), device, first_epoch, config.epoch)
     prompt_learner.train()
-    if args.no_cache:
-        forwards = _train_uncached(args, model, prompt_learner, optimizer, train_data, device, epochs, logger)
+    if not config.cache.enabled:
+        forwards = _train_uncached(config, model, prompt_learner, optimizer, train_data, device, epochs, logger)
         logger.info("frozen image forwards: %d", forwards)
         return
-    cache, built = _feature_cache(args, world, model, train_data, device, logger)
+    cache, built = _feature_cache(config, world, model, train_data, device, logger)
     if not world.is_main:
         return  # rank 0 optimises alone from the gathered cache (see the README)
     try:
         logger.info("frozen image forwards: %d", len(train_data) if built else 0)
-        _train_cached(args, model, prompt_learner, optimizer, cache, device, epochs, logger)
+        _train_cached(config, model, prompt_learner, optimizer, cache, device, epochs, logger)
     finally:
-        if cache.folder is not None and built and not args.keep_cache:
+        if cache.folder is not None and built and not config.cache.keep:
             feature_cache.remove(cache.folder)
 
 
@@ -461,6 +523,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     train(parse_args(argv))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(main))

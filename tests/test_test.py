@@ -105,13 +105,15 @@ def test_dump_holds_every_image_in_dataset_order(full_run, synthetic_datasets):
 
 
 def test_vis_writes_one_overlay_per_image(full_run, synthetic_datasets):
+    # The one naming rule: the image's path under the dataset root, mirrored under imgs/, extension kept.
     save_path, _ = full_run
     dataset = AnomalyDataset(str(synthetic_datasets[1]), image_size=E2E_IMAGE_SIZE)
     for item in dataset.items:
-        relative = item["img_path"].split("/")
-        overlay = save_path / "imgs" / item["cls_name"] / relative[-2] / (relative[-1] + ".overlay.png")
+        overlay = save_path / "imgs" / (item["img_path"] + ".overlay.png")
         with Image.open(overlay) as image:
             assert image.size == (E2E_IMAGE_SIZE, E2E_IMAGE_SIZE) and image.mode == "RGB"
+    overlays = sorted(path.relative_to(save_path / "imgs").as_posix() for path in (save_path / "imgs").rglob("*.png"))
+    assert overlays == sorted(item["img_path"] + ".overlay.png" for item in dataset.items)
 
 
 @pytest.mark.parametrize("metric_set, columns", [("image-level", ["image_auroc", "image_ap"]),
@@ -324,7 +326,7 @@ def test_vis_names_keep_the_extension(synthetic_datasets, trained_checkpoint, de
     (data / "meta.json").write_text(json.dumps(meta))
     save_path = tmp_path / "out"
     assert _evaluate(data, save_path, trained_checkpoint, design_args, "--vis", "--classes", first_class) == 0
-    folder = save_path / "imgs" / first_class / Path(item["img_path"]).parent.name
+    folder = save_path / "imgs" / Path(item["img_path"]).parent
     names = {p.name for p in folder.iterdir()}
     assert {Path(item["img_path"]).name + ".overlay.png", Path(twin).name + ".overlay.png"} <= names
 

@@ -25,18 +25,19 @@ def _lines(capsys):
 
 def _reference_maps(files, checkpoint, design_args):
     """Scores and maps of ``files`` scored as one batch straight through the inference module."""
-    from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
+    from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
     from AnomalyCLIP_lib.transform import image_transform, load_image
-    from pipeline.cli import DPAM_LAYER
-    from utils import setup_seed
     from pipeline.loading import load_model_and_prompts
+    from utils import setup_seed
 
-    args = test_one_example.parse_args(["--image_path", str(files[0]), "--checkpoint_path", str(checkpoint),
-                                        *design_args])
-    setup_seed(args.seed)
-    model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), str(checkpoint))
-    inference = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args, DPAM_LAYER))
-    preprocess = image_transform(args.image_size)
+    config = test_one_example.parse_args(["--image_path", str(files[0]), "--checkpoint_path", str(checkpoint),
+                                          *design_args])
+    setup_seed(config.model.seed)
+    model, prompt_learner, _ = load_model_and_prompts(config.model, torch.device("cpu"), str(checkpoint))
+    settings = ScoringConfig(image_size=config.model.image_size, features_list=config.model.features_list,
+                             sigma=config.scoring.sigma)  # written out: the CLI's defaults, not its code
+    inference = AnomalyCLIPInference.from_model(model, prompt_learner, settings)
+    preprocess = image_transform(config.model.image_size)
     images = torch.stack([preprocess(load_image(f)) for f in files])
     prediction = inference.predict(images)
     return prediction.scores.numpy(), prediction.maps.numpy()
@@ -294,10 +295,11 @@ def test_runtime_path_runs_without_torch_and_equals_torch(synthetic_datasets, tr
                                                                           "pixel_threshold": 0.3, "method": "f1"}}}))
     out = tmp_path / "export"
     assert export.main(["--checkpoint_path", str(trained_checkpoint), *design_args, "--format", "onnx", "--out",
-                        str(out), "--thresholds", str(thresholds)]) == 0
+                        str(out), "--thresholds", str(thresholds), "--accept_thresholds"]) == 0
     torch_run, runtime_run = tmp_path / "torch", tmp_path / "runtime"
     assert test_one_example.main(["--image_path", str(folder), "--checkpoint_path", str(trained_checkpoint),
-                                  "--save_path", str(torch_run), "--thresholds", str(thresholds), *design_args]) == 0
+                                  "--save_path", str(torch_run), "--thresholds", str(thresholds),
+                                  "--accept_thresholds", *design_args]) == 0
     completed = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, "--image_path", str(folder), "--runtime",
                                 "onnxruntime", "--model", str(out), "--save_path", str(runtime_run)],
                                cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,

@@ -17,8 +17,11 @@ def files(tiny_clip_state, tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("export_inputs")
     torch.save(tiny_clip_state, folder / "backbone.pt")
     save_prompt_checkpoint(random_prompt_learner(tiny_model), folder / "prompts.pth")
+    # Made for exactly the settings of _argv (written out by hand): the export accepts them as they are.
+    provenance = {"checkpoint_sha256": _sha(folder / "prompts.pth"), "backbone_sha256": _sha(folder / "backbone.pt"),
+                  "image_size": TINY_SIZE, "sigma": 2.0, "features_list": [6, 24], "feature_map_layer": 0}
     (folder / "thresholds.json").write_text(json.dumps({"version": 1, "source": "val", "classes": {
-        "parts": {"image_threshold": 0.61, "pixel_threshold": 0.4, "method": "f1"}}}))
+        "parts": {"image_threshold": 0.61, "pixel_threshold": 0.4, "method": "f1", "provenance": provenance}}}))
     return folder
 
 
