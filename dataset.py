@@ -11,7 +11,8 @@ Class names and their order come from ``meta.json`` (optionally filtered); nothi
 hard-coded per dataset. A ``meta.json`` written by the original indexers also loads: split keys
 are matched case-insensitively (DAGM's ``Train``/``Test``), and a path that does not exist as
 written (an absolute path from another machine, or a path carrying the old root's name) is
-looked up under ``root`` by its longest trailing part that exists there.
+looked up under ``root`` by its longest trailing part that exists there and still starts at the
+item's class folder (see :func:`resolve_path`).
 
 Masks: a normal item always gets an all-zero mask; an anomalous item with ``mask_path`` ``""``
 (or, as in the original, a path that is a folder) gets an all-zero mask; a mask file that does
@@ -106,22 +107,42 @@ def read_meta(root: str | Path) -> dict[str, Any]:
     return meta
 
 
-def resolve_path(root: str, path: str) -> str:
+def resolve_path(root: str, path: str, cls_name: str) -> str:
     """``path`` of meta.json as a file name to open: ``root`` joined with it, re-rooted if needed.
 
     When ``os.path.join(root, path)`` does not exist (an absolute path written on another
-    machine), the longest trailing part of ``path`` that exists under ``root`` is used; when
-    none exists, the joined path is returned and opening it reports the error.
+    machine, or one carrying the old root's name), the longest trailing part of ``path`` that
+    exists under ``root`` is used, but never one shorter than the item's class folder: the part
+    must begin at or before the last ``cls_name`` component of ``path`` (or just after it when
+    ``root`` itself is named ``cls_name``, a one-class dataset indexed from its class folder), so
+    that ``/old/machine/carpet/test/good/000.png`` never binds to an unrelated ``root/000.png``.
+
+    The layouts whose class is not a folder of their paths (CVC-ColonDB, CVC-ClinicDB, Kvasir,
+    TN3K and EndoTect: class ``colon``/``thyroid``, paths ``images/…``, ``masks/…``; COVID-19:
+    ``chest``, paths ``<type>/…``; Br35H and BrainMRI: ``brain``, paths ``{no,yes}/…`` and
+    ``brain_tumor_dataset/{no,yes}/…``) keep at least the file's own folder, where their paths as
+    written relative to the root begin (or which they pass through); no layout lists a file lying
+    directly in the root. When no part qualifies, the joined path is returned: the file is
+    reported missing.
     """
     joined = os.path.join(root, path)
     if os.path.exists(joined):
         return joined
     parts = [p for p in PurePosixPath(path.replace("\\", "/")).parts if p not in ("/", "")]
-    for start in range(1, len(parts)):
+    for start in _reroot_starts(root, parts, cls_name):
         candidate = os.path.join(root, *parts[start:])
         if os.path.exists(candidate):
             return candidate
     return joined
+
+
+def _reroot_starts(root: str, parts: list[str], cls_name: str) -> range:
+    """Where a re-rooted ``parts`` may begin, longest first (see :func:`resolve_path`)."""
+    if cls_name not in parts:
+        return range(1, len(parts) - 1)  # the file and at least its folder
+    last = len(parts) - 1 - parts[::-1].index(cls_name)
+    root_is_class = Path(root).resolve().name == cls_name
+    return range(1, min(last + 2 if root_is_class else last + 1, len(parts)))
 
 
 class AnomalyDataset(Dataset):
@@ -178,8 +199,7 @@ class AnomalyDataset(Dataset):
 
         A file cut short but not empty is found when it is decoded (one line naming it).
         """
-        wanted = [(image, mask if item["anomaly"] else "") for item, (image, mask) in zip(self.items, self._files)]
-        paths = [path for image, mask in wanted for path in (image, mask) if path]
+        paths = self.read_files()
         missing = [path for path in paths if not os.path.isfile(path)]
         if missing:
             raise AnomalyCLIPError(f"{self._meta_path()} lists {len(missing)} file(s) that do not exist: "
@@ -192,9 +212,19 @@ class AnomalyDataset(Dataset):
                                    "or remove them and re-create the index: "
                                    f"{INDEX_FIX.format(root=self.root)}")
 
+    def read_files(self) -> list[str]:
+        """The files the items are read from, in item order: each image, then its mask if it is anomalous."""
+        wanted = [(image, mask if item["anomaly"] else "") for item, (image, mask) in zip(self.items, self._files)]
+        return [path for image, mask in wanted for path in (image, mask) if path]
+
     def _listed(self, paths: list[str], shown: int) -> str:
-        listed = ", ".join(os.path.relpath(path, self.root) for path in paths[:shown])
+        listed = ", ".join(self._shown_path(path) for path in paths[:shown])
         return listed + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
+
+    def _shown_path(self, path: str) -> str:
+        """``path`` relative to the root, or as it is when it lies outside (an absolute path of meta.json)."""
+        relative = os.path.relpath(path, self.root)
+        return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
 
     def _meta_path(self) -> str:
         return os.path.join(self.root, "meta.json")
@@ -246,8 +276,8 @@ class AnomalyDataset(Dataset):
                                f"{INDEX_FIX.format(root=self.root)}")
 
     def _resolve(self, item: dict[str, Any]) -> tuple[str, str]:
-        image = resolve_path(self.root, item["img_path"])
-        mask = resolve_path(self.root, item["mask_path"]) if item["mask_path"] else ""
+        image = resolve_path(self.root, item["img_path"], item["cls_name"])
+        mask = resolve_path(self.root, item["mask_path"], item["cls_name"]) if item["mask_path"] else ""
         if mask and os.path.isdir(mask):
             mask = ""  # the original's "classification only" convention
         return image, mask

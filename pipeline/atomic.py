@@ -2,7 +2,8 @@
 
 A crash or Ctrl-C mid-write leaves the previous file (or none), never a half-written one.
 Kept free of heavy imports so the dataset indexers can use it. :func:`locked_folder` keeps two
-runs from writing into one output folder at once.
+runs from writing into one output folder at once; :func:`deferred_signals` keeps Ctrl-C and
+SIGTERM out of the renames of :func:`atomic_write_texts`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import contextlib
 import errno
 import io
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +26,7 @@ except ImportError:  # Windows: no advisory locks, folders are not locked
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = ".anomalyclip.lock"
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable: bool = True) -> Path:
@@ -110,7 +114,8 @@ def atomic_write_texts(texts: dict[str | os.PathLike, str]) -> list[Path]:
     """Write several text files so that a failure leaves all the old ones or all the new ones.
 
     Every temporary file is written first; only when all succeeded are they renamed into place
-    (a rename cannot fail for lack of space).
+    (a rename cannot fail for lack of space). Ctrl-C or SIGTERM during the renames takes effect
+    after the last one (:func:`deferred_signals`); before them, it leaves the old files.
     """
     staged: list[tuple[str, Path]] = []
     try:
@@ -123,13 +128,66 @@ def atomic_write_texts(texts: dict[str | os.PathLike, str]) -> list[Path]:
                 with os.fdopen(fd, "w", encoding="utf-8") as handle:
                     handle.write(text)
                 _finish(tmp_name)
-        for tmp_name, path in staged:
-            os.replace(tmp_name, path)
+        with deferred_signals():
+            for tmp_name, path in staged:
+                os.replace(tmp_name, path)
     finally:
         for tmp_name, _ in staged:
             if os.path.exists(tmp_name):
                 os.unlink(tmp_name)
     return [path for _, path in staged]
+
+
+@contextlib.contextmanager
+def deferred_signals(signums: tuple[int, ...] = DEFERRED_SIGNALS) -> Iterator[None]:
+    """Hold ``signums`` back while the block runs; one that arrives meanwhile takes effect at its end.
+
+    Their handlers are swapped for one that notes them; afterwards the handlers are put back and
+    each noted signal is raised again, so its usual handler runs (an exception, or the default
+    action: the process ends). Blocking them with ``pthread_sigmask`` would not do: a mask is per
+    thread, and the kernel hands a signal the main thread blocks to another thread (torch's OpenMP
+    pool, tqdm's monitor), whose Python handler then still runs in the main thread mid-block, or
+    whose default action still ends the process. Handlers can only be set in the main thread:
+    elsewhere, and for a signal that is ignored or whose handler was not set from Python (it could
+    not be put back), the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        arrived.append(signum)
+
+    previous: dict[int, Callable | int] = {}
+    try:
+        for signum in signums:
+            handler = signal.getsignal(signum)
+            if handler is None or handler == signal.SIG_IGN:
+                continue
+            previous[signum] = handler  # first: a signal landing next must not leave ``note`` installed
+            try:
+                signal.signal(signum, note)
+            except (ValueError, OSError):  # not the main interpreter, or a platform without this signal
+                del previous[signum]
+        yield
+    finally:
+        try:
+            _put_back(list(previous.items()))
+        finally:
+            for signum in dict.fromkeys(arrived):
+                signal.raise_signal(signum)
+
+
+def _put_back(handlers: list[tuple[int, Callable | int]]) -> None:
+    """Reinstall ``handlers``, every one even if a signal that arrives meanwhile raises in between."""
+    if not handlers:
+        return
+    (signum, handler), *rest = handlers
+    try:
+        signal.signal(signum, handler)
+    finally:
+        _put_back(rest)
 
 
 def remove_leftovers(folder: str | os.PathLike, pattern: str) -> list[Path]:

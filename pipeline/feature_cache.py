@@ -12,15 +12,18 @@ dataset index, together with the ground-truth mask (uint8) and label of each ima
 A disk cache is described by ``cache.json``, written last and atomically: a folder without it (a
 run killed while caching) is never used. A later run reuses a kept cache only when the
 :func:`cache_key` it was made with is the same (backbone SHA-256, image size, features list,
-``meta.json`` SHA-256, DPAM layer, arithmetic mode, format); otherwise it says why and rebuilds.
+``meta.json`` SHA-256, the size and modification time of every image and mask it holds, DPAM
+layer, arithmetic mode, format); otherwise it says why and rebuilds. A cache made before a field
+was added lacks it, so it differs and is rebuilt.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,19 +42,44 @@ _GB = 1024**3
 
 
 def cache_key(backbone: str, data_root: str | os.PathLike, image_size: int, features_list: Sequence[int],
-              dpam_layer: int, reference_arithmetic: bool) -> dict[str, object]:
-    """What a cache's contents depend on; a cache is reused only when every field is equal."""
+              dpam_layer: int, reference_arithmetic: bool, files: Iterable[str | os.PathLike]) -> dict[str, object]:
+    """What a cache's contents depend on; a cache is reused only when every field is equal.
+
+    Args:
+        files: The images and masks the cached items are read from
+            (:meth:`dataset.AnomalyDataset.read_files`): an image replaced in place under the same
+            name changes :func:`files_digest`, where ``meta.json`` stays the same.
+    """
     meta = Path(data_root) / "meta.json"
     return {
         "format": CACHE_FORMAT,
         "backbone_sha256": backbone_sha256(backbone),
         "meta_sha256": sha256_of(meta),
+        "files_sha256": files_digest(files),
         "data_root": str(Path(data_root).resolve()),
         "image_size": int(image_size),
         "features_list": [int(layer) for layer in features_list],
         "dpam_layer": int(dpam_layer),
         "reference_arithmetic": bool(reference_arithmetic),
     }
+
+
+def files_digest(files: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 over the sorted ``(absolute path, size, modification time in ns)`` of ``files``.
+
+    The files are stat'ed, not read: hashing the contents of 10k images (several GB) would cost about
+    as much as encoding them again, which is what the cache saves, while 10k ``stat`` calls take a
+    fraction of a second. Replacing a file in place changes its modification time (and mostly its
+    size), which is what this catches. The digest keeps ``cache.json`` small whatever the dataset.
+    """
+    entries = []
+    for path in files:
+        info = os.stat(path)
+        entries.append((os.path.abspath(path), info.st_size, info.st_mtime_ns))
+    digest = hashlib.sha256()
+    for path, size, mtime_ns in sorted(entries):
+        digest.update(f"{path}\0{size}\0{mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -217,7 +245,15 @@ def read_manifest(folder: Path) -> dict | None:
 
 def differences(old: dict[str, object], new: dict[str, object]) -> list[str]:
     """Human-readable fields in which two cache keys differ."""
-    return [f"{name} {old.get(name)!r} -> {new.get(name)!r}" for name in new if old.get(name) != new.get(name)]
+    return [_difference(name, old, new) for name in new if old.get(name) != new.get(name)]
+
+
+def _difference(name: str, old: dict[str, object], new: dict[str, object]) -> str:
+    if name not in old:
+        return f"{name} not recorded (a cache of an earlier version)"
+    if name == "files_sha256":
+        return "files_sha256 changed (an image or mask has another size or modification time, or the files differ)"
+    return f"{name} {old[name]!r} -> {new[name]!r}"
 
 
 def reusable(folder: Path, key: dict[str, object]) -> tuple[FeatureCache | None, str | None]:

@@ -392,14 +392,14 @@ def _feature_cache(config, world: distributed.World, model: CLIP, data: AnomalyD
     if world.is_main:
         key = feature_cache.cache_key(config.model.backbone, config.train_data_path, config.model.image_size,
                                       list(config.model.features_list), DPAM_LAYER,
-                                      bool(config.model.reference_arithmetic))
+                                      bool(config.model.reference_arithmetic), data.read_files())
         existing, why_not = feature_cache.reusable(folder, key)
         if why_not:
             logger.info("%s; rebuilding it", why_not)
     if distributed.broadcast_from_main(world, existing is not None):
         if existing is not None:
-            logger.info("reusing the feature cache in %s (made with the same backbone, image size, features list "
-                        "and meta.json)", folder)
+            logger.info("reusing the feature cache in %s (made with the same backbone, image size, features list, "
+                        "meta.json and image files)", folder)
         return existing, False
     return _build_cache(config, world, model, data, device, folder, key, logger), True
 

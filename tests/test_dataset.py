@@ -171,6 +171,46 @@ def test_original_indexer_meta_loads(tmp_path: Path) -> None:
     assert data[1]["img_mask"].sum() > 0 and data.any_mask
 
 
+def _save_images(root: Path, *names: str) -> None:
+    for number, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb_array(number, (20, 24))).save(root / name)
+
+
+def test_a_path_from_another_machine_never_binds_above_its_class_folder(tmp_path: Path) -> None:
+    """``carpet/test/good/000.png`` is gone here; an unrelated ``000.png`` in the root is not it."""
+    root = tmp_path / "mvtec"
+    _save_images(root, "000.png", "carpet/test/good/001.png", "images/002.png")
+    write_meta(root, {"test": {"carpet": [item("/old/machine/carpet/test/good/001.png", cls="carpet"),
+                                          item("/old/machine/carpet/test/good/000.png", cls="carpet")]}})
+    with pytest.raises(AnomalyCLIPError, match=r"lists 1 file\(s\) that do not exist: "
+                                               r"/old/machine/carpet/test/good/000.png; restore them"):
+        AnomalyDataset(str(root), image_size=S)
+    # A class that is not a folder of its paths (CVC-ColonDB's "colon"): the file's folder is kept.
+    write_meta(root, {"test": {"colon": [item("/old/CVC-ColonDB/images/002.png", cls="colon"),
+                                         item("/old/CVC-ColonDB/000.png", cls="colon")]}})
+    with pytest.raises(AnomalyCLIPError, match=r"lists 1 file\(s\) that do not exist: /old/CVC-ColonDB/000.png;"):
+        AnomalyDataset(str(root), image_size=S)
+
+
+@pytest.mark.parametrize("root_name, cls, listed, found", [
+    ("mvtec", "carpet", "/home/someone/data/mvtec_ad/carpet/test/good/000.png", "carpet/test/good/000.png"),
+    ("mvtec", "carpet", "mvtec_ad/carpet/test/good/000.png", "carpet/test/good/000.png"),  # the old root's name
+    ("mvtec", "carpet", "/d/carpet/x/carpet/test/good/000.png", "carpet/test/good/000.png"),  # the last "carpet"
+    ("carpet", "carpet", "/d/carpet/test/good/000.png", "test/good/000.png"),  # a root that is the class folder
+    ("colon", "colon", "/remote-home/u/CVC-ColonDB/images/000.png", "images/000.png"),  # colon: not a folder
+    ("br35", "brain", "/remote-home/u/br35//no/000.png", "no/000.png"),
+    ("brainmri", "brain", "/remote-home/u/BrainMRI/brain_tumor_dataset/no/000.png", "brain_tumor_dataset/no/000.png"),
+    ("visa", "candle", "C:\\data\\VisA\\candle\\Data\\Images\\Normal\\000.JPG", "candle/Data/Images/Normal/000.JPG"),
+])
+def test_paths_of_another_machine_are_re_rooted(tmp_path: Path, root_name: str, cls: str, listed: str,
+                                                 found: str) -> None:
+    root = tmp_path / root_name
+    _save_images(root, found)
+    write_meta(root, {"test": {cls: [item(listed, cls=cls)]}})
+    assert AnomalyDataset(str(root), image_size=S)[0]["img_path"] == str(root / found)
+
+
 def test_picklable_and_loads_in_worker_processes(tmp_path: Path) -> None:
     for number in range(4):
         Image.fromarray(rgb_array(number)).save(tmp_path / f"{number}.png")

@@ -157,6 +157,48 @@ def test_kept_cache_is_reused_and_rebuilt_when_its_inputs_change(synthetic_datas
                                                           "labels.npy", "masks.npy", "tokens_0.npy"]
 
 
+def test_kept_cache_is_rebuilt_when_an_image_is_replaced_in_place(synthetic_datasets, design_args, tmp_path):
+    import json
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    data = tmp_path / "aux"
+    shutil.copytree(synthetic_datasets[0], data)
+    save_path, cache_dir = tmp_path / "run", tmp_path / "cache"
+    keep = ("--epoch", "1", "--overwrite", "--keep_cache", "--cache_dir", str(cache_dir))
+    n_images = len(train.AnomalyDataset(data, image_size=32, split="test"))
+
+    def run() -> tuple[str, list[int]]:
+        assert _train(data, save_path, design_args, *keep) == 0
+        log = (save_path / "log.txt").read_text().split("frozen image forwards:")[-2]  # this run's part
+        return log, _forwards(save_path / "log.txt")[-1:]
+
+    assert run()[1] == [n_images]
+    log, forwards = run()  # nothing changed: reused
+    assert "reusing the feature cache" in log and forwards == [0]
+
+    meta = json.loads((data / "meta.json").read_text())
+    image_path = data / meta["test"]["stripes"][0]["img_path"]
+    before = (data / "meta.json").read_bytes()
+    with Image.open(image_path) as image:
+        size, mode = image.size, image.mode
+    other = np.random.default_rng(7).integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+    Image.fromarray(other.squeeze(), mode).save(image_path)  # same name, other pixels
+    log, forwards = run()
+    assert (data / "meta.json").read_bytes() == before
+    assert "files_sha256 changed" in log and "rebuilding it" in log and forwards == [n_images]
+    assert run()[1] == [0]  # the rebuilt cache is reused
+
+    # A cache made before the key held the files: stale, rebuilt, and the log says why.
+    manifest = json.loads((cache_dir / "cache.json").read_text())
+    del manifest["key"]["files_sha256"]
+    (cache_dir / "cache.json").write_text(json.dumps(manifest))
+    log, forwards = run()
+    assert "files_sha256 not recorded (a cache of an earlier version)" in log and forwards == [n_images]
+
+
 def test_another_runs_checkpoints_are_not_replaced_silently(synthetic_datasets, design_args, trained_checkpoint,
                                                             tmp_path, capsys):
     import shutil
