@@ -41,8 +41,8 @@ from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, manifest_document
 from pipeline import thresholds
 from pipeline.atomic import atomic_write, atomic_write_text, locked_folder
-from pipeline.cli import (add_model_args, add_sigma_arg, check_model_spec, check_output_folder, check_sigma,
-                          cli_parser, flag_errors, model_spec, parse_flags)
+from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, check_model_spec, check_output_folder,
+                          check_sigma, cli_parser, flag_errors, model_spec, parse_flags)
 from pipeline.config import ModelSpec, RunRecord, ScoringSpec
 from pipeline.loading import load_model_and_prompts, scoring_config
 
@@ -74,7 +74,7 @@ class ExportConfig:
 
 def build_parser():
     parser = cli_parser("Export AnomalyCLIP scoring to ONNX or OpenVINO IR.")
-    parser.add_argument("--checkpoint_path", required=True, help="prompt checkpoint (ours or the original's)")
+    add_checkpoint_arg(parser, required=True)
     add_model_args(parser)
     add_sigma_arg(parser)
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="graph format")

@@ -273,9 +273,23 @@ def _same_file(given: str, recorded: str, sha256: str, digest: Callable[[str], s
         return False
 
 
-def add_loader_args(parser: argparse.ArgumentParser, batch_help: str) -> None:
-    """``--batch_size`` and ``--num_workers`` (the latter resolved per device by :func:`resolve_num_workers`)."""
+def add_checkpoint_arg(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """``--checkpoint_path``: the prompt checkpoint (with ``--runtime``, the export's is used when not given)."""
+    parser.add_argument("--checkpoint_path", default=None, required=required,
+                        help="prompt checkpoint (ours or the original's)" +
+                             ("" if required else "; not needed with --runtime"))
+
+
+def add_save_path_arg(parser: argparse.ArgumentParser, default: str, holds: str) -> None:
+    """``--save_path``: the run's output folder (checked by :func:`check_output_folder`, locked while in use)."""
+    parser.add_argument("--save_path", default=default, help=f"folder for {holds}")
+
+
+def add_loader_args(parser: argparse.ArgumentParser, batch_help: str, workers: bool = True) -> None:
+    """``--batch_size`` and (``workers``) ``--num_workers``, resolved per device by ``resolve_num_workers``."""
     parser.add_argument("--batch_size", type=int, default=8, help=batch_help)
+    if not workers:
+        return
     parser.add_argument("--num_workers", type=int, default=None,
                         help="DataLoader worker processes (default: 2 on a GPU; on a CPU, 2 at most and only "
                              "on cores that PyTorch's threads leave free)")

@@ -44,10 +44,10 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
 from pipeline import distributed, report, thresholds
 from pipeline.atomic import atomic_write_texts, remove_leftovers
-from pipeline.cli import (add_loader_args, add_model_args, add_scoring_args, add_sigma_arg, check_device_and_precision,
-                          check_loader_spec, check_model_spec, check_output_folder, check_scoring_spec, check_sigma,
-                          cli_parser, flag_errors, loader_spec, model_spec, parse_flags, scoring_spec,
-                          with_export_settings)
+from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_save_path_arg, add_model_args, add_scoring_args,
+                          add_sigma_arg, check_device_and_precision, check_loader_spec, check_model_spec,
+                          check_output_folder, check_scoring_spec, check_sigma, cli_parser, flag_errors, loader_spec,
+                          model_spec, parse_flags, scoring_spec, with_export_settings)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
 from pipeline.dump import DumpWriter
 from pipeline.engine import Batch, ExportedScorer, ScoredImage, Scorer, dataset_batches, score_batches
@@ -106,9 +106,8 @@ class EvaluationConfig:
 def build_parser():
     parser = cli_parser("Evaluate AnomalyCLIP prompts zero-shot on a dataset.")
     parser.add_argument("--data_path", default="./data/visa", help="dataset root holding meta.json")
-    parser.add_argument("--save_path", default="./results", help="folder for log.txt, results.json, scores.csv")
-    parser.add_argument("--checkpoint_path", default=None,
-                        help="prompt checkpoint (ours or the original's); not needed with --runtime")
+    add_save_path_arg(parser, "./results", "log.txt, results.json, scores.csv")
+    add_checkpoint_arg(parser)
     parser.add_argument("--dataset", default="mvtec", help="dataset name (for the log and results.json)")
     add_model_args(parser)
     parser.add_argument("--metrics", choices=METRIC_SETS, default=None,

@@ -46,9 +46,10 @@ from tqdm import tqdm
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import unreadable_error, unreadable_headers
 from pipeline.atomic import atomic_write_text, locked_folder
-from pipeline.cli import (add_model_args, add_scoring_args, add_sigma_arg, check_device_and_precision,
-                          check_model_spec, check_output_folder, check_positive, check_scoring_spec, check_sigma,
-                          cli_parser, flag_errors, model_spec, parse_flags, scoring_spec, with_export_settings)
+from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
+                          add_sigma_arg, check_device_and_precision, check_model_spec, check_output_folder,
+                          check_positive, check_scoring_spec, check_sigma, cli_parser, flag_errors, model_spec,
+                          parse_flags, scoring_spec, with_export_settings)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
 from pipeline.engine import ExportedScorer, Scorer, file_batches, score_batches
 from pipeline.naming import MASK_SUFFIX, OVERLAY_SUFFIX, output_path
@@ -116,9 +117,8 @@ class Prediction:
 def build_parser():
     parser = cli_parser("Anomaly scores, verdicts, defect masks and heat maps for images.")
     parser.add_argument("--image_path", required=True, help="an image file, or a folder of images (read recursively)")
-    parser.add_argument("--checkpoint_path", default=None,
-                        help="prompt checkpoint (ours or the original's); not needed with --runtime")
-    parser.add_argument("--save_path", default="./results/single", help="folder for overlays, masks, predictions")
+    add_checkpoint_arg(parser)
+    add_save_path_arg(parser, "./results/single", "overlays, masks, predictions")
     add_model_args(parser)
     add_sigma_arg(parser)
     parser.add_argument("--threshold", type=float, default=None, help="image threshold: 'anomalous' when score >= it")
@@ -142,7 +142,7 @@ def build_parser():
                         help=f"with --calibrate: fraction of good images / pixels allowed to be flagged "
                              f"(default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--save_thresholds", default=None, help="with --calibrate: the thresholds.json to write")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    add_loader_args(parser, "images per forward pass", workers=False)
     parser.add_argument("--report", action="store_true",
                         help="write save_path/report.html: every image's overlay, highest score first, with verdicts")
     add_scoring_args(parser, "run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch",

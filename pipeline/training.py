@@ -37,9 +37,9 @@ from dataset import AnomalyDataset, loader_batches
 from loss import LossTerms, anomalyclip_loss
 from pipeline import distributed, feature_cache
 from pipeline.atomic import atomic_torch_save, remove_leftovers
-from pipeline.cli import (DPAM_LAYER, add_loader_args, add_model_args, check_device_and_precision, check_loader_spec,
-                          check_model_spec, check_output_folder, check_positive, cli_parser, flag_errors, loader_spec,
-                          model_spec, parse_flags)
+from pipeline.cli import (DPAM_LAYER, add_loader_args, add_save_path_arg, add_model_args, check_device_and_precision,
+                          check_loader_spec, check_model_spec, check_output_folder, check_positive, cli_parser,
+                          flag_errors, loader_spec, model_spec, parse_flags)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, replaced
 from pipeline.feature_cache import CacheShapes, FeatureCache
 from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
@@ -100,7 +100,7 @@ class TrainingConfig:
 def build_parser():
     parser = cli_parser("Train AnomalyCLIP prompts on an auxiliary dataset.")
     parser.add_argument("--train_data_path", default="./data/visa", help="dataset root holding meta.json")
-    parser.add_argument("--save_path", default="./checkpoint", help="folder for epoch_N.pth and log.txt")
+    add_save_path_arg(parser, "./checkpoint", "epoch_N.pth and log.txt")
     parser.add_argument("--dataset", default="mvtec", help="dataset name (for the log)")
     add_model_args(parser)
     parser.add_argument("--epoch", type=int, default=15, help="number of epochs")

@@ -109,7 +109,8 @@ def test_item_fields_class_ids_and_filter(tmp_path: Path) -> None:
     got = data[2]
     fields = (got["cls_name"], got["cls_id"], got["anomaly"], got["img_path"])
     assert fields == ("alpha", 1, 1, str(tmp_path / "b0.png"))
-    assert set(got) == {"img", "img_mask", "anomaly", "cls_name", "img_path", "cls_id"}
+    assert set(got) == {"img", "img_mask", "anomaly", "cls_name", "img_path", "cls_id", "index"}
+    assert got["index"] == 2 and data[0]["index"] == 0  # results are keyed by it, whatever batches the items
 
     only = AnomalyDataset(str(tmp_path), image_size=S, class_names=["alpha", "zeta"])
     assert only.class_names == ["zeta", "alpha"]

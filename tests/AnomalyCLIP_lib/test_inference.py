@@ -10,7 +10,7 @@ from scipy.ndimage import gaussian_filter
 
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig, config_from_args
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
 from tests.deploy_helpers import FEATURES, TINY_SIZE, random_images, random_prompt_learner
 
 SIGMAS = [0.5, 1.0, 2.0, 4.0, 7.3]
@@ -166,14 +166,15 @@ def test_module_errors(tiny_model, learner):
 
 
 def test_config_from_cli_flags():
-    from pipeline.cli import add_model_args
+    from pipeline.cli import add_model_args, add_sigma_arg, model_spec, parse_flags, scoring_spec
+    from pipeline.loading import scoring_config
 
     parser = argparse.ArgumentParser()
     add_model_args(parser)
-    parser.add_argument("--sigma", type=float, default=4)
-    args = parser.parse_args(["--features_list", "6", "24", "--feature_map_layer", "1", "2", "--image_size", "56",
-                              "--reference_arithmetic", "--sigma", "2"])
-    config = config_from_args(args)
+    add_sigma_arg(parser)
+    flags = parse_flags(parser, ["--features_list", "6", "24", "--feature_map_layer", "1", "2", "--image_size", "56",
+                                 "--reference_arithmetic", "--sigma", "2"])
+    config = scoring_config(model_spec(flags), scoring_spec(flags))
     assert config == ScoringConfig(image_size=56, features_list=(6, 24), dpam_layer=20, sigma=2.0,
                                    feature_map_layer=1, reference_arithmetic=True)
     assert config.uses_scipy_filter

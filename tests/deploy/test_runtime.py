@@ -5,7 +5,6 @@ held to 1e-4 against :class:`AnomalyCLIPInference` on the tiny backbone; a subpr
 made unimportable runs the runtime end to end.
 """
 
-import argparse
 import json
 import os
 import signal
@@ -21,10 +20,11 @@ from PIL import Image
 from deploy import export
 from deploy import runtime
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
+from AnomalyCLIP_lib.inference import AnomalyCLIPInference
 from AnomalyCLIP_lib.transform import image_transform, load_image
 from tests.deploy_helpers import TINY_SIZE, random_images, random_prompt_learner, save_prompt_checkpoint
-from pipeline.loading import load_model_and_prompts
+from pipeline.config import ModelSpec, ScoringSpec
+from pipeline.loading import load_model_and_prompts, scoring_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-4
@@ -37,11 +37,10 @@ def exported(tiny_clip_state, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     torch.save(tiny_clip_state, root / "backbone.pt")
     save_prompt_checkpoint(random_prompt_learner(tiny_model), root / "prompts.pth")
-    args = argparse.Namespace(backbone=str(root / "backbone.pt"), checkpoint_path=str(root / "prompts.pth"), n_ctx=12,
-                              depth=9, t_n_ctx=4, image_size=TINY_SIZE, features_list=FEATURES, feature_map_layer=[0],
-                              sigma=4.0, opset=17)
-    model, prompt_learner, _ = load_model_and_prompts(args, torch.device("cpu"), args.checkpoint_path)
-    module = AnomalyCLIPInference.from_model(model, prompt_learner, config_from_args(args))
+    spec = ModelSpec(backbone=str(root / "backbone.pt"), image_size=TINY_SIZE, features_list=tuple(FEATURES))
+    scoring = ScoringSpec(checkpoint_path=str(root / "prompts.pth"), sigma=4.0)
+    model, prompt_learner, _ = load_model_and_prompts(spec, torch.device("cpu"), scoring.checkpoint_path)
+    module = AnomalyCLIPInference.from_model(model, prompt_learner, scoring_config(spec, scoring))
     dirs = {}
     for fmt in ("onnx", "openvino"):
         out = root / fmt
@@ -51,8 +50,9 @@ def exported(tiny_clip_state, tiny_model, tmp_path_factory):
         else:  # convert the ONNX export (what export.py does) without tracing again
             export.onnx_to_openvino(dirs["onnx"] / "anomalyclip.onnx", out / "anomalyclip.xml")
             files = ["anomalyclip.xml", "anomalyclip.bin"]
-        args.format = fmt
-        (out / "anomalyclip.json").write_text(json.dumps(export.build_manifest(args, module, files, {"image": 0.5})))
+        config = export.ExportConfig(checkpoint_path=scoring.checkpoint_path, out=str(out), model=spec,
+                                     sigma=scoring.sigma, format=fmt)
+        (out / "anomalyclip.json").write_text(json.dumps(export.build_manifest(config, module, files, {"image": 0.5})))
         dirs[fmt] = out
     return module, dirs, _image_files(root / "images")
 
@@ -257,8 +257,8 @@ def test_exported_scorer_has_the_module_interface(exported):
     images = random_images(2, seed=5)
     expected = module.predict(images)
     for runtime_name, fmt in (("onnxruntime", "onnx"), ("openvino", "openvino")):
-        scorer = ExportedScorer(dirs[fmt], runtime_name)
-        assert isinstance(scorer, ExportedScorer) and scorer.config.image_size == TINY_SIZE
-        prediction = scorer.predict(images)
-        torch.testing.assert_close(prediction.scores, expected.scores, rtol=0, atol=TOL)
-        torch.testing.assert_close(prediction.maps, expected.maps, rtol=0, atol=TOL)
+        scorer = ExportedScorer.load(dirs[fmt], runtime_name)
+        assert scorer.image_size == TINY_SIZE
+        scores, maps = scorer.predict(images)  # the torch batch a DataLoader makes
+        np.testing.assert_allclose(scores, expected.scores.numpy(), rtol=0, atol=TOL)
+        np.testing.assert_allclose(maps, expected.maps.numpy(), rtol=0, atol=TOL)

@@ -26,8 +26,8 @@ def test_gpu_default_and_explicit_value(monkeypatch):
 @pytest.mark.parametrize("cli", [test_cli, train_cli])
 def test_clis_leave_the_worker_count_to_the_device_and_reject_negative(cli, capsys):
     required = ["--checkpoint_path", "x.pth"] if cli is test_cli else []
-    assert cli.parse_args(required).num_workers is None
-    assert cli.parse_args([*required, "--num_workers", "3"]).num_workers == 3
+    assert cli.parse_args(required).loader.num_workers is None
+    assert cli.parse_args([*required, "--num_workers", "3"]).loader.num_workers == 3
     from pipeline.cli import run_cli
 
     assert run_cli(cli.main, [*required, "--num_workers", "-1"]) == 2
@@ -121,3 +121,31 @@ def test_help_shows_defaults(script):
     help_text = " ".join(completed.stdout.split())
     assert "input side in pixels (default: 518)" in help_text
     assert "(default: ViT-L/14@336px)" in help_text
+
+
+@pytest.mark.parametrize("command", ["test", "one"])
+def test_half_precision_on_a_cpu_is_refused_before_any_data_or_model_loads(command, tmp_path, capsys):
+    """--precision fp16/bf16 needs CUDA: refused with the flags, not after the dataset and the model loaded."""
+    from pipeline import prediction
+    from pipeline.cli import run_cli
+
+    missing = tmp_path / "absent"  # neither a dataset, nor images, nor a checkpoint: none may be looked at first
+    argv = {"test": (test_cli.main, ["--data_path", str(missing), "--checkpoint_path", str(missing / "c.pth"),
+                                     "--save_path", str(tmp_path / "out"), "--device", "cpu", "--precision", "bf16"]),
+            "one": (prediction.main, ["--image_path", str(missing), "--checkpoint_path", str(missing / "c.pth"),
+                                      "--save_path", str(tmp_path / "out"), "--precision", "fp16"])}
+    main, flags = argv[command]
+    assert run_cli(main, flags) == 2
+    error = capsys.readouterr().err
+    assert error.count("error:") == 1 and "needs a CUDA device and this run is on cpu" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_device_it_would_ignore(tmp_path, capsys):
+    from deploy import export
+    from pipeline.cli import run_cli
+
+    assert run_cli(export.main, ["--checkpoint_path", str(tmp_path / "c.pth"), "--out", str(tmp_path / "out"),
+                                 "--device", "cuda"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: --device cuda: export.py traces the graph on the CPU") and error.count("\n") == 1
