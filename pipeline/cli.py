@@ -22,8 +22,6 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError, FlagError, PeerFailed, one_
 from AnomalyCLIP_lib.pretrained import available_models, backbone_sha256, sha256_of
 
 DEFAULT_BACKBONE = "ViT-L/14@336px"
-DPAM_LAYER = 20
-DPAM_DEPTH = 24  # vision layers of the backbones the method is defined for (ViT-L/14)
 
 
 class OneLineParser(argparse.ArgumentParser):

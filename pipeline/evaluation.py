@@ -46,6 +46,7 @@ from pipeline import distributed
 import metrics
 from pipeline import report
 from pipeline import thresholds
+from AnomalyCLIP_lib.constants import DPAM_LAYER
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
 from pipeline.engine import ExportedScorer
@@ -56,7 +57,7 @@ from pipeline.atomic import atomic_write_texts, remove_leftovers
 from pipeline.cli import add_sigma_arg, parse_noting_given
 from dataset import AnomalyDataset, loader_batches
 from pipeline.dump import DumpWriter
-from pipeline.cli import DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, run_cli
+from pipeline.cli import add_loader_args, add_model_args, cli_parser, check_args, run_cli
 from utils import get_logger, project_version, setup_seed
 from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
 from pipeline.visualize import save_overlay

@@ -8,10 +8,10 @@ import os
 import torch
 
 import AnomalyCLIP_lib
+from AnomalyCLIP_lib.constants import DPAM_DEPTH, DPAM_LAYER
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.model import CLIP, normalize_layers
 
-from pipeline.cli import DPAM_DEPTH, DPAM_LAYER
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
 
 
@@ -74,7 +74,6 @@ def load_model_and_prompts(
     """
     model, _ = AnomalyCLIP_lib.load(args.backbone, device=device, trust_backbone=getattr(args, "trust_backbone", False))
     check_backbone_fits(args, model)
-    model.visual.reference_arithmetic = getattr(args, "reference_arithmetic", False)
     design = design_details(n_ctx=args.n_ctx, depth=args.depth, t_n_ctx=args.t_n_ctx)
     prompt_learner = AnomalyCLIP_PromptLearner(model, design)
     checkpoint = load_prompt_state(prompt_learner, checkpoint_path) if checkpoint_path else None

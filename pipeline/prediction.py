@@ -40,12 +40,13 @@ from tqdm import tqdm
 
 # Torch-free imports only: with --runtime the whole run needs numpy, Pillow and the runtime
 # (torch is imported in _torch_batches).
+from AnomalyCLIP_lib.constants import DPAM_LAYER
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import unreadable_error, unreadable_headers
 from AnomalyCLIP_lib.precision import PRECISIONS
 from deploy.runtime import RUNTIMES, ExportedModel, load_image
 from pipeline.atomic import atomic_write_text, locked_folder
-from pipeline.cli import DPAM_LAYER, add_model_args, add_sigma_arg, check_args, cli_parser, parse_noting_given, run_cli
+from pipeline.cli import add_model_args, add_sigma_arg, check_args, cli_parser, parse_noting_given, run_cli
 from pipeline.thresholds import (NormalTail, check_target_fpr, class_entry, load_thresholds, normal_fpr_threshold,
                         save_thresholds, select_thresholds)
 from pipeline.visualize import VIS_SCALES, defect_mask, save_mask, save_overlay

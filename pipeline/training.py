@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.constants import DPAM_LAYER
 from AnomalyCLIP_lib.model import CLIP
 from pipeline import distributed
 from pipeline import feature_cache
@@ -42,7 +43,7 @@ from pipeline.feature_cache import CacheShapes, FeatureCache
 from loss import LossTerms, anomalyclip_loss
 from prompt_ensemble import AnomalyCLIP_PromptLearner
 from pipeline.cli import check_output_folder
-from pipeline.cli import DPAM_LAYER, add_loader_args, add_model_args, cli_parser, check_args, run_cli
+from pipeline.cli import add_loader_args, add_model_args, cli_parser, check_args, run_cli
 from utils import get_logger, setup_seed
 from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
 
@@ -111,6 +112,7 @@ def train_step(
     features_list: Sequence[int],
     feature_map_layer: int = 0,
     image_loss_only: bool = False,
+    reference_arithmetic: bool = False,
 ) -> LossTerms:
     """One optimisation step of the prompt learner (method §6): frozen image forward, then :func:`prompt_step`.
 
@@ -120,7 +122,7 @@ def train_step(
         masks: ``(B, S, S)`` or ``(B, 1, S, S)`` binary ground-truth masks.
     """
     with torch.no_grad():
-        image_embedding, patch_tokens = model.encode_image(images, features_list, DPAM_LAYER)
+        image_embedding, patch_tokens = model.encode_image(images, features_list, DPAM_LAYER, reference_arithmetic)
     return prompt_step(model, prompt_learner, optimizer, image_embedding, patch_tokens, labels, masks,
                        images.shape[-1], feature_map_layer, image_loss_only)
 
@@ -256,7 +258,7 @@ def _encoded_batches(model: CLIP, data: AnomalyDataset, indices: Sequence[int], 
         for batch in batches:
             with torch.no_grad():
                 embedding, tokens = model.encode_image(batch["img"].to(device, non_blocking=True), args.features_list,
-                                                       DPAM_LAYER)
+                                                       DPAM_LAYER, args.reference_arithmetic)
             count = len(embedding)
             yield CachedBatch(indices=list(indices[position:position + count]),
                               embedding=embedding.float().cpu().numpy(),
@@ -371,7 +373,7 @@ def _train_uncached(args, model, prompt_learner, optimizer, data, device, epochs
                               leave=False):
                 terms = train_step(model, prompt_learner, optimizer, batch["img"].to(device), batch["anomaly"],
                                    batch["img_mask"].to(device), args.features_list, args.feature_map_layer[0],
-                                   args.image_loss_only)
+                                   args.image_loss_only, args.reference_arithmetic)
                 forwards += len(batch["img"])
                 local_losses.append(terms.local.item())
                 image_losses.append(terms.image.item())

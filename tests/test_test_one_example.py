@@ -27,7 +27,7 @@ def _reference_maps(files, checkpoint, design_args):
     """Scores and maps of ``files`` scored as one batch straight through the inference module."""
     from AnomalyCLIP_lib.inference import AnomalyCLIPInference, config_from_args
     from AnomalyCLIP_lib.transform import image_transform, load_image
-    from pipeline.cli import DPAM_LAYER
+    from AnomalyCLIP_lib.constants import DPAM_LAYER
     from utils import setup_seed
     from pipeline.loading import load_model_and_prompts
 
