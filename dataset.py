@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.transform import binarize_mask, image_transform, load_image, load_mask, mask_transform
-from generate_dataset_json.indexer import ITEM_KEYS
+from generate_dataset_json.schema import ITEM_KEYS
 
 INDEX_FIX = ("index the dataset first: python generate_dataset_json/<dataset>.py --root {root} "
              "(generate_dataset_json/folder.py for your own images)")

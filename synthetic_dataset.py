@@ -5,7 +5,8 @@
 
 import sys
 
+from pipeline.cli import run_cli
 from pipeline.synthetic import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

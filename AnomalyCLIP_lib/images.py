@@ -1,9 +1,10 @@
 """Reading image and mask files as the preprocessing expects them (torch-free).
 
-Used by the torch transform (:mod:`AnomalyCLIP_lib.transform`) and by the deployment runtime
-(:mod:`AnomalyCLIP_lib.runtime`), so both read every file the same way: 8-bit files stay in their
-stored mode (bit-identical to the original), high-bit-depth single-channel files become ``'L'``
-by a per-image min-max stretch, and unreadable files raise one line naming them.
+Used by the torch transform (:mod:`AnomalyCLIP_lib.transform`), the deployment runtime
+(:mod:`deploy.runtime`), the overlays and the dataset indexers, so all read every file the same
+way: 8-bit files stay in their stored mode (bit-identical to the original), high-bit-depth
+single-channel files become ``'L'`` by a per-image min-max stretch, and every file Pillow cannot
+read goes through :func:`read_image`, which raises :class:`UnreadableImageError` (one line naming it).
 """
 
 from __future__ import annotations
@@ -12,37 +13,77 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import AnomalyCLIPError
 
+# The files an image folder is searched for (the dataset indexers, test_one_example.py), any case.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+# What Pillow raises for a file it cannot read: UnidentifiedImageError is an OSError; some plugins'
+# parsers raise SyntaxError or ValueError; DecompressionBombError is none of them (a plain Exception).
+READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # Fits a dataset's file and an image given on the command line alike.
 _REPLACE = "replace it, or remove it (and re-run the dataset indexer if a meta.json lists it)"
 _HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 
 
-def _open(path: str | Path, what: str) -> Image.Image:
-    """Open and fully decode ``path`` (so no file handle stays open), or raise naming it."""
+class UnreadableImageError(AnomalyCLIPError):
+    """A file Pillow cannot read; the message is one line naming it and the fix (:func:`unreadable_error`).
+
+    Constructible from the message alone, as every exception a DataLoader worker re-raises must be.
+
+    Attributes:
+        path: The file.
+        reason: Pillow's words (the exception's name when it has none).
+        missing: The file does not exist.
+        too_large: Its header claims more pixels than Pillow decodes safely (the header itself is readable).
+    """
+
+    path: Path
+    reason: str = ""
+    missing: bool = False
+    too_large: bool = False
+
+
+def unreadable_error(what: str, path: str | Path, reason: str, missing: bool = False,
+                     too_large: bool = False) -> UnreadableImageError:
+    """The one line for a file Pillow cannot read (``what``: ``"image file"``, ``"mask file"``)."""
+    if missing:
+        line = f"{what} {path} does not exist; restore it, or re-run the dataset indexer if it was removed"
+    elif too_large:
+        line = (f"cannot read {what} {path}: its header claims more pixels than Pillow decodes safely ({reason}); "
+                f"the file is corrupt or hostile: {_REPLACE}")
+    else:
+        line = f"cannot read {what} {path} ({reason}); the file is corrupt or not an image: {_REPLACE}"
+    error = UnreadableImageError(line)
+    error.path, error.reason, error.missing, error.too_large = Path(path), reason, missing, too_large
+    return error
+
+
+def read_image(path: str | Path, what: str = "image file", decode: bool = True) -> Image.Image:
+    """Open ``path`` with Pillow: the one place where Pillow's read errors become ours.
+
+    Args:
+        path: The file.
+        what: How the error names the file (``"image file"``, ``"mask file"``).
+        decode: Decode every pixel (a file cut inside its pixel data is found only then); ``False``
+            reads the header alone (a few kilobytes): size and mode are known, the pixels are not.
+
+    Returns:
+        The image, its file closed (decoded unless ``decode`` is False).
+
+    Raises:
+        UnreadableImageError: Missing, not an image, cut short, or too large to decode safely.
+    """
     try:
         with Image.open(path) as image:
-            image.load()
+            if decode:
+                image.load()
             return image
-    except FileNotFoundError as error:
-        raise AnomalyCLIPError(
-            f"{what} {path} does not exist; restore it, or re-run the dataset indexer if it was removed"
-        ) from error
-    except Image.DecompressionBombError as error:  # an Exception, not an OSError
-        raise AnomalyCLIPError(
-            f"cannot read {what} {path}: its header claims more pixels than Pillow decodes safely ({error}); "
-            "the file is corrupt or hostile: " + _REPLACE
-        ) from error
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise unreadable_error(what, path, str(error)) from error
-
-
-def unreadable_error(what: str, path: str | Path, reason: str) -> AnomalyCLIPError:
-    """The one line for a file Pillow cannot read (``what``: ``"image file"``, ``"mask file"``)."""
-    return AnomalyCLIPError(f"cannot read {what} {path} ({reason}); the file is corrupt or not an image: {_REPLACE}")
+    except READ_ERRORS as error:
+        raise unreadable_error(what, path, str(error) or type(error).__name__,
+                               missing=isinstance(error, FileNotFoundError),
+                               too_large=isinstance(error, Image.DecompressionBombError)) from error
 
 
 def unreadable_headers(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
@@ -54,12 +95,10 @@ def unreadable_headers(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
     bad = []
     for path in paths:
         try:
-            with Image.open(path):
-                pass
-        except Image.DecompressionBombError:  # decoding refuses it, with its own line; the header is fine
-            continue
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-            bad.append((Path(path), str(error) or type(error).__name__))
+            read_image(path, decode=False)
+        except UnreadableImageError as error:
+            if not error.too_large:  # decoding refuses it, with its own line; the header is fine
+                bad.append((error.path, error.reason))
     return bad
 
 
@@ -85,7 +124,7 @@ def load_image(path: str | Path) -> Image.Image:
     Raises:
         AnomalyCLIPError: The file is missing or cannot be decoded.
     """
-    image = _open(path, "image file")
+    image = read_image(path, "image file")
     if image.mode in _HIGH_BIT_MODES:
         return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L")
     return image
@@ -103,7 +142,7 @@ def load_mask(path: str | Path) -> Image.Image:
     Raises:
         AnomalyCLIPError: The file is missing or cannot be decoded.
     """
-    image = _open(path, "mask file")
+    image = read_image(path, "mask file")
     if image.mode in _HIGH_BIT_MODES:
         foreground = np.asarray(image) > 0
     else:

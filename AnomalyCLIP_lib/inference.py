@@ -35,13 +35,13 @@ from torch import nn
 
 from . import scoring
 from .errors import AnomalyCLIPError
+from .constants import DPAM_LAYER
 from .model import CLIP, VisionTransformer, normalize_layers
 from .precision import PRECISIONS, autocast
 
 logger = logging.getLogger(__name__)
 
 SMOOTHING_MODES = ("auto", "torch", "scipy")
-DEFAULT_DPAM_LAYER = 20
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class ScoringConfig:
 
     image_size: int = 518
     features_list: tuple[int, ...] = (24,)
-    dpam_layer: int | None = DEFAULT_DPAM_LAYER
+    dpam_layer: int | None = DPAM_LAYER
     sigma: float = 4.0
     feature_map_layer: int = 0
     reference_arithmetic: bool = False
@@ -116,8 +116,7 @@ class AnomalyCLIPInference(nn.Module):
     """Vision tower + text features + scoring settings: ``forward(images) -> (scores, maps)``.
 
     Args:
-        visual: The vision tower (``model.visual``). Its ``reference_arithmetic`` is set from
-            the config.
+        visual: The vision tower (``model.visual``), used as it is (shared, never changed).
         text_features: ``(1, 2, D)`` normalised text features (:func:`scoring.text_features`).
         config: The scoring settings.
     """
@@ -134,7 +133,6 @@ class AnomalyCLIPInference(nn.Module):
             raise AnomalyCLIPError(f"image_size {config.image_size} must be a multiple of the patch size "
                                    f"{visual.patch_size} (e.g. 518 for ViT-L/14)")
         self.visual = visual
-        self.visual.reference_arithmetic = config.reference_arithmetic
         self.register_buffer("text_features", text_features.detach().float().clone())
         self._config = config
 
@@ -183,7 +181,8 @@ class AnomalyCLIPInference(nn.Module):
         exporting = is_exporting()
         with self._precision_context(images.device, exporting):
             scores, maps = scoring.raw_predict(self.visual, self.text_features, images, cfg.features_list,
-                                               cfg.dpam_layer, cfg.feature_map_layer, batched=exporting)
+                                               cfg.dpam_layer, cfg.feature_map_layer, batched=exporting,
+                                               reference_arithmetic=cfg.reference_arithmetic)
         return scores, self._smooth(maps.float(), exporting)
 
     def predict(self, images: torch.Tensor) -> scoring.AnomalyPrediction:
@@ -195,7 +194,8 @@ class AnomalyCLIPInference(nn.Module):
     def export_copy(self) -> AnomalyCLIPInference:
         """This module with the settings an exported graph runs: fp32, default attention, torch filter.
 
-        Shares the tower's weights but sets ``reference_arithmetic`` off on it.
+        Shares the tower and the text features with this module; changes neither (the attention
+        mode is an argument of the forward, not a state of the tower).
         """
         config = dataclasses.replace(self._config, reference_arithmetic=False, precision="fp32", smoothing="torch")
         return AnomalyCLIPInference(self.visual, self.text_features, config).eval()

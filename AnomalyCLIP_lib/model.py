@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import DPAM_LAYER
 from .errors import AnomalyCLIPError
 from .transformer import LayerNorm, Transformer
 
@@ -40,17 +41,7 @@ def normalize_layers(features_list: Iterable[int], num_layers: int) -> list[int]
 
 
 class VisionTransformer(nn.Module):
-    """CLIP's ViT image tower (state-dict prefix ``visual.``).
-
-    Attributes:
-        reference_arithmetic: When True, DPAM blocks compute attention with the released code's
-            explicit matmul-softmax arithmetic and the last block runs on every token, so results
-            are bit-identical to the original's on the same CPU kernels. Off by default: the fused
-            attention kernel and the class-token-only last block are faster and differ only by
-            fp32 rounding (~1e-6).
-    """
-
-    reference_arithmetic: bool = False
+    """CLIP's ViT image tower (state-dict prefix ``visual.``)."""
 
     def __init__(
         self, input_resolution: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int
@@ -107,7 +98,11 @@ class VisionTransformer(nn.Module):
         return self.ln_pre(x)
 
     def encode(
-        self, images: torch.Tensor, features_list: Sequence[int] = (24,), dpam_layer: int | None = 20
+        self,
+        images: torch.Tensor,
+        features_list: Sequence[int] = (24,),
+        dpam_layer: int | None = DPAM_LAYER,
+        reference_arithmetic: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image embedding and per-layer patch tokens (method §3).
 
@@ -123,6 +118,11 @@ class VisionTransformer(nn.Module):
             images: ``(B, 3, S, S)`` preprocessed images; S a multiple of the patch size.
             features_list: 1-based layers whose patch tokens to return; sorted and de-duplicated.
             dpam_layer: The last ``dpam_layer - 1`` blocks run in DPAM mode; ``None`` for plain CLIP.
+            reference_arithmetic: DPAM blocks compute attention with the released code's explicit
+                matmul-softmax arithmetic and the last block runs on every token, so results are
+                bit-identical to the original's on the same CPU kernels. Off by default: the fused
+                attention kernel and the class-token-only last block are faster and differ only by
+                fp32 rounding (~1e-6).
 
         Returns:
             ``(image_embedding (B, D), [patch_tokens (B, 1 + g*g, D) per layer])``. The image
@@ -132,13 +132,13 @@ class VisionTransformer(nn.Module):
         """
         layers = normalize_layers(features_list, self.num_layers)
         first_dpam = self._first_dpam_layer(dpam_layer)
-        if images.device.type == "cpu" and images.ndim == 4 and len(images) > 1 and not self.reference_arithmetic:
+        if images.device.type == "cpu" and images.ndim == 4 and len(images) > 1 and not reference_arithmetic:
             parts = [self._encode(image[None], layers, first_dpam) for image in images]
             return torch.cat([p[0] for p in parts]), [torch.cat(t) for t in zip(*(p[1] for p in parts))]
-        return self._encode(images, layers, first_dpam)
+        return self._encode(images, layers, first_dpam, reference_arithmetic)
 
     def _encode(
-        self, images: torch.Tensor, layers: list[int], first_dpam: int
+        self, images: torch.Tensor, layers: list[int], first_dpam: int, reference_arithmetic: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """:meth:`encode` of a batch in one pass, with validated ``layers`` and first DPAM block."""
         num_layers = self.num_layers
@@ -149,10 +149,10 @@ class VisionTransformer(nn.Module):
         for number, block in enumerate(self.transformer.resblocks, start=1):
             dpam_here = first_dpam <= number <= deepest_requested
             needs_full_ori = number < num_layers or (number in layers and not dpam_here)
-            query_tokens = None if needs_full_ori or self.reference_arithmetic else 1
+            query_tokens = None if needs_full_ori or reference_arithmetic else 1
             if dpam_here:
                 x_ori, x_dpam = block.forward_dpam(
-                    x_ori, x_ori if x_dpam is None else x_dpam, query_tokens, self.reference_arithmetic
+                    x_ori, x_ori if x_dpam is None else x_dpam, query_tokens, reference_arithmetic
                 )
             else:
                 x_ori = block(x_ori, query_tokens=query_tokens)
@@ -218,10 +218,14 @@ class CLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def encode_image(
-        self, images: torch.Tensor, features_list: Sequence[int] = (24,), dpam_layer: int | None = 20
+        self,
+        images: torch.Tensor,
+        features_list: Sequence[int] = (24,),
+        dpam_layer: int | None = DPAM_LAYER,
+        reference_arithmetic: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """See :meth:`VisionTransformer.encode`."""
-        return self.visual.encode(images, features_list, dpam_layer)
+        return self.visual.encode(images, features_list, dpam_layer, reference_arithmetic)
 
     def encode_text_learn(
         self,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from .constants import DPAM_LAYER
 from .model import CLIP, VisionTransformer, normalize_layers
 
 logger = logging.getLogger(__name__)
@@ -181,9 +182,10 @@ def raw_predict(
     text_feats: torch.Tensor,
     images: torch.Tensor,
     features_list: Sequence[int] = (24,),
-    dpam_layer: int | None = 20,
+    dpam_layer: int | None = DPAM_LAYER,
     feature_map_layer: int = 0,
     batched: bool = False,
+    reference_arithmetic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores ``(B,)`` and UNFILTERED anomaly maps ``(B, S, S)``, float32, on the images' device.
 
@@ -191,13 +193,15 @@ def raw_predict(
         visual: The vision tower (``model.visual``).
         batched: Run the vision tower on the whole batch in one pass even on a CPU (what an
             exported graph needs: one graph for any batch size); see :meth:`VisionTransformer.encode`.
+        reference_arithmetic: The released code's attention arithmetic; see :meth:`VisionTransformer.encode`.
         Others: see :func:`predict`.
     """
     if batched:
         layers = normalize_layers(features_list, visual.num_layers)
-        image_embedding, patch_tokens = visual._encode(images, layers, visual._first_dpam_layer(dpam_layer))
+        image_embedding, patch_tokens = visual._encode(images, layers, visual._first_dpam_layer(dpam_layer),
+                                                       reference_arithmetic)
     else:
-        image_embedding, patch_tokens = visual.encode(images, features_list, dpam_layer)
+        image_embedding, patch_tokens = visual.encode(images, features_list, dpam_layer, reference_arithmetic)
     scores = image_logits(image_embedding.float(), text_feats).softmax(-1)[:, 1]
     maps = anomaly_map(similarity_maps([t.float() for t in patch_tokens], text_feats, images.shape[-1],
                                        feature_map_layer))
@@ -209,9 +213,10 @@ def predict(
     text_feats: torch.Tensor,
     images: torch.Tensor,
     features_list: Sequence[int] = (24,),
-    dpam_layer: int | None = 20,
+    dpam_layer: int | None = DPAM_LAYER,
     sigma: float = 4.0,
     feature_map_layer: int = 0,
+    reference_arithmetic: bool = False,
 ) -> AnomalyPrediction:
     """Image anomaly scores and filtered anomaly maps for a batch (method §5).
 
@@ -225,7 +230,9 @@ def predict(
         dpam_layer: See :meth:`CLIP.encode_image`.
         sigma: Gaussian filter sigma (0 disables the filter).
         feature_map_layer: See :func:`similarity_maps`.
+        reference_arithmetic: See :meth:`CLIP.encode_image`.
     """
     with torch.inference_mode():
-        scores, maps = raw_predict(model.visual, text_feats, images, features_list, dpam_layer, feature_map_layer)
+        scores, maps = raw_predict(model.visual, text_feats, images, features_list, dpam_layer, feature_map_layer,
+                                   reference_arithmetic=reference_arithmetic)
     return AnomalyPrediction(scores=scores.cpu(), maps=gaussian_smooth(maps, sigma))

@@ -256,25 +256,27 @@ class ExportedModel:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m deploy.runtime --model DIR IMAGE...``: one ``path<TAB>score`` line per image."""
-    import argparse
-    import sys
+    """``python -m deploy.runtime --model DIR IMAGE...``: one ``path<TAB>score`` line per image.
 
-    parser = argparse.ArgumentParser(description="Score images with an exported AnomalyCLIP graph (no torch).")
+    Raises:
+        AnomalyCLIPError: A bad export folder or an unreadable image (the ``__main__`` block prints it
+            as one line through :func:`pipeline.cli.run_cli`).
+    """
+    from pipeline.cli import cli_parser  # torch-free, like this module
+
+    parser = cli_parser("Score images with an exported AnomalyCLIP graph (no torch).")
     parser.add_argument("--model", required=True, help="folder written by export.py")
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
-    try:
-        model = ExportedModel(args.model, args.runtime)
-        for result in model.predict_files(args.images, args.batch_size):
-            print(f"{result.path}\t{result.score:.6f}")
-    except AnomalyCLIPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model = ExportedModel(args.model, args.runtime)
+    for result in model.predict_files(args.images, args.batch_size):
+        print(f"{result.path}\t{result.score:.6f}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from pipeline.cli import run_cli
+
+    raise SystemExit(run_cli(main))

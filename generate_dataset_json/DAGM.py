@@ -12,7 +12,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate_dataset_json.indexer import DagmLayout, run_cli  # noqa: E402
+from generate_dataset_json.indexer import DagmLayout  # noqa: E402
 
 LAYOUT = DagmLayout(
     name="DAGM 2007",
@@ -21,4 +21,6 @@ LAYOUT = DagmLayout(
 )
 
 if __name__ == "__main__":
-    sys.exit(run_cli(LAYOUT))
+    from generate_dataset_json.command import run
+
+    sys.exit(run(LAYOUT))

@@ -11,11 +11,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate_dataset_json.indexer import mvtec_style_layout, run_cli  # noqa: E402
+from generate_dataset_json.indexer import mvtec_style_layout  # noqa: E402
 
 CLASSES = ("Woven_001", "Woven_127", "Woven_104", "Stratified_154", "Blotchy_099", "Woven_068",
            "Woven_125", "Marbled_078", "Perforated_037", "Mesh_114", "Fibrous_183", "Matted_069")
 LAYOUT = mvtec_style_layout("DTD-Synthetic", CLASSES)
 
 if __name__ == "__main__":
-    sys.exit(run_cli(LAYOUT))
+    from generate_dataset_json.command import run
+
+    sys.exit(run(LAYOUT))

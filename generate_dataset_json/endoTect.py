@@ -11,7 +11,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate_dataset_json.indexer import FolderLayout, MaskRule, run_cli  # noqa: E402
+from generate_dataset_json.indexer import FolderLayout, MaskRule  # noqa: E402
 
 LAYOUT = FolderLayout(
     name="Endo",
@@ -26,4 +26,6 @@ LAYOUT = FolderLayout(
 )
 
 if __name__ == "__main__":
-    sys.exit(run_cli(LAYOUT))
+    from generate_dataset_json.command import run
+
+    sys.exit(run(LAYOUT))

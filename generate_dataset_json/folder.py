@@ -23,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate_dataset_json.indexer import FolderLayout, MaskRule, run_cli  # noqa: E402
+from generate_dataset_json.indexer import FolderLayout, MaskRule  # noqa: E402
 
 
 def folder_layout(normal_names: tuple[str, ...] = ("good",), mask_suffix: str = "_mask",
@@ -66,7 +66,9 @@ def _layout(args: argparse.Namespace) -> FolderLayout:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(_layout, add_arguments=_add_arguments,
-                     description="Index your own MVTec-style image folders into DATASET_ROOT/meta.json. Layout: "
-                     "ROOT/<class>/test/<type>/*, optional ROOT/<class>/train/<normal type>/* and optional masks "
-                     "ROOT/<class>/ground_truth/<type>/<stem><suffix>.<ext>."))
+    from generate_dataset_json.command import run
+
+    sys.exit(run(_layout, add_arguments=_add_arguments,
+                 description="Index your own MVTec-style image folders into DATASET_ROOT/meta.json. Layout: "
+                 "ROOT/<class>/test/<type>/*, optional ROOT/<class>/train/<normal type>/* and optional masks "
+                 "ROOT/<class>/ground_truth/<type>/<stem><suffix>.<ext>."))

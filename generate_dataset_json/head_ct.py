@@ -10,7 +10,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate_dataset_json.indexer import FolderLayout, run_cli  # noqa: E402
+from generate_dataset_json.indexer import FolderLayout  # noqa: E402
 
 LAYOUT = FolderLayout(
     name="HeadCT",
@@ -20,4 +20,6 @@ LAYOUT = FolderLayout(
 )
 
 if __name__ == "__main__":
-    sys.exit(run_cli(LAYOUT))
+    from generate_dataset_json.command import run
+
+    sys.exit(run(LAYOUT))

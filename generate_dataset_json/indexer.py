@@ -2,16 +2,11 @@
 
 Each ``generate_dataset_json/<name>.py`` script is a thin description of one download's layout
 (a :class:`FolderLayout`, or :class:`DagmLayout` / :class:`VisaLayout` for the two layouts that
-are not folders of images per type) handed to :func:`run_cli`. :func:`index_dataset` is the
-library entry point.
+are not folders of images per type) handed to :func:`generate_dataset_json.command.run` (the
+command line). :func:`index_dataset` is the library entry point.
 
-``meta.json`` (method §8)::
-
-    {"train": {cls: [item, ...], ...}, "test": {cls: [item, ...], ...}}
-
-Each item has exactly the keys ``img_path`` and ``mask_path`` (POSIX paths relative to the
-dataset root; ``mask_path`` is ``""`` when there is no mask), ``cls_name``, ``specie_name`` (the
-type folder's name, or a fixed name where the layout says so) and ``anomaly`` (0 or 1). The file
+``meta.json`` (method §8) is described in :mod:`generate_dataset_json.schema`; ``specie_name`` is
+the type folder's name, or a fixed name where the layout says so. The file
 is written as ``json.dumps(index, indent=4)`` plus a newline, like the original, through a
 temporary file in the root and ``os.replace`` (:mod:`atomic`).
 
@@ -43,34 +38,27 @@ Choices made here (the README can quote them):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from PIL import Image, UnidentifiedImageError
-from tabulate import tabulate
 from tqdm import tqdm
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, UnreadableImageError, read_image
+from generate_dataset_json.schema import SPLITS, Item, MetaIndex, make_item
 from pipeline.atomic import atomic_write_text
-from pipeline.cli import OneLineParser
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-ITEM_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
 MAX_LISTED = 10
 MAX_DECODE_THREADS = 8
-DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
 UNREADABLE = "unreadable image"
 MASK_SIZE = "mask of another size than its image"
 NORMAL_TYPE_ABSENT = "normal type folder in no class"
@@ -82,15 +70,6 @@ FIXES = {
     NORMAL_TYPE_ABSENT: "Give --normal-names the folder name(s) of the normal images (else every image would be "
                         "indexed as anomalous), or --normal-names with no name when the dataset has none",
 }
-
-Item = dict[str, str | int]
-MetaIndex = dict[str, dict[str, list[Item]]]
-
-
-def make_item(img_path: str, mask_path: str, cls_name: str, specie_name: str, anomaly: int) -> Item:
-    """One meta.json entry, keys in the original's order."""
-    return dict(zip(ITEM_KEYS, (img_path, mask_path, cls_name, specie_name, int(anomaly))))
-
 
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` is a visible file with an image extension."""
@@ -541,13 +520,9 @@ def decode(path: Path) -> tuple[tuple[int, int] | None, str | None]:
         report missing files themselves).
     """
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.size, None
-    except FileNotFoundError:
-        return None, None
-    except DECODE_ERRORS as error:
-        return None, f"{type(error).__name__}: {error}"
+        return read_image(path).size, None
+    except UnreadableImageError as error:
+        return None, None if error.missing else error.reason
 
 
 def decoded_sizes(root: Path, paths: list[str]) -> dict[str, tuple[int, int] | None]:
@@ -638,71 +613,6 @@ def index_dataset(layout: Layout, root: str | Path, write: bool = True) -> MetaI
         path = write_meta(root, index)
         logger.debug("%s: wrote %s", layout.name, path)
     return index
-
-
-def summary_table(index: MetaIndex) -> str:
-    """A pipe table of normal / anomalous / masked image counts per split and class, with totals."""
-    rows = []
-    totals = [0, 0, 0]
-    for split in SPLITS:
-        for cls_name, items in index.get(split, {}).items():
-            counts = [sum(1 for i in items if not i["anomaly"]), sum(1 for i in items if i["anomaly"]),
-                      sum(1 for i in items if i["anomaly"] and i["mask_path"])]
-            totals = [t + c for t, c in zip(totals, counts)]
-            rows.append([split, cls_name, *counts])
-    rows.append(["all", "", *totals])
-    headers = ["split", "class", "normal", "anomalous", "with mask"]
-    return tabulate(rows, headers=headers, tablefmt="pipe", disable_numparse=[1])
-
-
-def _masks_note(index: MetaIndex) -> str | None:
-    unmasked = sum(1 for items in index["test"].values() for i in items if i["anomaly"] and not i["mask_path"])
-    if not unmasked:
-        return None
-    return f"{unmasked} anomalous test image(s) have no mask: they count for image-level metrics only"
-
-
-def run_cli(layout: Layout | Callable[[argparse.Namespace], Layout], argv: Iterable[str] | None = None,
-            add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
-            description: str | None = None) -> int:
-    """The command line shared by every indexer script.
-
-    Args:
-        layout: The layout, or a function building it from the parsed arguments.
-        argv: Arguments (default ``sys.argv[1:]``).
-        add_arguments: Adds script-specific options to the parser.
-        description: ``--help`` text (default: the layout's name and expected layout).
-
-    Returns:
-        The exit code: 0 on success, 2 on a user error (one ``error: ...`` line on stderr).
-    """
-    fixed = hasattr(layout, "collect")
-    parser = OneLineParser(
-        description=description or f"Index {layout.name if fixed else 'a dataset'} into DATASET_ROOT/meta.json.",
-        epilog=f"Expected layout: {layout.hint}" if fixed else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    # SUPPRESS: a required option has no default worth showing in --help
-    parser.add_argument("--root", required=True, default=argparse.SUPPRESS,
-                        help="the dataset root; meta.json is written there")
-    parser.add_argument("--dry-run", action="store_true", help="index and print the counts, write nothing")
-    if add_arguments is not None:
-        add_arguments(parser)
-    args = parser.parse_args(None if argv is None else list(argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        chosen = layout if fixed else layout(args)
-        index = index_dataset(chosen, args.root, write=not args.dry_run)
-    except AnomalyCLIPError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    target = Path(args.root) / "meta.json"
-    print(f"{chosen.name}: {'would write' if args.dry_run else 'wrote'} {target}")
-    print(summary_table(index))
-    note = _masks_note(index)
-    if note:
-        print(f"note: {note}")
-    return 0
 
 
 def mvtec_style_layout(name: str, classes: tuple[str, ...]) -> FolderLayout:

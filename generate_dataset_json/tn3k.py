@@ -10,9 +10,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from generate_dataset_json.indexer import images_masks_layout, run_cli  # noqa: E402
+from generate_dataset_json.indexer import images_masks_layout  # noqa: E402
 
 LAYOUT = images_masks_layout("TN3K", "thyroid", "test-image", "test-mask")
 
 if __name__ == "__main__":
-    sys.exit(run_cli(LAYOUT))
+    from generate_dataset_json.command import run
+
+    sys.exit(run(LAYOUT))

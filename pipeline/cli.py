@@ -23,8 +23,6 @@ from AnomalyCLIP_lib.pretrained import available_models, backbone_sha256, sha256
 from deploy.manifest import RUNTIMES
 from pipeline.config import DEFAULT_BACKBONE, LoaderSpec, ModelSpec, RunRecord, ScoringSpec, replaced as replace
 
-DPAM_LAYER = 20
-DPAM_DEPTH = 24  # vision layers of the backbones the method is defined for (ViT-L/14)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -7,10 +7,10 @@ import os
 import torch
 
 import AnomalyCLIP_lib
+from AnomalyCLIP_lib.constants import DPAM_DEPTH, DPAM_LAYER
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
 from AnomalyCLIP_lib.model import CLIP, normalize_layers
-from pipeline.cli import DPAM_DEPTH, DPAM_LAYER
 from pipeline.config import ModelSpec, ScoringSpec
 from pipeline.engine import ExportedScorer, Scorer, TorchScorer
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
@@ -75,7 +75,6 @@ def load_model_and_prompts(
     """
     model, _ = AnomalyCLIP_lib.load(spec.backbone, device=device, trust_backbone=spec.trust_backbone)
     check_backbone_fits(spec, model)
-    model.visual.reference_arithmetic = spec.reference_arithmetic
     design = design_details(n_ctx=spec.n_ctx, depth=spec.depth, t_n_ctx=spec.t_n_ctx)
     prompt_learner = AnomalyCLIP_PromptLearner(model, design)
     checkpoint = load_prompt_state(prompt_learner, checkpoint_path) if checkpoint_path else None

@@ -44,7 +44,7 @@ from tqdm import tqdm
 # Torch-free imports only: with --runtime the whole run needs numpy, Pillow and the runtime
 # (torch is imported by pipeline.loading, for the torch path alone).
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.images import unreadable_error, unreadable_headers
+from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, unreadable_error, unreadable_headers
 from pipeline.atomic import atomic_write_text, locked_folder
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
                           add_sigma_arg, check_device_and_precision, check_model_spec, check_output_folder,
@@ -60,7 +60,6 @@ from pipeline.visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 PREDICTION_COLUMNS = ("path", "score", "verdict", "defect_pixels", "overlay", "mask")
 DEFAULT_TARGET_FPR = 0.01
 
@@ -338,10 +337,10 @@ def image_files(path: str | Path, exclude: str | Path | None = None) -> list[Pat
     if not path.is_dir():
         raise AnomalyCLIPError(f"--image_path {path} does not exist")
     skip = Path(exclude).resolve() if exclude is not None else None
-    files = sorted((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    files = sorted((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
                     and not _is_excluded(p, path, skip)), key=lambda p: p.relative_to(path).parts)
     if not files:
-        raise AnomalyCLIPError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); pass an image or a "
+        raise AnomalyCLIPError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass an image or a "
                                "folder of them")
     _check_headers(files)
     return files

@@ -11,12 +11,13 @@ Command line::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import torch
 
 from AnomalyCLIP_lib.model import CLIP
+from pipeline.atomic import atomic_torch_save
+from pipeline.cli import cli_parser, run_cli
 
 TINY = {
     "embed_dim": 64, "image_resolution": 56, "vision_layers": 24, "vision_width": 128, "vision_patch_size": 14,
@@ -81,13 +82,12 @@ def random_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Write a random CLIP backbone (no download) as a state dict.")
+    """Command line: write a random backbone of ``--preset`` to ``--out`` (run it through ``run_cli``)."""
+    parser = cli_parser("Write a random CLIP backbone (no download) as a state dict.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output .pt file")
     args = parser.parse_args(argv)
-    from pipeline.atomic import atomic_torch_save
-
     state = random_state_dict(args.seed, **PRESETS[args.preset])
     atomic_torch_save(state, args.out)
     print(f"wrote a random {args.preset} CLIP stand-in to {args.out}")
@@ -95,4 +95,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -36,10 +36,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from pipeline.cli import cli_parser
+from pipeline.cli import cli_parser, run_cli
 from generate_dataset_json import visa
 from generate_dataset_json.folder import folder_layout
-from generate_dataset_json.indexer import MetaIndex, index_dataset, summary_table
+from generate_dataset_json.command import summary_table
+from generate_dataset_json.indexer import index_dataset
+from generate_dataset_json.schema import MetaIndex
 
 TEXTURES = ("stripes", "checker", "rings", "blobs", "weave", "dots")
 DEFECTS = ("scratch", "blob", "hole", "color_spot")
@@ -269,7 +271,12 @@ def make_visa_like(root: str | Path, class_names: Iterable[str] = VISA_CLASSES, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: write one synthetic dataset and its meta.json, print the counts."""
+    """Command line: write one synthetic dataset and its meta.json, print the counts.
+
+    Raises:
+        AnomalyCLIPError: The root already holds a class (without ``--overwrite``); run it through
+            :func:`pipeline.cli.run_cli` for the one-line error.
+    """
     parser = cli_parser("Write a synthetic anomaly-detection dataset with exact masks.")
     parser.add_argument("--layout", choices=sorted(_LAYOUT_IDS), required=True)
     parser.add_argument("--root", required=True, help="output folder")
@@ -294,16 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--classes {' '.join(args.classes)} repeats a class")
     make = make_mvtec_like if args.layout == "mvtec" else make_visa_like
     defaults = MVTEC_CLASSES if args.layout == "mvtec" else VISA_CLASSES
-    try:
-        index = make(args.root, args.classes or defaults, args.n_train, args.n_test_good, args.n_test_defect,
-                     (args.size[0], args.size[-1]), args.seed, overwrite=args.overwrite)
-    except AnomalyCLIPError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    index = make(args.root, args.classes or defaults, args.n_train, args.n_test_good, args.n_test_defect,
+                 (args.size[0], args.size[-1]), args.seed, overwrite=args.overwrite)
     print(f"wrote a {args.layout}-layout synthetic dataset and {Path(args.root) / 'meta.json'}")
     print(summary_table(index))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -32,12 +32,13 @@ from tqdm import tqdm
 
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.constants import DPAM_LAYER
 from AnomalyCLIP_lib.model import CLIP
 from dataset import AnomalyDataset, loader_batches
 from loss import LossTerms, anomalyclip_loss
 from pipeline import distributed, feature_cache
 from pipeline.atomic import atomic_torch_save, remove_leftovers
-from pipeline.cli import (DPAM_LAYER, add_loader_args, add_save_path_arg, add_model_args, check_device_and_precision,
+from pipeline.cli import (add_loader_args, add_save_path_arg, add_model_args, check_device_and_precision,
                           check_loader_spec, check_model_spec, check_output_folder, check_positive, cli_parser,
                           flag_errors, loader_spec, model_spec, parse_flags)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, replaced
@@ -169,6 +170,7 @@ def train_step(
     features_list: Sequence[int],
     feature_map_layer: int = 0,
     image_loss_only: bool = False,
+    reference_arithmetic: bool = False,
 ) -> LossTerms:
     """One optimisation step of the prompt learner (method §6): frozen image forward, then :func:`prompt_step`.
 
@@ -178,7 +180,7 @@ def train_step(
         masks: ``(B, S, S)`` or ``(B, 1, S, S)`` binary ground-truth masks.
     """
     with torch.no_grad():
-        image_embedding, patch_tokens = model.encode_image(images, features_list, DPAM_LAYER)
+        image_embedding, patch_tokens = model.encode_image(images, features_list, DPAM_LAYER, reference_arithmetic)
     return prompt_step(model, prompt_learner, optimizer, image_embedding, patch_tokens, labels, masks,
                        images.shape[-1], feature_map_layer, image_loss_only)
 
@@ -316,7 +318,8 @@ def _encoded_batches(model: CLIP, data: AnomalyDataset, indices: Sequence[int], 
         for batch in batches:
             with torch.no_grad():
                 embedding, tokens = model.encode_image(batch["img"].to(device, non_blocking=True),
-                                                       list(config.model.features_list), DPAM_LAYER)
+                                                       list(config.model.features_list), DPAM_LAYER,
+                                                       config.model.reference_arithmetic)
             count = len(embedding)
             yield CachedBatch(indices=[int(index) for index in batch["index"]],
                               embedding=embedding.float().cpu().numpy(),
@@ -431,7 +434,8 @@ def _train_uncached(config, model, prompt_learner, optimizer, data, device, epoc
                               leave=False):
                 terms = train_step(model, prompt_learner, optimizer, batch["img"].to(device), batch["anomaly"],
                                    batch["img_mask"].to(device), list(config.model.features_list),
-                                   config.model.feature_map_layer, config.image_loss_only)
+                                   config.model.feature_map_layer, config.image_loss_only,
+                                   config.model.reference_arithmetic)
                 forwards += len(batch["img"])
                 local_losses.append(terms.local.item())
                 image_losses.append(terms.image.item())

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from deploy.runtime import load_image
+from AnomalyCLIP_lib.images import load_image
 from pipeline.atomic import atomic_write_bytes
 
 VIS_SCALES = ("fixed", "per_image")

@@ -18,10 +18,8 @@ from loss import layer_loss_parts
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
 from pipeline.training import make_optimizer, train_step
 
-def golden_model(goldens: Path, reference_arithmetic: bool = False):
-    model = build_model(torch.load(goldens / "tiny_clip.pt", weights_only=True))
-    model.visual.reference_arithmetic = reference_arithmetic
-    return model
+def golden_model(goldens: Path):
+    return build_model(torch.load(goldens / "tiny_clip.pt", weights_only=True))
 
 
 def golden_prompts(model, goldens: Path) -> AnomalyCLIP_PromptLearner:
@@ -41,16 +39,16 @@ def compare_train_step(goldens: Path, variant: str, reference_arithmetic: bool =
         ``unchanged_ok``: the projections did not move; ``cpu_capability``.
     """
     record = torch.load(goldens / "upstream_train_step.pt", weights_only=True)[variant]
-    model = golden_model(goldens, reference_arithmetic)
+    model = golden_model(goldens)
     learner = golden_prompts(model, goldens)
     before = {name: value.detach().clone() for name, value in learner.named_parameters()}
     optimizer = make_optimizer(learner, record["optimizer"]["lr"])
     terms = train_step(model, learner, optimizer, record["image"], record["label"], record["gt"],
-                       record["features_list"])
+                       record["features_list"], reference_arithmetic=reference_arithmetic)
 
     parts_diff = 0.0
     with torch.no_grad():
-        _, patch_tokens = model.encode_image(record["image"], record["features_list"], 20)
+        _, patch_tokens = model.encode_image(record["image"], record["features_list"], 20, reference_arithmetic)
         text_feats = scoring.text_features(model, golden_prompts(model, goldens))
         maps = scoring.similarity_maps(patch_tokens, text_feats, record["image"].shape[-1])
         for layer_map, ref_parts in zip(maps, record["loss_parts_per_layer"]):
@@ -81,13 +79,14 @@ def compare_train_step(goldens: Path, variant: str, reference_arithmetic: bool =
 
 def compare_encode_image(goldens: Path, reference_arithmetic: bool = False) -> dict[str, float]:
     """Largest absolute difference to each ``upstream_encode_image*.pt`` (embedding and tokens)."""
-    model = golden_model(goldens, reference_arithmetic)
+    model = golden_model(goldens)
     result = {}
     for file_name, dpam_layer in (("upstream_encode_image.pt", 20), ("upstream_encode_image_plain.pt", None),
                                   ("upstream_encode_image_56.pt", 20)):
         record = torch.load(goldens / file_name, weights_only=True)
         with torch.no_grad():
-            embedding, tokens = model.encode_image(record["x"], record["features_list"], dpam_layer)
+            embedding, tokens = model.encode_image(record["x"], record["features_list"], dpam_layer,
+                                                   reference_arithmetic)
         diffs = [(embedding - record["image_features"]).abs().max().item()]
         diffs += [(ours - ref).abs().max().item() for ours, ref in zip(tokens, record["patch_tokens"], strict=True)]
         result[file_name] = max(diffs)

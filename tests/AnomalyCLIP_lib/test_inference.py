@@ -94,8 +94,8 @@ def test_scipy_smoothing_is_predict_bit_for_bit(tiny_model, learner, text_feats,
     module = _module(tiny_model, learner, reference_arithmetic=reference, smoothing="auto" if reference else "scipy")
     assert module.config.uses_scipy_filter
     ours = module.predict(images)
-    expected = scoring.predict(tiny_model, text_feats, images, list(FEATURES), 20, 4.0, 0)
-    tiny_model.visual.reference_arithmetic = False
+    expected = scoring.predict(tiny_model, text_feats, images, list(FEATURES), 20, 4.0, 0,
+                               reference_arithmetic=reference)
     assert torch.equal(ours.scores, expected.scores)
     assert torch.equal(ours.maps, expected.maps)
 

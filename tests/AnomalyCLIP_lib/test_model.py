@@ -109,12 +109,8 @@ def test_batched_pass_with_class_token_only_last_block_equals_single_images(tiny
     with torch.no_grad():
         (embedding, tokens), seen = _last_block_tokens(tiny_model, lambda: visual._encode(images, layers, first_dpam))
         singles = [visual._encode(images[i : i + 1], layers, first_dpam) for i in range(3)]
-        visual.reference_arithmetic = True
-        try:
-            (ref_embedding, ref_tokens), ref_seen = _last_block_tokens(
-                tiny_model, lambda: tiny_model.encode_image(images, features_list, dpam_layer))
-        finally:
-            visual.reference_arithmetic = False
+        (ref_embedding, ref_tokens), ref_seen = _last_block_tokens(
+            tiny_model, lambda: tiny_model.encode_image(images, features_list, dpam_layer, reference_arithmetic=True))
     assert seen == [1] and ref_seen == [26]  # the shortcut was taken in one pass; the reference skips nothing
     assert embedding.shape == (3, 64) and len(tokens) == len(layers)
     torch.testing.assert_close(embedding, torch.cat([s[0] for s in singles]), atol=1e-5, rtol=1e-5)

@@ -81,10 +81,9 @@ def test_flop_counts_of_vit_l14_at_518(bench_inference):
 
 def test_original_structure_is_the_reference_arithmetic_bit_for_bit(bench_inference, tiny_clip_state):
     model = build_model(tiny_clip_state)
-    model.visual.reference_arithmetic = True
     images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        ours = model.encode_image(images, [6, 12, 18, 24], 20)
+        ours = model.encode_image(images, [6, 12, 18, 24], 20, reference_arithmetic=True)
         original = bench_inference.original_structure_encode(model, images, [6, 12, 18, 24], 20)
     assert torch.equal(ours[0], original[0])
     assert all(torch.equal(a, b) for a, b in zip(ours[1], original[1], strict=True))

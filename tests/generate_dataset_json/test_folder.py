@@ -12,7 +12,8 @@ import pytest
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
 from generate_dataset_json.folder import folder_layout
-from generate_dataset_json.indexer import index_dataset, run_cli
+from generate_dataset_json.command import run
+from generate_dataset_json.indexer import index_dataset
 from tests.conftest import REPO_ROOT
 from tests.generate_dataset_json.trees import SIZE, Tree, mvtec_class
 
@@ -36,7 +37,7 @@ def test_without_masks_is_image_level(tmp_path: Path, capsys: pytest.CaptureFixt
         for stem in stems:
             tree.add("test", "widget", f"widget/test/{specie}/{stem}.jpg", "", specie, int(specie == "defect"))
     tree.file("widget/test/notes.txt")
-    assert run_cli(folder_layout(), ["--root", str(tmp_path)]) == 0
+    assert run(folder_layout(), ["--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 anomalous test image(s) have no mask" in out and "widget" in out
     meta = json.loads((tmp_path / "meta.json").read_text())

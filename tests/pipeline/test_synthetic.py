@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline import synthetic as synth
+from pipeline.cli import run_cli
 from dataset import AnomalyDataset
 
 
@@ -88,12 +89,13 @@ def test_deterministic_per_seed(tmp_path: Path) -> None:
 def test_cli_and_existing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--layout", "mvtec", "--root", str(tmp_path), "--size", "24", "--classes", "checker",
             "--n-train", "1", "--n-test-good", "1", "--n-test-defect", "2"]
-    assert synth.main(argv) == 0
+    assert run_cli(synth.main, argv) == 0
     out = capsys.readouterr().out
     assert "| test    | checker |        1 |           2 |           2 |" in out
-    assert synth.main(argv) == 2
-    assert "already holds checker" in capsys.readouterr().err
-    assert synth.main([*argv, "--overwrite"]) == 0
+    assert run_cli(synth.main, argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "already holds checker" in err[0]
+    assert run_cli(synth.main, [*argv, "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("flags, expected", [
