@@ -42,7 +42,7 @@ from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES,
 from pipeline import thresholds
 from pipeline.atomic import atomic_write, atomic_write_text, locked_folder
 from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, check_model_spec, check_output_folder,
-                          check_sigma, cli_parser, flag_errors, model_spec, parse_flags)
+                          check_sigma, checked, cli_parser, model_spec, parse_flags)
 from pipeline.config import ModelSpec, RunRecord, ScoringSpec
 from pipeline.loading import load_model_and_prompts, scoring_config
 
@@ -93,9 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ExportConfig:
     flags = parse_flags(parser, argv)
     if flags.values["opset"] < MIN_OPSET:
         parser.error(f"--opset {flags.values['opset']} must be >= {MIN_OPSET}")
-    holder: list[ExportConfig] = []
-    flag_errors(lambda: holder.append(_config(flags)))
-    return holder[0]
+    return checked(lambda: _config(flags))
 
 
 def _config(flags: RunRecord) -> ExportConfig:

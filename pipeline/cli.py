@@ -16,13 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, FlagError, PeerFailed, one_line, user_error_line
 from AnomalyCLIP_lib.pretrained import available_models, backbone_sha256, sha256_of
 from deploy.manifest import RUNTIMES
 from pipeline.config import DEFAULT_BACKBONE, LoaderSpec, ModelSpec, RunRecord, ScoringSpec, replaced as replace
 
+
+T = TypeVar("T")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -103,14 +105,39 @@ def scoring_spec(flags: RunRecord) -> ScoringSpec:
                        model_dir=values.get("model"))
 
 
-def flag_errors(check: Callable[[], None]) -> None:
-    """Run flag checks; their :class:`AnomalyCLIPError` becomes a :class:`FlagError` (printed once under torchrun)."""
+def checked(build: Callable[[], T]) -> T:
+    """``build()`` (a config made from flags and checked); its :class:`AnomalyCLIPError` becomes a
+    :class:`FlagError`, which only rank 0 prints under torchrun (every rank finds it alike)."""
     try:
-        check()
+        return build()
     except FlagError:
         raise
     except AnomalyCLIPError as error:
         raise FlagError(str(error)) from None
+
+
+def parse_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None, build: Callable[[RunRecord], T]) -> T:
+    """A CLI's command line parsed once (:func:`parse_flags`) and turned into its checked, frozen config."""
+    flags = parse_flags(parser, argv)
+    return checked(lambda: build(flags))
+
+
+def scored_run_specs(flags: RunRecord) -> tuple[ModelSpec, ScoringSpec, RunRecord]:
+    """The model and scoring settings of a run that scores images (test.py, test_one_example.py), checked.
+
+    With ``--runtime``, the export's design replaces the model flags (:func:`with_export_settings`,
+    which also returns the run's record with the export's values); else the device and precision are
+    checked against this machine.
+    """
+    model, scoring = model_spec(flags), scoring_spec(flags)
+    check_model_spec(model)
+    check_sigma(scoring.sigma, model.image_size)
+    check_output_folder(flags.values["save_path"], "--save_path")
+    check_scoring_spec(scoring)
+    if scoring.exported:
+        return with_export_settings(model, scoring, flags)
+    check_device_and_precision(model.device, scoring.precision)
+    return model, scoring, flags
 
 
 def check_positive(**values: int | None) -> None:

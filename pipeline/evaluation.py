@@ -44,10 +44,8 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
 from pipeline import distributed, report, thresholds
 from pipeline.atomic import atomic_write_texts, remove_leftovers
-from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_save_path_arg, add_model_args, add_scoring_args,
-                          add_sigma_arg, check_device_and_precision, check_loader_spec, check_model_spec,
-                          check_output_folder, check_scoring_spec, check_sigma, cli_parser, flag_errors, loader_spec,
-                          model_spec, parse_flags, scoring_spec, with_export_settings)
+from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
+                          add_sigma_arg, check_loader_spec, cli_parser, loader_spec, parse_config, scored_run_specs)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
 from pipeline.dump import DumpWriter
 from pipeline.engine import Batch, ExportedScorer, ScoredImage, Scorer, dataset_batches, score_batches
@@ -136,25 +134,15 @@ def build_parser():
 
 def parse_args(argv: Sequence[str] | None = None) -> EvaluationConfig:
     """``test.py``'s command line, parsed once into a checked :class:`EvaluationConfig`."""
-    flags = parse_flags(build_parser(), argv)
-    holder: list[EvaluationConfig] = []
-    flag_errors(lambda: holder.append(_config(flags)))
-    return holder[0]
+    return parse_config(build_parser(), argv, _config)
 
 
 def _config(flags: RunRecord) -> EvaluationConfig:
     """The checked config of ``flags`` (with ``--runtime``, the export's design in place of the model flags)."""
     values = flags.values
-    model, loader, scoring = model_spec(flags), loader_spec(flags), scoring_spec(flags)
+    loader = loader_spec(flags)
     check_loader_spec(loader)
-    check_model_spec(model)
-    check_sigma(scoring.sigma, model.image_size)
-    check_output_folder(values["save_path"], "--save_path")
-    check_scoring_spec(scoring)
-    if scoring.exported:
-        model, scoring, flags = with_export_settings(model, scoring, flags)
-    else:
-        check_device_and_precision(model.device, scoring.precision)
+    model, scoring, flags = scored_run_specs(flags)
     if values["report_k"] < 0:
         raise AnomalyCLIPError(f"--report_k {values['report_k']} must be >= 0")
     if values["dump"] and Path(values["dump"]).is_dir():

@@ -47,9 +47,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, unreadable_error, unreadable_headers
 from pipeline.atomic import atomic_write_text, locked_folder
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
-                          add_sigma_arg, check_device_and_precision, check_model_spec, check_output_folder,
-                          check_positive, check_scoring_spec, check_sigma, cli_parser, flag_errors, model_spec,
-                          parse_flags, scoring_spec, with_export_settings)
+                          add_sigma_arg, check_positive, cli_parser, parse_config, scored_run_specs)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
 from pipeline.engine import ExportedScorer, Scorer, file_batches, score_batches
 from pipeline.naming import MASK_SUFFIX, OVERLAY_SUFFIX, output_path
@@ -155,24 +153,13 @@ def parse_args(argv: Sequence[str] | None = None) -> PredictionConfig:
     With ``--runtime``, the export's design replaces the model flags (read from its manifest only).
     The checks that need the thresholds or the export are :func:`validate`'s.
     """
-    flags = parse_flags(build_parser(), argv)
-    holder: list[PredictionConfig] = []
-    flag_errors(lambda: holder.append(_config(flags)))
-    return holder[0]
+    return parse_config(build_parser(), argv, _config)
 
 
 def _config(flags: RunRecord) -> PredictionConfig:
     values = flags.values
-    model, scoring = model_spec(flags), scoring_spec(flags)
     check_positive(batch_size=values["batch_size"])
-    check_model_spec(model)
-    check_sigma(scoring.sigma, model.image_size)
-    check_output_folder(values["save_path"], "--save_path")
-    check_scoring_spec(scoring)
-    if scoring.exported:
-        model, scoring, flags = with_export_settings(model, scoring, flags)
-    else:
-        check_device_and_precision(model.device, scoring.precision)
+    model, scoring, flags = scored_run_specs(flags)
     return PredictionConfig(
         image_path=values["image_path"], save_path=values["save_path"], model=model,
         loader=LoaderSpec(batch_size=values["batch_size"]), scoring=scoring, threshold=values["threshold"],

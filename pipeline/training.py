@@ -38,9 +38,9 @@ from dataset import AnomalyDataset, loader_batches
 from loss import LossTerms, anomalyclip_loss
 from pipeline import distributed, feature_cache
 from pipeline.atomic import atomic_torch_save, remove_leftovers
-from pipeline.cli import (add_loader_args, add_save_path_arg, add_model_args, check_device_and_precision,
+from pipeline.cli import (add_loader_args, add_model_args, add_save_path_arg, check_device_and_precision,
                           check_loader_spec, check_model_spec, check_output_folder, check_positive, cli_parser,
-                          flag_errors, loader_spec, model_spec, parse_flags)
+                          loader_spec, model_spec, parse_config)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, replaced
 from pipeline.feature_cache import CacheShapes, FeatureCache
 from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
@@ -128,10 +128,7 @@ def build_parser():
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainingConfig:
     """``train.py``'s command line, parsed once into a checked :class:`TrainingConfig`."""
-    flags = parse_flags(build_parser(), argv)
-    holder: list[TrainingConfig] = []
-    flag_errors(lambda: holder.append(_config(flags)))
-    return holder[0]
+    return parse_config(build_parser(), argv, _config)
 
 
 def _config(flags: RunRecord) -> TrainingConfig:
