@@ -20,7 +20,8 @@ map value that at most that fraction of their pixels reach (``thresholds.normal_
 Prints one tab-separated line per image: path, score (4 decimals), then the verdict
 (``anomalous``/``normal``, when an image threshold is known), the defect area in pixels (when a
 pixel threshold is known) and the overlay. A path holding a tab, newline or other control character
-(or starting with ``"``) is printed as a JSON string, so every line stays one line of fields. A value is flagged when ``value >= threshold``.
+(or starting with ``"``) is printed as a JSON string, so every line stays one line of fields.
+A value is flagged when ``value >= threshold``.
 
 Outputs mirror the input tree (:mod:`pipeline.naming`): the image ``FOLDER/sub/a.png`` gives
 ``save_path/sub/a.png.overlay.png`` and ``save_path/sub/a.png.mask.png`` (0/255 at the image's own size), so
