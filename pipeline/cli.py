@@ -319,7 +319,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     try:
         return _run(main, argv)
     except _Terminated:
-        _print_line("terminated")
+        _print_stop_line("terminated")
         return 143
     finally:
         if in_main_thread:
@@ -358,8 +358,14 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
         _print_line(f"error: {line}")
         return 2
     except KeyboardInterrupt:
-        _print_line("interrupted")
+        _print_stop_line("interrupted")
         return 130
+
+
+def _print_stop_line(line: str) -> None:
+    """``interrupted``/``terminated`` once: by rank 0 under torchrun, by nobody under launch.py (it prints it)."""
+    if prints_errors() and not os.environ.get("ANOMALYCLIP_LAUNCHED"):
+        _print_line(line)
 
 
 def _print_line(line: str) -> None:
