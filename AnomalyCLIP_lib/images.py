@@ -9,6 +9,8 @@ read goes through :func:`read_image`, which raises :class:`UnreadableImageError`
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 from .errors import AnomalyCLIPError
+
+logger = logging.getLogger(__name__)
 
 # The files an image folder is searched for (the dataset indexers, test_one_example.py), any case.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
@@ -76,14 +80,28 @@ def read_image(path: str | Path, what: str = "image file", decode: bool = True) 
         UnreadableImageError: Missing, not an image, cut short, or too large to decode safely.
     """
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow's warning names no file and takes two raw lines: one line of ours instead (_warn_if_large).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             if decode:
+                _warn_if_large(image, path, what)  # once a file, when decoded (not at the header check too)
                 image.load()
             return image
     except READ_ERRORS as error:
         raise unreadable_error(what, path, str(error) or type(error).__name__,
                                missing=isinstance(error, FileNotFoundError),
                                too_large=isinstance(error, Image.DecompressionBombError)) from error
+
+
+def _warn_if_large(image: Image.Image, path: str | Path, what: str) -> None:
+    """One warning line naming a file over Pillow's decompression-bomb limit (up to twice it is decoded)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = image.size[0] * image.size[1]
+    if limit and pixels > limit:
+        logger.warning("warning: %s %s has %d pixels, over Pillow's decompression-bomb limit of %d; decoded anyway: "
+                       "check it is the image you meant", what, path, pixels, limit)
 
 
 def unreadable_headers(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:

@@ -346,7 +346,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | N
     try:
         return _run(main, argv)
     except _Terminated:
-        print("terminated", file=sys.stderr)
+        _print_stop_line("terminated")
         return 143
     finally:
         if in_main_thread:
@@ -373,17 +373,39 @@ def _run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None
     except FlagError as exc:
         if not prints_errors():
             return _quiet_exit()
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        _print_line(f"error: {one_line(exc)}")
         return 2
     except AnomalyCLIPError as exc:
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        _print_line(f"error: {one_line(exc)}")
         return 2
     except (OSError, MemoryError, RuntimeError) as exc:
         line = user_error_line(exc)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        _print_line(f"error: {line}")
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _print_stop_line("interrupted")
         return 130
+
+
+def _print_stop_line(line: str) -> None:
+    """``interrupted``/``terminated`` once: by rank 0 under torchrun, by nobody under launch.py (it prints it)."""
+    if prints_errors() and not os.environ.get("ANOMALYCLIP_LAUNCHED"):
+        _print_line(line)
+
+
+def _print_line(line: str) -> None:
+    """``line`` on stderr, on a line of its own: open progress bars are closed first (they end their line)."""
+    _close_bars()
+    print(line, file=sys.stderr)
+
+
+def _close_bars() -> None:
+    """Close every open tqdm bar: one left open by the error would hold the line, and redraw itself after it.
+
+    tqdm is looked up, not imported: a run that never imported it has no bar open.
+    """
+    tqdm_class = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    for bar in list(getattr(tqdm_class, "_instances", None) or ()):
+        bar.close()

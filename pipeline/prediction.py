@@ -19,7 +19,9 @@ map value that at most that fraction of their pixels reach (``thresholds.normal_
 
 Prints one tab-separated line per image: path, score (4 decimals), then the verdict
 (``anomalous``/``normal``, when an image threshold is known), the defect area in pixels (when a
-pixel threshold is known) and the overlay. A value is flagged when ``value >= threshold``.
+pixel threshold is known) and the overlay. A path holding a tab, newline or other control character
+(or starting with ``"``) is printed as a JSON string, so every line stays one line of fields.
+A value is flagged when ``value >= threshold``.
 
 Outputs mirror the input tree (:mod:`pipeline.naming`): the image ``FOLDER/sub/a.png`` gives
 ``save_path/sub/a.png.overlay.png`` and ``save_path/sub/a.png.mask.png`` (0/255 at the image's own size), so
@@ -401,10 +403,18 @@ def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndar
 
 
 def print_line(prediction: Prediction) -> None:
-    """``path  score  [verdict]  [defect pixels]  overlay``, tab-separated."""
-    fields = [str(prediction.path), f"{prediction.score:.4f}"]
+    """``path  score  [verdict]  [defect pixels]  overlay``, tab-separated (paths as :func:`tsv_field`)."""
+    fields = [tsv_field(str(prediction.path)), f"{prediction.score:.4f}"]
     fields += [str(v) for v in (prediction.verdict, prediction.defect_pixels) if v is not None]
-    tqdm.write("\t".join([*fields, str(prediction.overlay)]))
+    tqdm.write("\t".join([*fields, tsv_field(str(prediction.overlay))]))
+
+
+def tsv_field(text: str) -> str:
+    """``text`` as is, or as a JSON string (double-quoted, ``\\t``/``\\n`` escaped) when it holds a control
+    character (a tab or newline in a file name would break the line) or starts with a double quote."""
+    if text.startswith('"') or any(ord(char) < 32 or char == "\x7f" for char in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def score_images(config: PredictionConfig, decision: Decision | None = None,

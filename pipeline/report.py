@@ -155,10 +155,14 @@ def histogram_figure(labels: np.ndarray, scores: np.ndarray, threshold: float | 
     edges = np.histogram_bin_edges(scores, bins=20)
     figure = _figure()
     axes = figure.add_subplot()
-    for label, name, colour in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
-        chosen = scores[labels == label]
+    groups = [(scores[labels == label], name, colour)
+              for label, name, colour in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red"))]
+    for chosen, name, colour in groups:
         if chosen.size:
-            axes.hist(chosen, bins=edges, alpha=0.55, color=colour, label=f"{name} ({chosen.size})")
+            axes.hist(chosen, bins=edges, alpha=0.35, color=colour, label=f"{name} ({chosen.size})")
+    for chosen, _, colour in groups:  # outlines on top of both fills: no group's bars hide behind the other's
+        if chosen.size:
+            axes.hist(chosen, bins=edges, histtype="step", linewidth=1.5, color=colour)
     if threshold is not None:
         axes.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
     axes.set(xlabel="image score", ylabel="images", title="Image scores")
@@ -278,12 +282,26 @@ THRESHOLD_FIELDS = ("image_threshold", "pixel_threshold", "method", "pixel_metho
 
 
 def thresholds_table(class_thresholds: Mapping[str, Mapping[str, object]]) -> str:
-    """One row per class of thresholds.json (thresholds as stored, F1 and FPRs as fractions)."""
-    rows = [[name, *("" if entry.get(key) is None else
-                     entry[key] if isinstance(entry[key], str) else _number(entry[key], percent=False)
-                     for key in THRESHOLD_FIELDS)]
+    """One row per class of thresholds.json (thresholds as stored, F1 and FPRs as fractions).
+
+    The warning column adds what the stored entry does not say: a threshold that flags every
+    normal image (or every normal pixel) of the class, so its verdicts are all "anomalous".
+    """
+    rows = [[name, *("" if value is None else value if isinstance(value, str) else _number(value, percent=False)
+                     for value in (entry.get(key) for key in THRESHOLD_FIELDS[:-1])), report_warning(entry)]
             for name, entry in class_thresholds.items()]
     return _table("thresholds", ["class", *THRESHOLD_FIELDS], rows)
+
+
+def report_warning(entry: Mapping[str, object]) -> str:
+    """The entry's warning, plus a note for each threshold that flags every normal image or pixel."""
+    notes = [str(entry["warning"])] if entry.get("warning") else []
+    for level, key in (("image", "normal_image_fpr"), ("pixel", "normal_pixel_fpr")):
+        if entry.get(key) == 1:
+            units = "image" if level == "image" else "pixel of the normal images"
+            notes.append(f"{level}: the threshold flags every normal {units} (all verdicts 'anomalous'): "
+                         "the normal and anomalous scores overlap; use --threshold_method normal_fpr")
+    return "; ".join(notes)
 
 
 def _gallery(title: str, tiles: Sequence[GalleryImage]) -> str:

@@ -44,7 +44,7 @@ from pipeline.cli import (add_loader_args, add_model_args, add_save_path_arg, ch
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, replaced
 from pipeline.feature_cache import CacheShapes, FeatureCache
 from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
-from prompt_ensemble import AnomalyCLIP_PromptLearner
+from prompt_ensemble import AnomalyCLIP_PromptLearner, read_prompt_checkpoint
 from utils import get_logger, setup_seed
 
 ADAM_BETAS = (0.5, 0.999)
@@ -231,9 +231,27 @@ def _checkpoint(prompt_learner, optimizer, epoch: int, config: TrainingConfig) -
     }
 
 
-# Flags a resumed run may change; each is applied for real (the learning rate in the optimizer too).
+# Flags a resumed run takes from its checkpoint's config unless the command line gives them; a given
+# one is applied for real (the learning rate in the optimizer too). Per-invocation flags (--device,
+# --num_workers, the cache, --trust_backbone) are never taken from a file.
 RESUMABLE_FLAGS = ("learning_rate", "epoch", "batch_size", "seed", "features_list", "feature_map_layer", "image_size",
-                   "train_data_path", "backbone", "image_loss_only", "reference_arithmetic")
+                   "train_data_path", "backbone", "image_loss_only", "reference_arithmetic", "n_ctx", "depth",
+                   "t_n_ctx", "print_freq", "save_freq", "dataset")
+
+
+def resumed_config(config: TrainingConfig) -> TrainingConfig:
+    """A new config for ``--resume``: the checkpoint's flags, except those the command line gave.
+
+    So a resumed run equals an unbroken one (a ``--learning_rate`` given only to the first run
+    stays). An original-format checkpoint (no config) leaves the config as it is.
+    """
+    if not config.resume:
+        return config
+    saved = read_prompt_checkpoint(config.resume).get("config")
+    if not isinstance(saved, dict):
+        return config
+    taken = {name: saved[name] for name in RESUMABLE_FLAGS if name in saved and name not in config.record.given}
+    return _config(config.record.with_values(**taken))
 
 
 def _resume(checkpoint: dict[str, object] | None, optimizer: torch.optim.Optimizer, config, logger) -> int:
@@ -489,6 +507,7 @@ def _train(config: TrainingConfig, world: distributed.World, device: torch.devic
         raise AnomalyCLIPError("--no_cache trains in one process: run it with python, not torchrun "
                                "(under torchrun the ranks share the caching pass)")
     distributed.together(world, lambda: _check_save_path(config))
+    config = distributed.together(world, lambda: resumed_config(config))
     setup_seed(config.model.seed)
     config = replaced(config, loader=replaced(config.loader, num_workers=resolve_num_workers(config.loader.num_workers,
                                                                                               device)))

@@ -45,6 +45,21 @@ def test_resume_equals_unbroken_run(synthetic_datasets, design_args, tmp_path):
     assert "epoch [2/2]" in (broken / "log.txt").read_text()
 
 
+def test_resume_takes_the_checkpoints_flags_unless_given(synthetic_datasets, design_args, tmp_path):
+    """--learning_rate given to the first run only: the resumed run keeps it, and equals an unbroken run bit for bit."""
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    rate = ("--learning_rate", "0.01")
+    assert _train(synthetic_datasets[0], straight, design_args, "--epoch", "2", *rate) == 0
+    assert _train(synthetic_datasets[0], broken, design_args, "--epoch", "1", *rate) == 0
+    assert _train(synthetic_datasets[0], broken, design_args, "--epoch", "2", "--resume",
+                  str(broken / "epoch_1.pth")) == 0
+    a = torch.load(straight / "epoch_2.pth", weights_only=True)
+    b = torch.load(broken / "epoch_2.pth", weights_only=True)
+    assert b["optimizer"]["param_groups"][0]["lr"] == 0.01 and b["config"]["learning_rate"] == 0.01
+    for key in a["prompt_learner"]:
+        assert torch.equal(a["prompt_learner"][key], b["prompt_learner"][key]), key
+
+
 def test_start_from_original_format_checkpoint(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
     original = tmp_path / "original.pth"
     prompts = torch.load(trained_checkpoint, weights_only=True)["prompt_learner"]

@@ -83,3 +83,23 @@ def test_a_readable_file_is_returned_decoded_with_its_file_closed(tmp_path):
     assert image.size == (32, 32) and image.mode == "RGB"
     path.unlink()  # the pixels were decoded before the file closed
     assert np.array_equal(np.asarray(image), np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def test_a_large_image_is_one_warning_line_naming_it(tmp_path):
+    """Pillow's DecompressionBombWarning (two raw lines, no file name) becomes one line naming the file."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (13, 12)).save(path)  # 156 pixels, over a limit of 100 and under twice it
+    code = ("import sys; from PIL import Image; Image.MAX_IMAGE_PIXELS = 100\n"
+            "from AnomalyCLIP_lib.images import load_image, unreadable_headers\n"
+            "unreadable_headers([sys.argv[1]]); load_image(sys.argv[1])")
+    completed = subprocess.run([sys.executable, "-W", "default", "-c", code, str(path)], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stderr.splitlines() == [
+        f"warning: image file {path} has 156 pixels, over Pillow's decompression-bomb limit of 100; decoded anyway: "
+        "check it is the image you meant"]
