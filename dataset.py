@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.transform import binarize_mask, image_transform, load_image, load_mask, mask_transform
-from generate_dataset_json.schema import ITEM_KEYS
+from generate_dataset_json.schema import (INTEGRITY_FIXES, ITEM_KEYS, OUTSIDE_ROOT, duplicate_entries,
+                                          escapes_root, is_absolute)
 
 INDEX_FIX = ("index the dataset first: python generate_dataset_json/<dataset>.py --root {root} "
              "(generate_dataset_json/folder.py for your own images)")
@@ -123,10 +124,14 @@ def resolve_path(root: str, path: str, cls_name: str) -> str:
     ``brain_tumor_dataset/{no,yes}/…``) keep at least the file's own folder, where their paths as
     written relative to the root begin (or which they pass through); no layout lists a file lying
     directly in the root. When no part qualifies, the joined path is returned: the file is
-    reported missing.
+    reported missing. An absolute path that exists outside ``root`` is re-rooted too (else it
+    is returned and refused as outside the root); a relative path that leaves the root
+    (``../x.png``) is never re-rooted.
     """
     joined = os.path.join(root, path)
-    if os.path.exists(joined):
+    if escapes_root(path) and not is_absolute(path):
+        return joined  # relative to the root by definition: never re-rooted (refused as outside the root)
+    if os.path.exists(joined) and (not is_absolute(path) or inside_root(root, joined)):
         return joined
     parts = [p for p in PurePosixPath(path.replace("\\", "/")).parts if p not in ("/", "")]
     for start in _reroot_starts(root, parts, cls_name):
@@ -134,6 +139,12 @@ def resolve_path(root: str, path: str, cls_name: str) -> str:
         if os.path.exists(candidate):
             return candidate
     return joined
+
+
+def inside_root(root: str, path: str) -> bool:
+    """Whether ``path`` lies under ``root``, by name (a dataset may hold links to folders elsewhere)."""
+    root_abs = os.path.abspath(root)
+    return os.path.commonpath([root_abs, os.path.abspath(path)]) == root_abs
 
 
 def _reroot_starts(root: str, parts: list[str], cls_name: str) -> range:
@@ -193,6 +204,7 @@ class AnomalyDataset(Dataset):
                 self._cls_ids.append(cls_id)
         self._files = [self._resolve(item) for item in self.items]
         self._check_files_exist()
+        self._check_integrity()
 
     def _check_files_exist(self, shown: int = 5) -> None:
         """Fail before any model loads when files of the index are gone or empty, naming all of them at once.
@@ -211,6 +223,22 @@ class AnomalyDataset(Dataset):
                                    f"{self._listed(empty, shown)}; replace them (re-download or re-extract), "
                                    "or remove them and re-create the index: "
                                    f"{INDEX_FIX.format(root=self.root)}")
+
+    def _check_integrity(self, shown: int = 5) -> None:
+        """Refuse what would change the results silently: a file outside the root, an image listed twice
+        (counted twice) or as both normal and anomalous; every case at once, a few entries each, then a count."""
+        outside = [self._shown_path(path) for path in self.read_files() if not inside_root(self.root, path)]
+        found = {OUTSIDE_ROOT: outside} if outside else {}
+        entries = [(os.path.normcase(os.path.abspath(image)), f"{self._shown_path(image)} ({item['cls_name']})",
+                    item["anomaly"]) for item, (image, _) in zip(self.items, self._files)]
+        found.update(duplicate_entries(entries))
+        if not found:
+            return
+        parts = [f"{kind} ({len(paths)}): {', '.join(paths[:shown])}"
+                 + (f" and {len(paths) - shown} more" if len(paths) > shown else "") for kind, paths in found.items()]
+        fixes = "; ".join(INTEGRITY_FIXES[kind] for kind in found)
+        raise AnomalyCLIPError(f"{self._meta_path()} would give wrong results: {'; '.join(parts)}. {fixes}; "
+                               f"fix it, or re-create it: {INDEX_FIX.format(root=self.root)}")
 
     def read_files(self) -> list[str]:
         """The files the items are read from, in item order: each image, then its mask if it is anomalous."""

@@ -36,6 +36,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from pipeline.atomic import atomic_write_text
 from pipeline.config import ModelSpec, ScoringSpec
+from pipeline.threshold_values import check_classes, summed_layers  # noqa: F401 - re-exported
 
 THRESHOLDS_VERSION = 1
 METHODS = ("f1", "normal_fpr")
@@ -141,9 +142,7 @@ def load_thresholds(path: str | os.PathLike) -> dict[str, dict]:
     classes = document.get("classes") if isinstance(document, dict) else None
     if not isinstance(classes, dict) or not classes:
         raise AnomalyCLIPError(f"thresholds file {path} has no 'classes' mapping: it is not a thresholds.json")
-    for name, entry in classes.items():
-        if not isinstance(entry, dict) or "image_threshold" not in entry:
-            raise AnomalyCLIPError(f"thresholds file {path}: class {name!r} has no image_threshold")
+    check_classes(classes, f"thresholds file {path}")
     return classes
 
 
