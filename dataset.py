@@ -38,6 +38,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.transform import binarize_mask, image_transform, load_image, load_mask, mask_transform
 from generate_dataset_json.schema import (INTEGRITY_FIXES, ITEM_KEYS, OUTSIDE_ROOT, duplicate_entries,
                                           escapes_root, is_absolute)
+from pipeline import strict_json
 
 INDEX_FIX = ("index the dataset first: python generate_dataset_json/<dataset>.py --root {root} "
              "(generate_dataset_json/folder.py for your own images)")
@@ -98,7 +99,11 @@ def read_meta(root: str | Path) -> dict[str, Any]:
         raise AnomalyCLIPError(f"{path} does not exist; {INDEX_FIX.format(root=root)}")
     try:
         with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
+            meta = strict_json.loads(handle.read())
+    except strict_json.DuplicateKeyError as error:
+        raise AnomalyCLIPError(f"{path} lists {error.key!r} twice in one object, and only the last would be read "
+                               f"(the first silently dropped): merge them, or re-create it: "
+                               f"{INDEX_FIX.format(root=root)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise AnomalyCLIPError(f"cannot read {path} ({error}); re-create it: {INDEX_FIX.format(root=root)}") from error
     if not isinstance(meta, dict):
@@ -252,7 +257,8 @@ class AnomalyDataset(Dataset):
     def _shown_path(self, path: str) -> str:
         """``path`` relative to the root, or as it is when it lies outside (an absolute path of meta.json)."""
         relative = os.path.relpath(path, self.root)
-        return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+        outside = relative == os.pardir or relative.startswith(os.pardir + os.sep)
+        return os.path.normpath(path) if outside else relative
 
     def _meta_path(self) -> str:
         return os.path.join(self.root, "meta.json")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from pipeline import strict_json
 from pipeline.threshold_values import check_classes
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,10 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise AnomalyCLIPError(f"{model_dir} holds no {MANIFEST_NAME}; pass a folder written by export.py")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = strict_json.loads(path.read_text(encoding="utf-8"))
+    except strict_json.DuplicateKeyError as exc:
+        raise AnomalyCLIPError(f"{path} lists {exc.key!r} twice in one object, and only the last would be read: "
+                               "re-run export.py") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnomalyCLIPError(f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
     version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
