@@ -264,7 +264,12 @@ class AnomalyDataset(Dataset):
         return os.path.join(self.root, "meta.json")
 
     def _split_classes(self, meta: dict[str, Any], split: str) -> dict[str, list[dict[str, Any]]]:
-        key = split if split in meta else next((k for k in meta if k.lower() == split.lower()), None)
+        matching = [k for k in meta if isinstance(k, str) and k.lower() == split.lower()]
+        if len(matching) > 1:  # "test" and "Test": one would be read and the other ignored
+            raise AnomalyCLIPError(f"{self._meta_path()} has {len(matching)} '{split}' splits "
+                                   f"({', '.join(matching)}), and only one would be read: merge them, or re-create "
+                                   f"it: {INDEX_FIX.format(root=self.root)}")
+        key = matching[0] if matching else None
         if key is None:
             raise AnomalyCLIPError(
                 f"{self._meta_path()} has no '{split}' split (it has: {', '.join(map(str, meta)) or 'nothing'}); "

@@ -172,7 +172,8 @@ class ExportedModel:
         model_dir: Folder written by ``export.py``.
         runtime: ``"onnxruntime"`` or ``"openvino"`` (the latter also runs ``.onnx`` exports).
         threads: Intra-op threads (default: the runtime's).
-        graph: Graph file to load instead of the manifest's (e.g. a quantised copy).
+        graph: Graph file to load instead of the manifest's (e.g. a quantised copy); the manifest's files
+            are otherwise checked against their recorded SHA-256s once, here (:func:`manifest.verify_files`).
         openvino_precision: OpenVINO's inference precision hint (``f32``; ``f16``/``bf16``
             where the CPU has them).
 

@@ -331,8 +331,9 @@ def image_files(path: str | Path, exclude: str | Path | None = None) -> list[Pat
 
     Raises:
         AnomalyCLIPError: No image is found; a sub-folder cannot be read, or a link with an image's name
-            points to nothing (the run would judge a part of the folder silently); files with an image's name
-            are not images (all are named).
+            points to nothing (the run would judge a part of the folder silently); overlays or masks of an
+            earlier run lie in the folder (they would be judged as parts); files with an image's name are not
+            images (all are named).
     """
     path = Path(path)
     if path.is_file():
@@ -342,10 +343,15 @@ def image_files(path: str | Path, exclude: str | Path | None = None) -> list[Pat
         raise AnomalyCLIPError(f"--image_path {path} does not exist")
     skip = Path(exclude).resolve() if exclude is not None else None
     files, dangling = _walk_images(path, skip)
+    files.sort(key=lambda p: p.relative_to(path).parts)
     if dangling:
         raise AnomalyCLIPError(f"{len(dangling)} link(s) under {path} with an image's name point to nothing: "
                                f"{_few(dangling)}; fix or remove them, so that no image is left out")
-    files.sort(key=lambda p: p.relative_to(path).parts)
+    outputs = [file for file in files if _is_our_output(file.name)]
+    if outputs:
+        raise AnomalyCLIPError(f"{len(outputs)} file(s) under {path} are overlays or masks an earlier run wrote "
+                               f"({_few(outputs)}), which would be judged as parts; move them out of the folder, or "
+                               "pass the folder of the parts alone")
     if not files:
         raise AnomalyCLIPError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass an image or a "
                                "folder of them")
@@ -388,6 +394,13 @@ def _walk_images(root: Path, exclude: Path | None) -> tuple[list[Path], list[Pat
                 elif entry.is_symlink():
                     dangling.append(entry)
     return files, dangling
+
+
+def _is_our_output(name: str) -> bool:
+    """Whether a file name is one test_one_example.py writes (``a.png.overlay.png``, ``a.png.mask.png``)."""
+    lower = name.lower()
+    return any(lower.endswith(f"{extension}{suffix}") for extension in IMAGE_EXTENSIONS
+               for suffix in (OVERLAY_SUFFIX, MASK_SUFFIX))
 
 
 def _few(paths: Sequence[Path], shown: int = 5) -> str:

@@ -410,3 +410,29 @@ def test_manifest_listing_a_key_twice_is_refused(paths, onnx_export, tmp_path, c
     line = refused("one", runtime_argv("one", paths, model, tmp_path / "out"), capsys)
     assert line == (f"error: {model / 'anomalyclip.json'} lists 'image_size' twice in one object, and only the last "
                     "would be read: re-run export.py")
+
+
+def test_overlays_of_an_earlier_run_in_the_image_folder_are_refused(paths, design_args, tmp_path, capsys):
+    """Hunt: an earlier run's outputs left in the folder (its --save_path was inside it, the new one is not) were
+    judged as parts: overlays scored as images."""
+    folder = tmp_path / "images"
+    (folder / "earlier").mkdir(parents=True)
+    shutil.copy(paths["image"], folder / "a.JPG")
+    shutil.copy(paths["image"], folder / "earlier" / "a.JPG.overlay.png")
+    shutil.copy(paths["image"], folder / "earlier" / "a.JPG.mask.png")
+    out = tmp_path / "out"
+    line = refused("one", [*base_argv("one", paths, design_args, out), "--image_path", folder], capsys)
+    assert line == (f"error: 2 file(s) under {folder} are overlays or masks an earlier run wrote "
+                    f"({folder / 'earlier' / 'a.JPG.mask.png'}, {folder / 'earlier' / 'a.JPG.overlay.png'}), which "
+                    "would be judged as parts; move them out of the folder, or pass the folder of the parts alone")
+    assert not out.exists()
+
+
+def test_meta_json_with_two_test_splits_is_refused(paths, design_args, tmp_path, capsys):
+    """Hunt: ``test`` and ``Test`` (an original DAGM index merged with a new one): one was read, the other ignored."""
+    root, meta = _dataset_copy(paths, tmp_path)
+    meta["Test"] = {"weave": meta["test"].pop("weave")}
+    (root / "meta.json").write_text(json.dumps(meta))
+    line = refused("test", [*base_argv("test", paths, design_args, tmp_path / "out"), "--data_path", root], capsys)
+    assert line.startswith(f"error: {root / 'meta.json'} has 2 'test' splits (test, Test), and only one would be "
+                           "read: merge them")
