@@ -36,7 +36,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.transform import binarize_mask, image_transform, load_image, load_mask, mask_transform
-from generate_dataset_json.schema import ITEM_KEYS
+from generate_dataset_json.schema import (INTEGRITY_FIXES, ITEM_KEYS, OUTSIDE_ROOT, duplicate_entries,
+                                          escapes_root, is_absolute)
+from pipeline import strict_json
 
 INDEX_FIX = ("index the dataset first: python generate_dataset_json/<dataset>.py --root {root} "
              "(generate_dataset_json/folder.py for your own images)")
@@ -97,7 +99,11 @@ def read_meta(root: str | Path) -> dict[str, Any]:
         raise AnomalyCLIPError(f"{path} does not exist; {INDEX_FIX.format(root=root)}")
     try:
         with open(path, encoding="utf-8") as handle:
-            meta = json.load(handle)
+            meta = strict_json.loads(handle.read())
+    except strict_json.DuplicateKeyError as error:
+        raise AnomalyCLIPError(f"{path} lists {error.key!r} twice in one object, and only the last would be read "
+                               f"(the first silently dropped): merge them, or re-create it: "
+                               f"{INDEX_FIX.format(root=root)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise AnomalyCLIPError(f"cannot read {path} ({error}); re-create it: {INDEX_FIX.format(root=root)}") from error
     if not isinstance(meta, dict):
@@ -123,10 +129,14 @@ def resolve_path(root: str, path: str, cls_name: str) -> str:
     ``brain_tumor_dataset/{no,yes}/…``) keep at least the file's own folder, where their paths as
     written relative to the root begin (or which they pass through); no layout lists a file lying
     directly in the root. When no part qualifies, the joined path is returned: the file is
-    reported missing.
+    reported missing. An absolute path that exists outside ``root`` is re-rooted too (else it
+    is returned and refused as outside the root); a relative path that leaves the root
+    (``../x.png``) is never re-rooted.
     """
     joined = os.path.join(root, path)
-    if os.path.exists(joined):
+    if escapes_root(path) and not is_absolute(path):
+        return joined  # relative to the root by definition: never re-rooted (refused as outside the root)
+    if os.path.exists(joined) and (not is_absolute(path) or inside_root(root, joined)):
         return joined
     parts = [p for p in PurePosixPath(path.replace("\\", "/")).parts if p not in ("/", "")]
     for start in _reroot_starts(root, parts, cls_name):
@@ -134,6 +144,12 @@ def resolve_path(root: str, path: str, cls_name: str) -> str:
         if os.path.exists(candidate):
             return candidate
     return joined
+
+
+def inside_root(root: str, path: str) -> bool:
+    """Whether ``path`` lies under ``root``, by name (a dataset may hold links to folders elsewhere)."""
+    root_abs = os.path.abspath(root)
+    return os.path.commonpath([root_abs, os.path.abspath(path)]) == root_abs
 
 
 def _reroot_starts(root: str, parts: list[str], cls_name: str) -> range:
@@ -193,6 +209,7 @@ class AnomalyDataset(Dataset):
                 self._cls_ids.append(cls_id)
         self._files = [self._resolve(item) for item in self.items]
         self._check_files_exist()
+        self._check_integrity()
 
     def _check_files_exist(self, shown: int = 5) -> None:
         """Fail before any model loads when files of the index are gone or empty, naming all of them at once.
@@ -212,6 +229,22 @@ class AnomalyDataset(Dataset):
                                    "or remove them and re-create the index: "
                                    f"{INDEX_FIX.format(root=self.root)}")
 
+    def _check_integrity(self, shown: int = 5) -> None:
+        """Refuse what would change the results silently: a file outside the root, an image listed twice
+        (counted twice) or as both normal and anomalous; every case at once, a few entries each, then a count."""
+        outside = [self._shown_path(path) for path in self.read_files() if not inside_root(self.root, path)]
+        found = {OUTSIDE_ROOT: outside} if outside else {}
+        entries = [(os.path.normcase(os.path.abspath(image)), f"{self._shown_path(image)} ({item['cls_name']})",
+                    item["anomaly"]) for item, (image, _) in zip(self.items, self._files)]
+        found.update(duplicate_entries(entries))
+        if not found:
+            return
+        parts = [f"{kind} ({len(paths)}): {', '.join(paths[:shown])}"
+                 + (f" and {len(paths) - shown} more" if len(paths) > shown else "") for kind, paths in found.items()]
+        fixes = "; ".join(INTEGRITY_FIXES[kind] for kind in found)
+        raise AnomalyCLIPError(f"{self._meta_path()} would give wrong results: {'; '.join(parts)}. {fixes}; "
+                               f"fix it, or re-create it: {INDEX_FIX.format(root=self.root)}")
+
     def read_files(self) -> list[str]:
         """The files the items are read from, in item order: each image, then its mask if it is anomalous."""
         wanted = [(image, mask if item["anomaly"] else "") for item, (image, mask) in zip(self.items, self._files)]
@@ -224,13 +257,19 @@ class AnomalyDataset(Dataset):
     def _shown_path(self, path: str) -> str:
         """``path`` relative to the root, or as it is when it lies outside (an absolute path of meta.json)."""
         relative = os.path.relpath(path, self.root)
-        return path if relative == os.pardir or relative.startswith(os.pardir + os.sep) else relative
+        outside = relative == os.pardir or relative.startswith(os.pardir + os.sep)
+        return os.path.normpath(path) if outside else relative
 
     def _meta_path(self) -> str:
         return os.path.join(self.root, "meta.json")
 
     def _split_classes(self, meta: dict[str, Any], split: str) -> dict[str, list[dict[str, Any]]]:
-        key = split if split in meta else next((k for k in meta if k.lower() == split.lower()), None)
+        matching = [k for k in meta if isinstance(k, str) and k.lower() == split.lower()]
+        if len(matching) > 1:  # "test" and "Test": one would be read and the other ignored
+            raise AnomalyCLIPError(f"{self._meta_path()} has {len(matching)} '{split}' splits "
+                                   f"({', '.join(matching)}), and only one would be read: merge them, or re-create "
+                                   f"it: {INDEX_FIX.format(root=self.root)}")
+        key = matching[0] if matching else None
         if key is None:
             raise AnomalyCLIPError(
                 f"{self._meta_path()} has no '{split}' split (it has: {', '.join(map(str, meta)) or 'nothing'}); "

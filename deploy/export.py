@@ -11,8 +11,9 @@ The graph is :class:`AnomalyCLIP_lib.inference.AnomalyCLIPInference`: input ``im
 does), outputs ``scores`` ``(batch,)`` and ``maps`` ``(batch, S, S)`` (Gaussian filter
 included); the batch axis is dynamic. The text features are constants inside the graph: the
 text tower is not exported. The manifest holds the image size, the normalisation, the scoring
-settings, the prompt design, SHA-256s of the checkpoint and of the backbone, and the content of
-``--thresholds FILE`` when given. :mod:`deploy.runtime` runs the export without torch.
+settings, the prompt design, SHA-256s of the checkpoint, of the backbone and of every graph
+file (the runtime refuses a graph file that differs), and the content of ``--thresholds FILE``
+when given. :mod:`deploy.runtime` runs the export without torch.
 
 The graph always computes with the default settings (fp32, the torch Gaussian filter in
 float32, the default attention arithmetic): ``--reference_arithmetic`` is a property of the
@@ -38,7 +39,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference
 from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, manifest_document
+from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, files_sha256, manifest_document
 from pipeline import thresholds
 from pipeline.atomic import atomic_write, atomic_write_text, locked_folder
 from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, check_model_spec, check_output_folder,
@@ -196,7 +197,7 @@ def _versions() -> dict[str, str]:
 
 
 def build_manifest(config: ExportConfig, module: AnomalyCLIPInference, files: list[str], thresholds: Any) -> dict:
-    """What ``anomalyclip.json`` holds (see the module docstring)."""
+    """What ``anomalyclip.json`` holds (see the module docstring); ``files`` are already written in ``config.out``."""
     model = config.model
     backbone = backbone_file(model.backbone)
     return manifest_document(
@@ -205,7 +206,7 @@ def build_manifest(config: ExportConfig, module: AnomalyCLIPInference, files: li
         design={"n_ctx": model.n_ctx, "depth": model.depth, "t_n_ctx": model.t_n_ctx},
         backbone={"name": str(model.backbone), "sha256": sha256_of(backbone)},
         checkpoint={"path": str(config.checkpoint_path), "sha256": sha256_of(config.checkpoint_path)},
-        versions=_versions(), thresholds=thresholds)
+        versions=_versions(), thresholds=thresholds, files_sha256=files_sha256(config.out, files))
 
 
 def export(config: ExportConfig) -> Path:

@@ -4,18 +4,26 @@ The manifest names the graph file(s) and records what scoring with them needs (i
 preprocessing, scoring settings) and where the graph came from (prompt design, backbone and
 checkpoint with their SHA-256s, versions, and thresholds when given). :data:`RUNTIME_FIELDS` are
 what the runtime reads; :data:`RECORD_FIELDS` what the CLIs read to check and record a run.
+``files_sha256`` holds the SHA-256 of every file of the graph: :func:`verify_files` refuses a
+graph file replaced or damaged after the export (it would be scored under the manifest's name).
 
 Torch-free: the deployment runtime reads it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from pipeline import strict_json
+from pipeline.threshold_values import check_classes
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "anomalyclip.json"
 MANIFEST_VERSION = 1
@@ -23,12 +31,18 @@ RUNTIMES = ("onnxruntime", "openvino")
 GRAPH_STEM = "anomalyclip"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "maps")
+HASHES_FIELD = "files_sha256"
+_CHUNK_BYTES = 1 << 20
 
 
 def manifest_document(*, fmt: str, files: list[str], opset: int, image_size: int, mean: list[float],
                       std: list[float], scoring: dict[str, Any], design: dict[str, int], backbone: dict[str, str],
-                      checkpoint: dict[str, str], versions: dict[str, str], thresholds: Any = None) -> dict[str, Any]:
-    """The content of ``anomalyclip.json`` (every field the readers check, in this order)."""
+                      checkpoint: dict[str, str], versions: dict[str, str], thresholds: Any = None,
+                      files_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+    """The content of ``anomalyclip.json`` (every field the readers check, in this order).
+
+    ``files_sha256`` maps each of ``files`` to its SHA-256 (:func:`files_sha256`); export.py always gives it.
+    """
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "format": fmt,
@@ -46,6 +60,8 @@ def manifest_document(*, fmt: str, files: list[str], opset: int, image_size: int
         "checkpoint": checkpoint,
         "versions": versions,
     }
+    if files_sha256 is not None:
+        manifest[HASHES_FIELD] = dict(files_sha256)
     if thresholds is not None:
         manifest["thresholds"] = thresholds
     return manifest
@@ -61,7 +77,10 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise AnomalyCLIPError(f"{model_dir} holds no {MANIFEST_NAME}; pass a folder written by export.py")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = strict_json.loads(path.read_text(encoding="utf-8"))
+    except strict_json.DuplicateKeyError as exc:
+        raise AnomalyCLIPError(f"{path} lists {exc.key!r} twice in one object, and only the last would be read: "
+                               "re-run export.py") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnomalyCLIPError(f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
     version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
@@ -69,7 +88,62 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
         raise AnomalyCLIPError(f"{path} has manifest version {version!r}, this code reads "
                                f"{MANIFEST_VERSION}; re-run export.py")
     check_fields(manifest, RUNTIME_FIELDS, path)
+    check_manifest_thresholds(manifest, path)
     return manifest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def files_sha256(folder: str | os.PathLike, files: list[str]) -> dict[str, str]:
+    """``{name: SHA-256}`` of ``files`` in ``folder`` (the manifest's ``files_sha256``)."""
+    return {name: file_sha256(Path(folder) / name) for name in files}
+
+
+def verify_files(model_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Refuse an export whose graph files are not the ones ``export.py`` wrote (checked once, at load).
+
+    A manifest written before the hashes were recorded (no ``files_sha256``) is accepted with a
+    logged warning: its files cannot be checked, and refusing would break every earlier export.
+
+    Raises:
+        AnomalyCLIPError: A file differs from its recorded SHA-256, is missing, or the field is malformed;
+            one line naming the file and the fix.
+    """
+    path = Path(model_dir) / MANIFEST_NAME
+    hashes = manifest.get(HASHES_FIELD)
+    files = manifest.get("files") if isinstance(manifest.get("files"), list) else [manifest["graph"]]
+    if hashes is None:
+        logger.warning("%s records no SHA-256 of its graph files (written by an earlier export.py): they are not "
+                       "checked; re-run export.py to record them", path)
+        return
+    if not isinstance(hashes, dict) or any(not isinstance(hashes.get(name), str) for name in files):
+        raise AnomalyCLIPError(f"{path}: '{HASHES_FIELD}' does not give a SHA-256 for each of {', '.join(files)}; "
+                               "it is damaged: re-run export.py")
+    for name in files:
+        graph_file = Path(model_dir) / name
+        if not graph_file.is_file():
+            raise AnomalyCLIPError(f"graph file {graph_file} named by {path} is missing; re-run export.py")
+        if file_sha256(graph_file) != hashes[name]:
+            raise AnomalyCLIPError(f"{graph_file} is not the file export.py wrote (its SHA-256 differs from the one "
+                                   f"recorded in {path}): it was replaced or damaged; re-run export.py")
+
+
+def check_manifest_thresholds(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse thresholds stored in the manifest that the exported graph cannot produce (see ``check_classes``)."""
+    stored = manifest.get("thresholds")
+    classes = stored.get("classes") if isinstance(stored, dict) else None
+    if not isinstance(classes, dict):
+        return  # no thresholds.json content: the runtime uses none
+    scoring = manifest["scoring"]
+    layers = len(scoring["features_list"]) - scoring["feature_map_layer"]
+    check_classes(classes, f"the thresholds in {path}", layers if layers > 0 else None)
 
 
 _NUMBER = (int, float)

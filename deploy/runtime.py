@@ -34,7 +34,7 @@ from PIL import Image
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import load_image
-from deploy.manifest import MANIFEST_NAME, RUNTIMES, read_manifest
+from deploy.manifest import MANIFEST_NAME, RUNTIMES, read_manifest, verify_files
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,8 @@ class ExportedModel:
         model_dir: Folder written by ``export.py``.
         runtime: ``"onnxruntime"`` or ``"openvino"`` (the latter also runs ``.onnx`` exports).
         threads: Intra-op threads (default: the runtime's).
-        graph: Graph file to load instead of the manifest's (e.g. a quantised copy).
+        graph: Graph file to load instead of the manifest's (e.g. a quantised copy); the manifest's files
+            are otherwise checked against their recorded SHA-256s once, here (:func:`manifest.verify_files`).
         openvino_precision: OpenVINO's inference precision hint (``f32``; ``f16``/``bf16``
             where the CPU has them).
 
@@ -203,6 +204,8 @@ class ExportedModel:
         if not graph_path.is_file():
             raise AnomalyCLIPError(f"graph file {graph_path} named by {self.model_dir / MANIFEST_NAME} is missing; "
                                    "re-run export.py")
+        if graph is None:  # a graph given by hand (e.g. a quantised copy) is the caller's to vouch for
+            verify_files(self.model_dir, self.manifest)
         self._backend = _load_backend(runtime, graph_path, threads, openvino_precision)
         if tuple(self._backend.input_shape[1:]) != (3, self.image_size, self.image_size):
             raise AnomalyCLIPError(f"{self.model_dir / MANIFEST_NAME} says image_size {self.image_size} but "

@@ -42,6 +42,7 @@ import csv
 import json
 import logging
 import os
+import posixpath
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,7 +53,8 @@ from tqdm import tqdm
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, UnreadableImageError, read_image
-from generate_dataset_json.schema import SPLITS, Item, MetaIndex, make_item
+from generate_dataset_json.schema import (INTEGRITY_FIXES, OUTSIDE_ROOT, SPLITS, Item, MetaIndex, duplicate_entries,
+                                          escapes_root, is_absolute, make_item)
 from pipeline.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ FIXES = {
                "masks, or re-make them at their image's size",
     NORMAL_TYPE_ABSENT: "Give --normal-names the folder name(s) of the normal images (else every image would be "
                         "indexed as anomalous), or --normal-names with no name when the dataset has none",
+    **INTEGRITY_FIXES,
 }
 
 def is_image_file(path: Path) -> bool:
@@ -558,6 +561,21 @@ def _indexed_files(index: MetaIndex, problems: Problems) -> list[str]:
     return sorted(paths)
 
 
+def _check_integrity(index: MetaIndex, problems: Problems) -> None:
+    """Record paths that leave the root and images listed twice or with both labels (a split file can hold them)."""
+    for split, classes in index.items():
+        entries = []
+        for item in (item for items in classes.values() for item in items):
+            for path in (str(item["img_path"]), str(item["mask_path"])):
+                if path and (escapes_root(path) or is_absolute(path)):
+                    problems.add(OUTSIDE_ROOT, path)
+            image = str(item["img_path"])
+            entries.append((posixpath.normpath(image.replace("\\", "/")), f"{image} ({split})", int(item["anomaly"])))
+        for kind, shown in duplicate_entries(entries).items():
+            for entry in shown:
+                problems.add(kind, entry)
+
+
 def _check_contents(index: MetaIndex, root: Path, problems: Problems) -> None:
     """Record empty classes, every image or mask that PIL cannot fully decode, and masks of another size."""
     paths = _indexed_files(index, problems)
@@ -605,6 +623,7 @@ def index_dataset(layout: Layout, root: str | Path, write: bool = True) -> MetaI
         raise AnomalyCLIPError(f"dataset root {root} does not exist or is not a folder; expected layout: {layout.hint}")
     problems = Problems(root)
     index = layout.collect(root, problems)
+    _check_integrity(index, problems)
     _check_contents(index, root, problems)
     if not problems and not any(index["test"].values()):
         problems.add("no test images found", root)

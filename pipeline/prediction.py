@@ -313,11 +313,16 @@ def _is_excluded(file: Path, root: Path, exclude: Path | None) -> bool:
 def image_files(path: str | Path, exclude: str | Path | None = None) -> list[Path]:
     """The image itself, or the images under a folder, recursively, sorted by relative path.
 
-    Non-images, hidden files and folders, and files under ``exclude`` (the save path, when it
-    lies inside the folder) are skipped.
+    Symbolic links to folders are followed, each real folder read once: a link to a folder already
+    read (an ancestor: a loop; or a sibling) adds nothing, and the files keep the path of the
+    first folder read, real folders before links. Non-images, hidden files and folders, and files
+    under ``exclude`` (the save path, when it lies inside the folder) are skipped.
 
     Raises:
-        AnomalyCLIPError: No image is found, or files with an image's name are not images (all are named).
+        AnomalyCLIPError: No image is found; a sub-folder cannot be read, or a link with an image's name
+            points to nothing (the run would judge a part of the folder silently); overlays or masks of an
+            earlier run lie in the folder (they would be judged as parts); files with an image's name are not
+            images (all are named).
     """
     path = Path(path)
     if path.is_file():
@@ -326,13 +331,70 @@ def image_files(path: str | Path, exclude: str | Path | None = None) -> list[Pat
     if not path.is_dir():
         raise AnomalyCLIPError(f"--image_path {path} does not exist")
     skip = Path(exclude).resolve() if exclude is not None else None
-    files = sorted((p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                    and not _is_excluded(p, path, skip)), key=lambda p: p.relative_to(path).parts)
+    files, dangling = _walk_images(path, skip)
+    files.sort(key=lambda p: p.relative_to(path).parts)
+    if dangling:
+        raise AnomalyCLIPError(f"{len(dangling)} link(s) under {path} with an image's name point to nothing: "
+                               f"{_few(dangling)}; fix or remove them, so that no image is left out")
+    outputs = [file for file in files if _is_our_output(file.name)]
+    if outputs:
+        raise AnomalyCLIPError(f"{len(outputs)} file(s) under {path} are overlays or masks an earlier run wrote "
+                               f"({_few(outputs)}), which would be judged as parts; move them out of the folder, or "
+                               "pass the folder of the parts alone")
     if not files:
         raise AnomalyCLIPError(f"{path} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}); pass an image or a "
                                "folder of them")
     _check_headers(files)
     return files
+
+
+def _walk_images(root: Path, exclude: Path | None) -> tuple[list[Path], list[Path]]:
+    """``(image files, dangling links with an image's name)`` under ``root``; see :func:`image_files`.
+
+    Real sub-folders are read before linked ones, so a folder reachable both ways keeps its real
+    path; ``seen`` holds the resolved folders read, which ends any loop of links.
+    """
+    files: list[Path] = []
+    dangling: list[Path] = []
+    seen: set[Path] = set()
+    links: list[Path] = []
+    pending = [root]
+    while pending or links:
+        folder = pending.pop() if pending else links.pop(0)
+        real = folder.resolve()
+        if real in seen or (exclude is not None and real.is_relative_to(exclude)):
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(folder.iterdir())
+        except OSError as error:
+            raise AnomalyCLIPError(f"cannot read the folder {folder} under --image_path ({error.strerror}): its "
+                                   "images would be left out; make it readable, or pass a folder without it"
+                                   ) from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                (links if entry.is_symlink() else pending).append(entry)
+            elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+                if entry.is_file():
+                    if not _is_excluded(entry, root, exclude):
+                        files.append(entry)
+                elif entry.is_symlink():
+                    dangling.append(entry)
+    return files, dangling
+
+
+def _is_our_output(name: str) -> bool:
+    """Whether a file name is one test_one_example.py writes (``a.png.overlay.png``, ``a.png.mask.png``)."""
+    lower = name.lower()
+    return any(lower.endswith(f"{extension}{suffix}") for extension in IMAGE_EXTENSIONS
+               for suffix in (OVERLAY_SUFFIX, MASK_SUFFIX))
+
+
+def _few(paths: Sequence[Path], shown: int = 5) -> str:
+    listed = ", ".join(str(p) for p in paths[:shown])
+    return listed + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def _check_headers(files: Sequence[Path], shown: int = 5) -> None:

@@ -34,8 +34,10 @@ import numpy as np
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
+from pipeline import strict_json
 from pipeline.atomic import atomic_write_text
 from pipeline.config import ModelSpec, ScoringSpec
+from pipeline.threshold_values import check_classes, summed_layers  # noqa: F401 - re-exported
 
 THRESHOLDS_VERSION = 1
 METHODS = ("f1", "normal_fpr")
@@ -135,15 +137,21 @@ def load_thresholds(path: str | os.PathLike) -> dict[str, dict]:
         raise AnomalyCLIPError(f"thresholds file {path} does not exist: give the thresholds.json written by "
                                "test.py or by test_one_example.py --calibrate")
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = strict_json.loads(path.read_text(encoding="utf-8"))
+    except strict_json.DuplicateKeyError as exc:
+        raise AnomalyCLIPError(f"thresholds file {path} lists {exc.key!r} twice in one object, and only the last "
+                               "would be used: keep one") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnomalyCLIPError(f"thresholds file {path} is not readable JSON ({exc}): write it again") from None
     classes = document.get("classes") if isinstance(document, dict) else None
     if not isinstance(classes, dict) or not classes:
         raise AnomalyCLIPError(f"thresholds file {path} has no 'classes' mapping: it is not a thresholds.json")
-    for name, entry in classes.items():
-        if not isinstance(entry, dict) or "image_threshold" not in entry:
-            raise AnomalyCLIPError(f"thresholds file {path}: class {name!r} has no image_threshold")
+    version = document.get("version", THRESHOLDS_VERSION)
+    if version != THRESHOLDS_VERSION or isinstance(version, bool):
+        raise AnomalyCLIPError(f"thresholds file {path} has version {version!r}, this code reads "
+                               f"{THRESHOLDS_VERSION}: write it again with this version's test.py or "
+                               "test_one_example.py --calibrate")
+    check_classes(classes, f"thresholds file {path}")
     return classes
 
 

@@ -156,6 +156,7 @@ def test_original_indexer_meta_loads(tmp_path: Path) -> None:
     (root / "Class1/Test/Label").mkdir(parents=True)
     Image.fromarray(rgb_array(0, (20, 24))).save(root / "Class1/Test/0576.PNG")
     Image.fromarray(rgb_array(1, (20, 24))).save(root / "Class1/Test/0577.PNG")
+    Image.fromarray(rgb_array(2, (20, 24))).save(root / "Class1/Test/0578.PNG")
     mask = np.zeros((20, 24), np.uint8)
     mask[:10] = 255
     Image.fromarray(mask).save(root / "Class1/Test/Label/0577_label.PNG")
@@ -164,11 +165,11 @@ def test_original_indexer_meta_loads(tmp_path: Path) -> None:
     write_meta(root, {"Train": {"Class1": []}, "Test": {"Class1": [
         item(f"{old}/0576.PNG", "", "Class1"),
         item(f"{old}/0577.PNG", f"{old}/Label/0577_label.PNG", "Class1", 1),
-        item(f"{local}/0576.PNG", "", "Class1"),  # absolute and valid here
+        item(f"{local}/0578.PNG", "", "Class1"),  # absolute and valid here (0576 again would count twice)
     ]}})
     data = AnomalyDataset(str(root), image_size=S)
     assert [data[i]["img_path"] for i in range(3)] == [
-        str(root / "Class1/Test/0576.PNG"), str(root / "Class1/Test/0577.PNG"), f"{local}/0576.PNG"]
+        str(root / "Class1/Test/0576.PNG"), str(root / "Class1/Test/0577.PNG"), f"{local}/0578.PNG"]
     assert data[1]["img_mask"].sum() > 0 and data.any_mask
 
 
