@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference
 from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -124,7 +124,9 @@ def read_thresholds(path: str | os.PathLike | None) -> Any:
     except FileNotFoundError:
         raise AnomalyCLIPError(f"--thresholds {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnomalyCLIPError(f"--thresholds {path} is not a readable JSON file ({exc})".splitlines()[0]) from None
+        not_content = read_error_line(exc, path, "--thresholds") if isinstance(exc, OSError) else None
+        raise AnomalyCLIPError(not_content or f"--thresholds {path} is not a readable JSON file ({exc})".splitlines()[0]
+                               ) from None
     thresholds.load_thresholds(path)  # the layout test_one_example.py reads (a results.json is not one)
     return document
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
 
 MANIFEST_NAME = "anomalyclip.json"
 MANIFEST_VERSION = 1
@@ -63,7 +63,8 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnomalyCLIPError(f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
+        not_content = read_error_line(exc, path) if isinstance(exc, OSError) else None
+        raise AnomalyCLIPError(not_content or f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
     version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
     if version != MANIFEST_VERSION:
         raise AnomalyCLIPError(f"{path} has manifest version {version!r}, this code reads "
