@@ -187,3 +187,24 @@ def test_backbone_cache_that_is_a_file_says_so(tmp_path, monkeypatch):
         f"cannot create the backbone cache folder {cache} (--download_root, else ${pretrained.CACHE_ENV_VAR}, else "
         f"{pretrained.DEFAULT_CACHE_DIR}): a file of that name is in the way where a folder is needed: choose "
         "another path")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_full_disk_during_export_says_free_space(mount_disk, tiny_clip_state, tiny_model, tmp_path, capsys,  # noqa: F811
+                                                 fmt):
+    from deploy import export
+    from deploy.manifest import GRAPH_STEM
+    from pipeline.cli import run_cli
+    from tests.deploy_helpers import TINY_SIZE, random_prompt_learner, save_prompt_checkpoint
+
+    torch.save(tiny_clip_state, tmp_path / "backbone.pt")
+    save_prompt_checkpoint(random_prompt_learner(tiny_model), tmp_path / "prompts.pth")
+    disk = mount_disk(256 * 1024)
+    fill(disk)
+    argv = ["--checkpoint_path", str(tmp_path / "prompts.pth"), "--backbone", str(tmp_path / "backbone.pt"),
+            "--image_size", str(TINY_SIZE), "--features_list", "6", "24", "--format", fmt, "--out", str(disk / "out")]
+    assert run_cli(export.main, argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    graph = disk / "out" / (f"{GRAPH_STEM}.onnx" if fmt == "onnx" else f"{GRAPH_STEM}.xml")
+    assert errors == [f"error: cannot write {graph}: the disk is full: free space there or choose another folder"]
+    assert sorted(path.name for path in disk.rglob("*")) == ["filler"]

@@ -6,7 +6,6 @@ interruption is a real SIGTERM sent to a real run once its first overlay is writ
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -74,32 +73,21 @@ def test_sigterm_during_a_rerun_leaves_the_last_run(synthetic_datasets, trained_
         "new_a.png.overlay.png", "predictions.csv", "predictions.json", "report.html"]
 
 
-def test_a_killed_run_leaves_the_last_run_and_the_next_run_cleans_up(synthetic_datasets, trained_checkpoint,
-                                                                     design_args, tmp_path):
-    """SIGKILL (no clean-up at all): the staging folder stays aside and the next run removes it."""
+def test_what_a_killed_run_staged_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL allows no clean-up: the staging folder stays aside (the folder's files untouched) until the next run."""
     out = tmp_path / "out"
-    first = _images(synthetic_datasets, tmp_path / "first", ["old_a.png"])
-    flags = ["--checkpoint_path", str(trained_checkpoint), "--save_path", str(out), "--batch_size", "1",
-             *design_args]
-    assert run_cli(test_one_example.main, ["--image_path", str(first), *flags]) == 0
-    before = listing(out)
-    second = _images(synthetic_datasets, tmp_path / "second", [f"new_{i:02d}.png" for i in range(40)])
-    run = subprocess.Popen([sys.executable, "test_one_example.py", "--image_path", str(second), *flags],
-                           cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list((out / STAGING_NAME).glob("*.overlay.png")):
-        assert run.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
-        time.sleep(0.02)
-    os.kill(run.pid, signal.SIGKILL)
-    run.wait(timeout=60)
-    assert {name: data for name, data in listing(out).items() if not name.startswith(STAGING_NAME)} == before
-    assert run_cli(test_one_example.main, ["--image_path", str(first), *flags]) == 0
-    assert not (out / STAGING_NAME).exists()
-    assert _overlays(out) == ["old_a.png.overlay.png"]
+    (out / STAGING_NAME / "sub").mkdir(parents=True)
+    (out / STAGING_NAME / "sub" / "a.png.overlay.png").write_text("of the killed run")
+    (out / "predictions.csv").write_text("of the last finished run")
+    stage = StagedOutputs(out, test_one_example.EARLIER_OUTPUTS)
+    (stage.prepare() / "predictions.csv").write_text("new")
+    assert list((out / STAGING_NAME).rglob("*")) == [out / STAGING_NAME / "predictions.csv"]
+    stage.commit()
+    assert listing(out) == {OUTPUTS_NAME: b'{\n "files": [\n  "predictions.csv"\n ]\n}\n', "predictions.csv": b"new"}
 
 
 def test_test_py_rerun_replaces_the_whole_run(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
-    """--vis overlays, tables and the dump of a run with more classes are not left beside a smaller re-run's."""
+    """--vis overlays and the dump of a run are not left beside a re-run's tables that has none."""
     out = tmp_path / "out"
     common = ["--data_path", str(synthetic_datasets[1]), "--dataset", "visa", "--checkpoint_path",
               str(trained_checkpoint), "--save_path", str(out), "--num_workers", "0", *design_args]
