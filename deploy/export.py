@@ -40,7 +40,7 @@ from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, manifest_document
 from pipeline import thresholds
-from pipeline.atomic import atomic_write, atomic_write_text, locked_folder
+from pipeline.atomic import atomic_write, atomic_write_text, locked_folder, naming_errors
 from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, check_model_spec, check_output_folder,
                           check_sigma, cli_parser, flag_errors, model_spec, parse_flags)
 from pipeline.config import ModelSpec, RunRecord, ScoringSpec
@@ -180,7 +180,8 @@ def write_graph(module: AnomalyCLIPInference, out: Path, fmt: str, opset: int = 
         atomic_write(out / name, lambda tmp: export_onnx(module, tmp, opset))
         return [name]
     _openvino()
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as scratch:
+    # A full disk names the graph, not the scratch file it was met on.
+    with naming_errors(out / f"{GRAPH_STEM}.xml"), tempfile.TemporaryDirectory(prefix=".export-", dir=out) as scratch:
         scratch = Path(scratch)
         export_onnx(module, scratch / "graph.onnx", opset)
         onnx_to_openvino(scratch / "graph.onnx", scratch / f"{GRAPH_STEM}.xml")
