@@ -3,7 +3,8 @@
 A crash or Ctrl-C mid-write leaves the previous file (or none), never a half-written one.
 Kept free of heavy imports so the dataset indexers can use it. :func:`locked_folder` keeps two
 runs from writing into one output folder at once; :func:`deferred_signals` keeps Ctrl-C and
-SIGTERM out of the renames of :func:`atomic_write_texts`.
+SIGTERM out of the renames of :func:`atomic_write_texts`; :class:`StagedOutputs` swaps a whole
+run's files into its folder as one.
 """
 
 from __future__ import annotations
