@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
 from AnomalyCLIP_lib.transform import binarize_mask, image_transform, load_image, load_mask, mask_transform
 from generate_dataset_json.schema import (INTEGRITY_FIXES, ITEM_KEYS, OUTSIDE_ROOT, duplicate_entries,
                                           escapes_root, is_absolute)
@@ -105,6 +105,9 @@ def read_meta(root: str | Path) -> dict[str, Any]:
                                f"(the first silently dropped): merge them, or re-create it: "
                                f"{INDEX_FIX.format(root=root)}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        not_content = read_error_line(error, path) if isinstance(error, OSError) else None
+        if not_content:  # permissions, a failing disk: the file is fine, re-creating it would not help
+            raise AnomalyCLIPError(not_content) from error
         raise AnomalyCLIPError(f"cannot read {path} ({error}); re-create it: {INDEX_FIX.format(root=root)}") from error
     if not isinstance(meta, dict):
         raise AnomalyCLIPError(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import AnomalyCLIPError
+from .errors import AnomalyCLIPError, read_error_line
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,15 @@ class UnreadableImageError(AnomalyCLIPError):
         reason: Pillow's words (the exception's name when it has none).
         missing: The file does not exist.
         too_large: Its header claims more pixels than Pillow decodes safely (the header itself is readable).
+        not_content: The file is not read for a cause outside it (its permissions, a failing disk):
+            the message names that cause (:func:`errors.read_error_line`), not a corrupt file.
     """
 
     path: Path
     reason: str = ""
     missing: bool = False
     too_large: bool = False
+    not_content: bool = False
 
 
 def unreadable_error(what: str, path: str | Path, reason: str, missing: bool = False,
@@ -90,6 +93,11 @@ def read_image(path: str | Path, what: str = "image file", decode: bool = True) 
                 image.load()
             return image
     except READ_ERRORS as error:
+        not_content = read_error_line(error, path, what) if isinstance(error, OSError) else None
+        if not_content:  # permissions, a folder, a failing disk: not a corrupt file
+            raised = UnreadableImageError(not_content)
+            raised.path, raised.reason, raised.not_content = Path(path), not_content, True
+            raise raised from error
         raise unreadable_error(what, path, str(error) or type(error).__name__,
                                missing=isinstance(error, FileNotFoundError),
                                too_large=isinstance(error, Image.DecompressionBombError)) from error
@@ -115,6 +123,8 @@ def unreadable_headers(paths: Iterable[str | Path]) -> list[tuple[Path, str]]:
         try:
             read_image(path, decode=False)
         except UnreadableImageError as error:
+            if error.not_content:  # its own line: a permission or disk error, not a file to replace
+                raise
             if not error.too_large:  # decoding refuses it, with its own line; the header is fine
                 bad.append((error.path, error.reason))
     return bad

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import AnomalyCLIPError
+from .errors import AnomalyCLIPError, write_error_advice, write_error_line
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,9 @@ def download(name: str, root: str | os.PathLike | None = None, timeout_s: float 
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise AnomalyCLIPError(f"cannot create the cache folder {folder}: {exc.strerror}") from None
+        advice = write_error_advice(exc) or exc.strerror
+        raise AnomalyCLIPError(f"cannot create the backbone cache folder {folder} (--download_root, else "
+                               f"${CACHE_ENV_VAR}, else {DEFAULT_CACHE_DIR}): {advice}") from None
     digest = hashlib.sha256()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{weights.filename}.", suffix=".part", dir=folder)
     try:
@@ -149,6 +151,8 @@ def download(name: str, root: str | os.PathLike | None = None, timeout_s: float 
                     length = response.headers.get("Content-Length")
                     _stream_to(response, handle, digest, int(length) if length else None, weights.filename)
             except (urllib.error.URLError, OSError) as exc:
+                if not isinstance(exc, urllib.error.URLError) and write_error_line(exc, target):  # a full disk
+                    raise AnomalyCLIPError(write_error_line(exc, target)) from None
                 reason = getattr(exc, "reason", None) or exc
                 raise AnomalyCLIPError(_offline_message(weights, folder, str(reason))) from None
         if digest.hexdigest() != weights.sha256:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AnomalyCLIPError
+from .errors import AnomalyCLIPError, read_error_line
 
 # Graph files of an export.py folder: ONNX, OpenVINO IR (its weights, .bin, lie beside the .xml).
 GRAPH_SUFFIXES = (".onnx", ".xml")
@@ -49,6 +49,9 @@ def load_tensors(path: str | os.PathLike, what: str) -> object:
         raise AnomalyCLIPError(f"{what} {path} is not a PyTorch checkpoint (it cannot be unpickled): check the "
                                "path, or save the file again") from None
     except (RuntimeError, KeyError, EOFError, ValueError, OSError, AttributeError, IndexError) as exc:
+        not_content = read_error_line(exc, path, what) if isinstance(exc, OSError) else None
+        if not_content:  # permissions, a failing disk: the file is not damaged
+            raise AnomalyCLIPError(not_content) from None
         # torch's readers fail in many ways on foreign or truncated files (KeyError, "PytorchStreamReader ...").
         kind = ("truncated or damaged" if path.stat().st_size > 0 and _looks_like_zip(path)
                 else "not a PyTorch checkpoint")

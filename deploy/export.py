@@ -35,13 +35,13 @@ from typing import Any
 
 import torch
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference
 from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, files_sha256, manifest_document
 from pipeline import thresholds
-from pipeline.atomic import atomic_write, atomic_write_text, locked_folder
+from pipeline.atomic import atomic_write, atomic_write_text, locked_folder, naming_errors
 from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, check_model_spec, check_output_folder,
                           check_sigma, checked, cli_parser, model_spec, parse_flags)
 from pipeline.config import ModelSpec, RunRecord, ScoringSpec
@@ -123,7 +123,9 @@ def read_thresholds(path: str | os.PathLike | None) -> Any:
     except FileNotFoundError:
         raise AnomalyCLIPError(f"--thresholds {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnomalyCLIPError(f"--thresholds {path} is not a readable JSON file ({exc})".splitlines()[0]) from None
+        not_content = read_error_line(exc, path, "--thresholds") if isinstance(exc, OSError) else None
+        raise AnomalyCLIPError(not_content or f"--thresholds {path} is not a readable JSON file ({exc})".splitlines()[0]
+                               ) from None
     thresholds.load_thresholds(path)  # the layout test_one_example.py reads (a results.json is not one)
     return document
 
@@ -177,7 +179,8 @@ def write_graph(module: AnomalyCLIPInference, out: Path, fmt: str, opset: int = 
         atomic_write(out / name, lambda tmp: export_onnx(module, tmp, opset))
         return [name]
     _openvino()
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=out) as scratch:
+    # A full disk names the graph, not the scratch file it was met on.
+    with naming_errors(out / f"{GRAPH_STEM}.xml"), tempfile.TemporaryDirectory(prefix=".export-", dir=out) as scratch:
         scratch = Path(scratch)
         export_onnx(module, scratch / "graph.onnx", opset)
         onnx_to_openvino(scratch / "graph.onnx", scratch / f"{GRAPH_STEM}.xml")

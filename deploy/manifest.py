@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
 from pipeline import strict_json
 from pipeline.threshold_values import check_classes
 
@@ -82,7 +82,8 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
         raise AnomalyCLIPError(f"{path} lists {exc.key!r} twice in one object, and only the last would be read: "
                                "re-run export.py") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AnomalyCLIPError(f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
+        not_content = read_error_line(exc, path) if isinstance(exc, OSError) else None
+        raise AnomalyCLIPError(not_content or f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
     version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
     if version != MANIFEST_VERSION:
         raise AnomalyCLIPError(f"{path} has manifest version {version!r}, this code reads "

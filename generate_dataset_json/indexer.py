@@ -51,7 +51,7 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, write_error_line
 from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, UnreadableImageError, read_image
 from generate_dataset_json.schema import (INTEGRITY_FIXES, OUTSIDE_ROOT, SPLITS, Item, MetaIndex, duplicate_entries,
                                           escapes_root, is_absolute, make_item)
@@ -525,6 +525,8 @@ def decode(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     try:
         return read_image(path).size, None
     except UnreadableImageError as error:
+        if error.not_content:  # a permission or disk error: one line with its fix, not a list of "unreadable" files
+            raise
         return None, None if error.missing else error.reason
 
 
@@ -601,7 +603,7 @@ def write_meta(root: Path, index: MetaIndex) -> Path:
     try:
         return atomic_write_text(json.dumps(index, indent=4) + "\n", target)
     except OSError as error:
-        raise AnomalyCLIPError(f"cannot write {target} ({error}); make the dataset folder writable") from error
+        raise AnomalyCLIPError(write_error_line(error, target) or f"cannot write {target} ({error})") from error
 
 
 def index_dataset(layout: Layout, root: str | Path, write: bool = True) -> MetaIndex:

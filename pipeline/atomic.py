@@ -3,7 +3,8 @@
 A crash or Ctrl-C mid-write leaves the previous file (or none), never a half-written one.
 Kept free of heavy imports so the dataset indexers can use it. :func:`locked_folder` keeps two
 runs from writing into one output folder at once; :func:`deferred_signals` keeps Ctrl-C and
-SIGTERM out of the renames of :func:`atomic_write_texts`.
+SIGTERM out of the renames of :func:`atomic_write_texts`; :class:`StagedOutputs` swaps a whole
+run's files into its folder as one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
+import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
@@ -24,6 +28,8 @@ try:
     import fcntl
 except ImportError:  # Windows: no advisory locks, folders are not locked
     fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".anomalyclip.lock"
 DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -270,13 +276,14 @@ def _missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
-def _remove_if_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (deepest first) while they are empty."""
+def _remove_if_empty(folders: list[Path], stop: bool = True) -> None:
+    """Remove ``folders`` (deepest first) while they are empty (``stop``: at the first that is not)."""
     for part in folders:
         try:
             part.rmdir()
         except OSError:
-            return
+            if stop:
+                return
 
 
 def _lock(lock_path: Path, flag: str, folder: Path) -> int:
@@ -312,3 +319,125 @@ def _read_holder(fd: int) -> str:
     except (OSError, UnicodeDecodeError):
         return ""
     return f" (process {pid})" if pid.isdigit() else ""
+
+
+# --- one run's outputs in a folder ---------------------------------------------------------------
+
+STAGING_NAME = ".anomalyclip-staging"
+OUTPUTS_NAME = ".anomalyclip-outputs.json"
+
+
+class StagedOutputs:
+    """A run's outputs, written under ``folder/.anomalyclip-staging`` and swapped in as one at the end.
+
+    A folder holds one run's outputs: :meth:`commit` removes the files of the folder's previous
+    run (listed in ``folder/.anomalyclip-outputs.json``; for a folder written before that list
+    existed, the files matching ``earlier``), moves the staged files into place and lists them,
+    with Ctrl-C and SIGTERM held back until it is done. A run that fails or is interrupted before
+    it leaves the previous run's files as they were; its staging folder is removed then, or by
+    the next run (:meth:`prepare`) if the process was killed. Files of the user's own, and the
+    appended ``log.txt``, are never touched.
+
+    Args:
+        folder: The output folder (held with :func:`locked_folder`).
+        earlier: Globs (relative to ``folder``) of the files an earlier version of this run wrote.
+    """
+
+    def __init__(self, folder: str | os.PathLike, earlier: tuple[str, ...] = ()) -> None:
+        self.folder = Path(folder)
+        self.staging = self.folder / STAGING_NAME
+        self.earlier = earlier
+        self._beside: dict[Path, Path] = {}
+
+    def prepare(self) -> Path:
+        """An empty staging folder (a killed run's is removed first); returns it."""
+        self.discard()
+        with naming_errors(self.staging):
+            self.staging.mkdir(parents=True)
+        return self.staging
+
+    def beside(self, target: str | os.PathLike) -> Path:
+        """Where to write ``target``, a file outside the folder (``--dump``), to move it in at :meth:`commit`.
+
+        A file inside the folder is staged in the staging folder; one outside it beside itself (a
+        rename across file systems is not possible).
+        """
+        target = Path(target)
+        resolved, folder = target.resolve(), self.folder.resolve()
+        if resolved.is_relative_to(folder):
+            return self.staging / resolved.relative_to(folder)
+        staged = target.parent / f".{target.name}.anomalyclip-staged{target.suffix}"  # same suffix: same type
+        self._beside[staged] = target
+        return staged
+
+    def discard(self) -> None:
+        """Remove what was staged (the folder's files stay as they were)."""
+        for staged in self._beside:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+        if self.staging.is_dir() and not self.staging.is_symlink():
+            shutil.rmtree(self.staging)
+        elif self.staging.is_symlink() or self.staging.exists():
+            self.staging.unlink()
+
+    def commit(self) -> list[Path]:
+        """Replace the previous run's files with the staged ones; returns the files now in the folder."""
+        new = [path.relative_to(self.staging) for path in sorted(self.staging.rglob("*")) if not path.is_dir()]
+        old = [path for path in self._previous() if path not in set(new)]
+        with deferred_signals():
+            # Listed first: a crash in the swap leaves a list from which the next run removes them all.
+            self._write_list(sorted(set(old) | set(new)))
+            for relative in old:
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    (self.folder / relative).unlink()
+            for relative in new:
+                target = self.folder / relative
+                with naming_errors(target):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(self.staging / relative, target)
+            for staged, target in self._beside.items():
+                if staged.exists():
+                    with naming_errors(target):
+                        os.replace(staged, target)
+            self._write_list(new)
+            _remove_if_empty(sorted({parent for relative in old for parent in (self.folder / relative).parents
+                                     if parent.is_relative_to(self.folder) and parent != self.folder},
+                                    key=lambda path: len(path.parts), reverse=True), stop=False)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return [self.folder / relative for relative in new]
+
+    def _previous(self) -> list[Path]:
+        """The files of the folder's previous run, relative to it (never a path outside it)."""
+        listed = self.folder / OUTPUTS_NAME
+        try:
+            names = json.loads(listed.read_text(encoding="utf-8"))["files"]
+        except FileNotFoundError:
+            names = [path.relative_to(self.folder).as_posix() for pattern in self.earlier
+                     for path in self.folder.glob(pattern) if STAGING_NAME not in path.parts]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("%s cannot be read (%s): the previous run's files are not removed", listed, exc)
+            return []
+        folder = self.folder.resolve()
+        safe = []
+        for name in names:
+            relative = Path(str(name))
+            if relative.is_absolute() or ".." in relative.parts or not (folder / relative).resolve().is_relative_to(
+                    folder):
+                continue
+            safe.append(relative)
+        return safe
+
+    def _write_list(self, files: list[Path]) -> None:
+        atomic_write_text(json.dumps({"files": [path.as_posix() for path in files]}, indent=1) + "\n",
+                          self.folder / OUTPUTS_NAME)
+
+
+@contextlib.contextmanager
+def staged_outputs(folder: str | os.PathLike, earlier: tuple[str, ...] = ()) -> Iterator[StagedOutputs]:
+    """A prepared :class:`StagedOutputs`; what was not committed when the block ends is removed."""
+    stage = StagedOutputs(folder, earlier)
+    stage.prepare()
+    try:
+        yield stage
+    finally:
+        stage.discard()

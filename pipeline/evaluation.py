@@ -43,7 +43,7 @@ import metrics
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
 from pipeline import distributed, report, thresholds
-from pipeline.atomic import atomic_write_texts, remove_leftovers
+from pipeline.atomic import StagedOutputs, atomic_write_texts, naming_errors, remove_leftovers
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
                           add_sigma_arg, check_loader_spec, cli_parser, loader_spec, parse_config, scored_run_specs)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
@@ -449,9 +449,27 @@ def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.
     outputs = config.outputs
     save_path = Path(outputs.save_path)
     logger = get_logger(save_path, "anomalyclip.test", main_process=world.is_main)
+    stage = StagedOutputs(save_path, EARLIER_OUTPUTS)  # the run's files, swapped in as one at the end
     if world.is_main:
         for name in ("results.json", "scores.csv", "thresholds.json", "report.html"):
             remove_leftovers(save_path, name)  # of a run killed while writing
+        stage.prepare()
+    try:
+        return _evaluate_staged(config, world, device, stage, started, num_workers, logger)
+    finally:
+        if world.is_main:
+            stage.discard()
+
+
+# What test.py wrote into --save_path before it listed its files there (StagedOutputs.commit removes them).
+EARLIER_OUTPUTS = ("results.json", "scores.csv", "thresholds.json", "report.html", f"{VIS_FOLDER}/**/*{OVERLAY_SUFFIX}")
+
+
+def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device: torch.device, stage: StagedOutputs,
+                     started: float, num_workers: int, logger: logging.Logger) -> dict[str, object] | None:
+    """The run, writing its files under ``stage.staging``; rank 0 commits them as one at the end."""
+    outputs = config.outputs
+    staging = stage.staging
     dataset, metric_set, scorer = distributed.together(world, lambda: _prepare(config, device))
     columns = metrics.metric_columns(metric_set)
 
@@ -462,11 +480,16 @@ def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.
     collector = ClassMetricsCollector({name: count for name, count in expected.items() if owners[name] == world.rank},
                                       options)
     score_rows: list[ImageResult] = []
-    dump = DumpWriter(outputs.dump, len(dataset), config.model.image_size) if outputs.dump and world.is_main else None
+    dump_path = Path(outputs.dump if str(outputs.dump).endswith(".npz") else f"{outputs.dump}.npz") if outputs.dump \
+        else None
+    dump = None
+    if dump_path is not None and world.is_main:
+        with naming_errors(dump_path):  # a full disk names the dump, not where it is staged
+            dump = DumpWriter(stage.beside(dump_path), len(dataset), config.model.image_size)
     scored_here = 0
     try:
         shard = world.shard(len(dataset))
-        on_image = (lambda r: _save_vis(r, dataset, save_path)) if outputs.vis else None
+        on_image = (lambda r: _save_vis(r, dataset, staging)) if outputs.vis else None
         batches = dataset_batches(dataset, shard, config.loader, num_workers, device, progress=world.is_main)
         results = image_results(scorer, dataset, batches, on_image)
         rounds = world.rounds(len(dataset), config.loader.batch_size)
@@ -487,7 +510,9 @@ def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.
         gathered = {name: outcome for part, _ in parts for name, outcome in part.items()}
         check_complete(gathered, expected)
         if dump is not None:
-            logger.info("dump: %s", dump.close())
+            with naming_errors(dump_path):
+                dump.close()
+            logger.info("dump: %s", dump_path)
     finally:
         if dump is not None:
             dump.discard()
@@ -525,14 +550,16 @@ def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.
     entries = {name: {**outcome.threshold_entry, "provenance": provenance}
                for name, outcome in outcomes.items()}
     # Together: a failure (a full disk) leaves all the old files or all the new ones.
-    atomic_write_texts({save_path / "results.json": json.dumps(summary, indent=2) + "\n",
-                        save_path / "scores.csv": scores_csv_text([(r.img_path, r.cls_name, r.label, r.score)
-                                                                   for r in score_rows]),
-                        save_path / "thresholds.json": _thresholds_text(config, entries)})
+    atomic_write_texts({staging / "results.json": json.dumps(summary, indent=2) + "\n",
+                        staging / "scores.csv": scores_csv_text([(r.img_path, r.cls_name, r.label, r.score)
+                                                                 for r in score_rows]),
+                        staging / "thresholds.json": _thresholds_text(config, entries)})
     if outputs.report:
-        path = report.write_report(save_path / "report.html", _report_title(config), summary, table_columns,
-                                   {name: outcome.report_part for name, outcome in outcomes.items()}, entries)
-        logger.info("report: %s", path)
+        report.write_report(staging / "report.html", _report_title(config), summary, table_columns,
+                            {name: outcome.report_part for name, outcome in outcomes.items()}, entries)
+    stage.commit()
+    if outputs.report:
+        logger.info("report: %s", stage.folder / "report.html")
     return summary
 
 

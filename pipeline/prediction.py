@@ -47,7 +47,7 @@ from tqdm import tqdm
 # (torch is imported by pipeline.loading, for the torch path alone).
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, unreadable_error, unreadable_headers
-from pipeline.atomic import atomic_write_text, locked_folder
+from pipeline.atomic import atomic_write_text, locked_folder, staged_outputs
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
                           add_sigma_arg, check_positive, cli_parser, parse_config, scored_run_specs)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
@@ -446,9 +446,15 @@ def vis_scale(config: PredictionConfig, decision: Decision) -> str:
 
 
 def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndarray, decision: Decision,
-           config: PredictionConfig) -> Prediction:
-    """Verdict, mask and overlay of one image; writes the mask and overlay files."""
+           config: PredictionConfig, staging: Path | None = None) -> Prediction:
+    """Verdict, mask and overlay of one image; writes the mask and overlay files.
+
+    Args:
+        staging: Where the files are written, to be moved into ``--save_path`` at the end (the
+            prediction names them at their final place); ``None``: into ``--save_path`` itself.
+    """
     save_path = Path(config.save_path)
+    out = save_path if staging is None else staging
     relative = relative_name(file, config.image_path)
     prediction = Prediction(file, score)
     mask = None
@@ -457,10 +463,11 @@ def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndar
     if decision.pixel_threshold is not None:
         mask = defect_mask(anomaly_map, decision.pixel_threshold, size)
         prediction.defect_pixels = int(mask.sum())
-        prediction.mask = save_mask(mask, output_path(save_path, relative, MASK_SUFFIX))
-    prediction.overlay = save_overlay(file, anomaly_map, output_path(save_path, relative, OVERLAY_SUFFIX),
-                                      scale=vis_scale(config, decision), pixel_threshold=decision.pixel_threshold,
-                                      mask=mask)
+        written = save_mask(mask, output_path(out, relative, MASK_SUFFIX))
+        prediction.mask = save_path / written.relative_to(out)
+    written = save_overlay(file, anomaly_map, output_path(out, relative, OVERLAY_SUFFIX),
+                           scale=vis_scale(config, decision), pixel_threshold=decision.pixel_threshold, mask=mask)
+    prediction.overlay = save_path / Path(written).relative_to(out)
     return prediction
 
 
@@ -480,15 +487,18 @@ def tsv_field(text: str) -> str:
 
 
 def score_images(config: PredictionConfig, decision: Decision | None = None,
-                 exported: ExportedScorer | None = None) -> list[Prediction]:
-    """Score every image, write its overlay (and mask), print its line; returns the predictions in order."""
+                 exported: ExportedScorer | None = None, staging: Path | None = None) -> list[Prediction]:
+    """Score every image, write its overlay (and mask), print its line; returns the predictions in order.
+
+    ``staging``: see :func:`decide`.
+    """
     if decision is None:
         exported = exported if exported is not None else open_export(config)
         decision = validate(config, exported)
     files = image_files(config.image_path, exclude=config.save_path)
     predictions = []
     for file, size, score, anomaly_map in scored_files(config, files, exported):
-        predictions.append(decide(file, size, score, anomaly_map, decision, config))
+        predictions.append(decide(file, size, score, anomaly_map, decision, config, staging))
         print_line(predictions[-1])
     return predictions
 
@@ -512,10 +522,15 @@ def _csv_cell(value: object) -> object:
     return "" if value is None else repr(value) if isinstance(value, float) else value
 
 
-def write_predictions(predictions: Sequence[Prediction], decision: Decision, config: PredictionConfig
-                      ) -> tuple[Path, Path]:
-    """Write ``predictions.csv`` and ``predictions.json`` into ``--save_path`` atomically; returns their paths."""
+def write_predictions(predictions: Sequence[Prediction], decision: Decision, config: PredictionConfig,
+                      staging: Path | None = None) -> tuple[Path, Path]:
+    """Write ``predictions.csv`` and ``predictions.json`` into ``--save_path`` (or ``staging``) atomically.
+
+    Returns:
+        Their paths.
+    """
     save_path = Path(config.save_path)
+    out = save_path if staging is None else staging
     rows = [prediction_row(p, save_path) for p in predictions]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
@@ -528,9 +543,9 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
     document = {"thresholds": in_force, "image_path": str(config.image_path),
                 "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
                 "vis_scale": vis_scale(config, decision), "predictions": rows}
-    csv_path = atomic_write_text(buffer.getvalue(), save_path / "predictions.csv")
+    csv_path = atomic_write_text(buffer.getvalue(), out / "predictions.csv")
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"
-    json_path = atomic_write_text(json_text, save_path / "predictions.json")
+    json_path = atomic_write_text(json_text, out / "predictions.json")
     return csv_path, json_path
 
 
@@ -599,17 +614,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         with locked_folder(Path(config.save_thresholds).parent, "--save_thresholds's folder"):
             calibrate(config, exported)
         return 0
-    with locked_folder(config.save_path, "--save_path"):
-        predictions = score_images(config, decision, exported)
-        csv_path, _ = write_predictions(predictions, decision, config)
-        logger.info("wrote %s and predictions.json", csv_path)
+    # Written under a staging folder and swapped in as one: the folder holds this run's files or the last one's.
+    with locked_folder(config.save_path, "--save_path"), staged_outputs(config.save_path, EARLIER_OUTPUTS) as stage:
+        predictions = score_images(config, decision, exported, stage.staging)
+        write_predictions(predictions, decision, config, stage.staging)
         if config.report:
-            logger.info("report: %s", write_report(config, predictions, decision))
+            write_report(config, predictions, decision, stage.staging)
+        stage.commit()
+        logger.info("wrote %s and predictions.json", Path(config.save_path) / "predictions.csv")
+        if config.report:
+            logger.info("report: %s", Path(config.save_path) / "report.html")
     return 0
 
 
-def write_report(config: PredictionConfig, predictions: Sequence[Prediction], decision: Decision) -> Path:
-    """``save_path/report.html``: the gallery of :func:`report.write_folder_report`."""
+# What test_one_example.py wrote into --save_path before it listed its files there (StagedOutputs.commit removes them).
+EARLIER_OUTPUTS = ("predictions.csv", "predictions.json", "report.html", f"**/*{OVERLAY_SUFFIX}", f"**/*{MASK_SUFFIX}")
+
+
+def write_report(config: PredictionConfig, predictions: Sequence[Prediction], decision: Decision,
+                 staging: Path | None = None) -> Path:
+    """``save_path/report.html`` (or ``staging/report.html``): the gallery of :func:`report.write_folder_report`."""
     from pipeline import report  # matplotlib and scikit-learn: only when a report is asked for
 
     save_path = Path(config.save_path)
@@ -622,4 +646,5 @@ def write_report(config: PredictionConfig, predictions: Sequence[Prediction], de
         note = f"image threshold {decision.image_threshold:.6g}"
         note += "" if decision.pixel_threshold is None else f", pixel threshold {decision.pixel_threshold:.6g}"
         note += f" from {decision.source}"
-    return report.write_folder_report(save_path / "report.html", f"AnomalyCLIP on {config.image_path}", tiles, note)
+    out = save_path if staging is None else staging
+    return report.write_folder_report(out / "report.html", f"AnomalyCLIP on {config.image_path}", tiles, note)
