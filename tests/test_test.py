@@ -34,14 +34,15 @@ def full_run(synthetic_datasets, trained_checkpoint, design_args, tmp_path_facto
 
 
 def _rewrite_meta(source_root, target_root, keep):
-    """A copy of ``source_root``'s meta.json under ``target_root`` with images read from ``source_root``."""
+    """A copy of ``source_root`` (its images stay inside the root, as the loader requires) whose meta.json keeps
+    only the items ``keep`` accepts."""
+    import shutil
+
     meta = json.loads((source_root / "meta.json").read_text())
     for split in meta.values():
         for name, items in split.items():
-            split[name] = [dict(item, img_path=str(source_root / item["img_path"]),
-                                mask_path=str(source_root / item["mask_path"]) if item["mask_path"] else "")
-                           for item in items if keep(item)]
-    target_root.mkdir()
+            split[name] = [item for item in items if keep(item)]
+    shutil.copytree(source_root, target_root, ignore=shutil.ignore_patterns("meta.json"))
     (target_root / "meta.json").write_text(json.dumps(meta))
     return meta
 
