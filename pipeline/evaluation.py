@@ -51,7 +51,7 @@ from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_save_path_arg
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
 from pipeline.dump import DumpWriter
 from pipeline.engine import Batch, ExportedScorer, ScoredImage, Scorer, dataset_batches, score_batches
-from pipeline.loading import open_scorer, resolve_device, resolve_num_workers
+from pipeline.loading import configure_threads, open_scorer, resolve_device, resolve_num_workers
 from pipeline.naming import OVERLAY_SUFFIX, VIS_FOLDER, output_path, relative_to_root
 from pipeline.visualize import save_overlay
 from utils import get_logger, project_version, setup_seed
@@ -444,7 +444,8 @@ def evaluate(config: EvaluationConfig) -> dict[str, object] | None:
 def _prepare(config: EvaluationConfig, device: torch.device) -> tuple[AnomalyDataset, str, Scorer]:
     """The dataset, its metric set and what scores it (the inference module, or an exported graph)."""
     scoring = config.scoring
-    exported = ExportedScorer.load(scoring.model_dir, scoring.runtime) if scoring.exported else None
+    threads = config.model.threads
+    exported = ExportedScorer.load(scoring.model_dir, scoring.runtime, threads) if scoring.exported else None
     dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
                              class_names=list(config.classes) if config.classes else None)
     metric_set = choose_metric_set(dataset, config.metrics)
@@ -457,6 +458,7 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> tuple[AnomalyDat
 def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.device) -> dict[str, object] | None:
     started = time.time()
     setup_seed(config.model.seed)
+    threads = configure_threads(config.model.threads)
     num_workers = resolve_num_workers(config.loader.num_workers, device)
     outputs = config.outputs
     save_path = Path(outputs.save_path)
@@ -528,7 +530,7 @@ def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
-        "config": config.record.with_values(num_workers=num_workers).as_dict(),
+        "config": config.record.with_values(num_workers=num_workers, threads=threads).as_dict(),
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),
         "table": table,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -14,6 +15,11 @@ from AnomalyCLIP_lib.model import CLIP, normalize_layers
 from pipeline.config import ModelSpec, ScoringSpec
 from pipeline.engine import ExportedScorer, Scorer, TorchScorer
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
+
+logger = logging.getLogger(__name__)
+
+# PyTorch's own choice at import (the physical cores, or OMP_NUM_THREADS): the ceiling of every later choice.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def check_backbone_fits(spec: ModelSpec, model: CLIP) -> None:
@@ -47,6 +53,77 @@ def resolve_device(name: str | None) -> torch.device:
         raise AnomalyCLIPError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), "
                                f"numbered 0..{torch.cuda.device_count() - 1}")
     return device
+
+
+def choose_threads(requested: int | None, available_cores: int, load_average: float, torch_default: int) -> int:
+    """Torch's intra-op thread count: ``requested``, else one per core that other processes leave idle.
+
+    PyTorch's default, a thread per core, assumes the cores are free. When other processes run, a
+    thread of each parallel op waits for a sibling that the scheduler has set aside, and the
+    scorer's many small ops each pay that wait: on 2 busy cores the demo ran 30-100x slower with 2
+    threads than with 1 (``benchmarks/bench_busy_cpu.py``). So the default counts only the idle cores.
+
+    Args:
+        requested: ``--threads`` (``None``: not given).
+        available_cores: Cores this process may run on (affinity and CPU quota).
+        load_average: Runnable processes on the machine, averaged over the last minute.
+        torch_default: PyTorch's own default, never exceeded.
+
+    Returns:
+        ``requested``, else the idle cores rounded to the nearest whole one, between 1 and
+        ``min(torch_default, available_cores)``.
+    """
+    if requested is not None:
+        return requested
+    ceiling = max(1, min(torch_default, available_cores))
+    idle = available_cores - max(0.0, load_average)
+    return max(1, min(ceiling, int(idle + 0.5)))
+
+
+def quota_cores(cpu_max: str) -> int | None:
+    """The cores a cgroup v2 ``cpu.max`` line (``"QUOTA PERIOD"`` or ``"max PERIOD"``) allows; ``None``: no limit."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return max(1, -(-quota // period)) if quota > 0 and period > 0 else None
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as cpu_max:
+            quota = quota_cores(cpu_max.read())
+    except OSError:
+        quota = None
+    return min(cores, quota) if quota else cores
+
+
+def configure_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads for this run (every torch entry point calls this once); returns torch's count.
+
+    ``OMP_NUM_THREADS`` set by the user (or by torchrun, one per rank) is kept when ``--threads``
+    is not given. The entry scripts also make idle OpenMP threads sleep instead of spin
+    (``OMP_WAIT_POLICY=PASSIVE``, read only when torch loads).
+    """
+    if requested is None and os.environ.get("OMP_NUM_THREADS"):
+        why = "OMP_NUM_THREADS"  # torch applied it when it loaded
+    else:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform: assume idle cores
+            load = 0.0
+        cores = available_cores()
+        threads = choose_threads(requested, cores, load, TORCH_DEFAULT_THREADS)
+        why = "--threads" if requested is not None else f"{cores} core(s), load {load:.1f}"
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+    logger.info("torch threads: %d (%s)", torch.get_num_threads(), why)
+    return torch.get_num_threads()
 
 
 def resolve_num_workers(requested: int | None, device: torch.device) -> int:

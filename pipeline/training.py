@@ -43,7 +43,7 @@ from pipeline.cli import (add_loader_args, add_save_path_arg, add_model_args, ch
                           flag_errors, loader_spec, model_spec, parse_flags)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, replaced
 from pipeline.feature_cache import CacheShapes, FeatureCache
-from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
+from pipeline.loading import configure_threads, load_model_and_prompts, resolve_device, resolve_num_workers
 from prompt_ensemble import AnomalyCLIP_PromptLearner
 from utils import get_logger, setup_seed
 
@@ -493,6 +493,7 @@ def _train(config: TrainingConfig, world: distributed.World, device: torch.devic
                                "(under torchrun the ranks share the caching pass)")
     distributed.together(world, lambda: _check_save_path(config))
     setup_seed(config.model.seed)
+    configure_threads(config.model.threads)
     config = replaced(config, loader=replaced(config.loader, num_workers=resolve_num_workers(config.loader.num_workers,
                                                                                               device)))
     logger = get_logger(config.save_path, "anomalyclip.train", main_process=world.is_main)

@@ -1,0 +1,101 @@
+"""Torch's CPU threads (issue 22, a busy CPU): the default counts idle cores, ``--threads`` is honoured."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from deploy import export
+from pipeline import evaluation
+from pipeline import prediction as test_one_example
+from pipeline import training as train
+from pipeline.cli import run_cli
+from pipeline.loading import choose_threads, configure_threads, quota_cores
+from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details
+from tests.test_user_errors import error_line
+
+
+@pytest.mark.parametrize(("requested", "cores", "load", "torch_default", "expected"), [
+    (None, 2, 0.0, 2, 2),    # idle machine: PyTorch's default
+    (None, 2, 0.4, 2, 2),    # 1.6 idle cores round to 2
+    (None, 2, 1.0, 2, 1),    # one core busy elsewhere
+    (None, 2, 1.6, 2, 1),    # 0.4 idle: still one thread
+    (None, 2, 9.0, 2, 1),    # overloaded: one thread, never 0
+    (None, 16, 3.2, 8, 8),   # 12.8 idle, but never above PyTorch's default
+    (None, 16, 10.6, 8, 5),  # 5.4 idle cores
+    (None, 4, 0.0, 8, 4),    # affinity/quota allows fewer cores than PyTorch's default
+    (None, 2, -1.0, 2, 2),   # a nonsense load counts as none
+    (3, 2, 9.0, 2, 3),       # --threads wins, even above the cores
+    (1, 16, 0.0, 8, 1),
+])
+def test_choose_threads(requested, cores, load, torch_default, expected):
+    assert choose_threads(requested, cores, load, torch_default) == expected
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ("max 100000\n", None), ("200000 100000\n", 2), ("150000 100000", 2), ("50000 100000", 1), ("garbage", None),
+    ("0 100000", None),
+])
+def test_cgroup_quota(line, expected):
+    assert quota_cores(line) == expected
+
+
+@pytest.fixture
+def restore_threads(monkeypatch):
+    """Torch at 1 thread, and a default that would stay at 1: only a ``--threads 2`` that is honoured gives 2."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr("pipeline.loading.TORCH_DEFAULT_THREADS", 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_omp_num_threads_is_kept_without_threads_flag(monkeypatch, restore_threads):
+    torch.set_num_threads(2)  # as OMP_NUM_THREADS=2 made it when torch loaded
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert configure_threads(None) == 2 == torch.get_num_threads()
+    assert configure_threads(3) == 3 == torch.get_num_threads()  # the flag wins over the environment
+
+
+@pytest.fixture
+def fresh_prompts(tiny_model, tmp_path):
+    path = tmp_path / "prompts.pth"
+    torch.save({"prompt_learner": AnomalyCLIP_PromptLearner(tiny_model, design_details()).state_dict()}, path)
+    return path
+
+
+def test_test_py_honours_threads_and_records_them(synthetic_datasets, design_args, fresh_prompts, tmp_path,
+                                                  restore_threads):
+    out = tmp_path / "results"
+    assert evaluation.main(["--data_path", str(synthetic_datasets[1]), "--checkpoint_path", str(fresh_prompts),
+                            "--save_path", str(out), "--num_workers", "0", "--threads", "2", *design_args]) == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert config["threads"] == 2  # torch.get_num_threads() once the run set them up
+
+
+def test_test_one_example_honours_threads(synthetic_datasets, design_args, fresh_prompts, tmp_path, caplog,
+                                          restore_threads):
+    image = sorted(synthetic_datasets[1].rglob("*.png"))[0]
+    with caplog.at_level(logging.INFO, logger="pipeline.loading"):
+        assert test_one_example.main(["--image_path", str(image), "--checkpoint_path", str(fresh_prompts),
+                                      "--save_path", str(tmp_path / "one"), "--threads", "2", *design_args]) == 0
+    assert "torch threads: 2 (--threads)" in caplog.messages
+    assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+@pytest.mark.parametrize("cli", [evaluation, test_one_example, train, export])
+def test_threads_below_one_is_one_error_line(cli, value, design_args, tmp_path, capsys):
+    design = [arg for arg in design_args if arg not in ("--device", "cpu")]  # export.py refuses --device
+    argv = {evaluation: ["--data_path", tmp_path, "--checkpoint_path", tmp_path / "c.pth", "--save_path", tmp_path],
+            test_one_example: ["--image_path", tmp_path, "--checkpoint_path", tmp_path / "c.pth"],
+            train: ["--train_data_path", tmp_path, "--save_path", tmp_path / "s"],
+            export: ["--checkpoint_path", tmp_path / "c.pth", "--out", tmp_path / "out"]}[cli]
+    capsys.readouterr()
+    assert run_cli(cli.main, [str(arg) for arg in [*argv, *design, "--threads", value]]) == 2
+    assert error_line(capsys.readouterr().err) == (f"error: --threads {value} must be at least 1; leave it out to "
+                                                   "use one per idle core")
