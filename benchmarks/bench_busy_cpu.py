@@ -8,7 +8,9 @@ runs in its own worker process (OpenMP reads ``OMP_WAIT_POLICY`` once, when torc
 times the scoring per image twice: as the machine is, then beside a CPU-bound load (one spinning
 process per core, started and killed by the worker, and ending by itself after ``--seconds`` x 4
 at the latest). Every phase stops after ``--seconds`` (at least one batch), every worker after
-``--timeout``: the whole run is bounded (about 60-100 s on 2 busy cores with the defaults).
+``--timeout`` (60 s; what it measured by then is kept), the whole run within ``--budget`` (150 s; settings
+left when it runs out are skipped). On 2 cores that other processes kept at a load average of 10 it
+took 164 s, most of it starting workers; on a quiet machine far less.
 
 Settings: PyTorch's default (a thread per core, OpenMP's default wait policy), 1 thread,
 cores - 1 (where that differs), PyTorch's default threads with ``OMP_WAIT_POLICY=PASSIVE``, and
@@ -68,14 +70,13 @@ def make_inputs(folder: Path, images: int) -> dict[str, str]:
 
 
 def settings(cores: int, torch_default: int) -> list[dict[str, object]]:
-    """The thread settings compared: label, thread choice (``None``/int/``"new"``) and wait policy."""
-    chosen = [{"label": "torch default", "threads": None, "wait": None},
-              {"label": "1 thread", "threads": 1, "wait": None}]
+    """The thread settings compared: label, thread choice (``None``: torch's, a count, ``"new"``) and wait policy."""
+    chosen = [{"label": "new default", "choice": "new", "wait": "PASSIVE"},  # first: the reference of the ratios
+              {"label": "torch default", "choice": None, "wait": None},
+              {"label": "1 thread", "choice": 1, "wait": None}]
     if cores - 1 not in (1, torch_default) and cores > 1:
-        chosen.append({"label": "cores - 1", "threads": cores - 1, "wait": None})
-    chosen += [{"label": "torch default, PASSIVE", "threads": None, "wait": "PASSIVE"},
-               {"label": "new default", "threads": "new", "wait": "PASSIVE"}]
-    return chosen
+        chosen.append({"label": "cores - 1", "choice": cores - 1, "wait": None})
+    return [*chosen, {"label": "torch default, PASSIVE", "choice": None, "wait": "PASSIVE"}]
 
 
 # --- the worker: one thread setting ----------------------------------------------------------------
@@ -98,82 +99,97 @@ def _start_load(cores: int, seconds: float) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", _SPIN, str(seconds)]) for _ in range(cores)]
 
 
-def worker(spec: dict[str, object]) -> dict[str, object]:
-    """Load the scorer with the setting in ``spec``, time it idle and beside the load."""
+def _report(**values: object) -> None:
+    print(json.dumps(values), flush=True)  # line by line: a worker killed at --timeout still tells what it measured
+
+
+def worker(spec: dict[str, object]) -> None:
+    """Load the scorer with the setting in ``spec``, time it as the machine is and beside the load."""
     import torch
 
     from pipeline.config import ModelSpec, ScoringSpec
     from pipeline.loading import available_cores, configure_threads, open_scorer
 
-    if spec["threads"] == "new":
+    if spec["choice"] == "new":
         configure_threads(None)
-    elif spec["threads"] is not None:
-        torch.set_num_threads(int(spec["threads"]))
+    elif spec["choice"] is not None:
+        torch.set_num_threads(int(spec["choice"]))
     model = ModelSpec(backbone=spec["backbone"], image_size=IMAGE_SIZE, features_list=FEATURES, device="cpu")
     scorer = open_scorer(model, ScoringSpec(checkpoint_path=spec["checkpoint"]), torch.device("cpu"))
     files = sorted(Path(spec["images"]).rglob("*.png"))
+    _report(threads=torch.get_num_threads(), ready_s=round(time.time() - float(spec["started"]), 2))
     batch_size, seconds = int(spec["batch_size"]), float(spec["seconds"])
     _time_phase(scorer, files[:batch_size], batch_size, 0.0)  # warm-up: one batch
-    idle = _time_phase(scorer, files, batch_size, seconds)
+    _report(idle=_time_phase(scorer, files, batch_size, seconds))
     load = _start_load(available_cores(), 4 * seconds)
     try:
-        busy = _time_phase(scorer, files, batch_size, seconds)
+        _report(busy=_time_phase(scorer, files, batch_size, seconds))
     finally:
         for process in load:
             process.kill()
             process.wait()
-    return {"threads": torch.get_num_threads(), "idle": idle, "busy": busy}
 
 
 # --- the parent: every setting, one after another -----------------------------------------------
 
 
-def run_setting(setting: dict[str, object], inputs: dict[str, str], args: argparse.Namespace) -> dict[str, object]:
-    """One setting in its own process (its own OpenMP environment); a worker past ``--timeout`` is killed."""
+def run_setting(setting: dict[str, object], inputs: dict[str, str], args: argparse.Namespace,
+                timeout: float) -> dict[str, object]:
+    """One setting in its own process (its own OpenMP environment); a worker past ``timeout`` is killed."""
     env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     if setting["wait"]:
         env["OMP_WAIT_POLICY"] = str(setting["wait"])
-    spec = {**inputs, "threads": setting["threads"], "batch_size": args.batch_size, "seconds": args.seconds}
+    spec = {**inputs, "choice": setting["choice"], "started": time.time(), "batch_size": args.batch_size,
+            "seconds": args.seconds}
     process = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    result: dict[str, object] = dict(setting)
     try:
-        out, _ = process.communicate(timeout=args.timeout)
+        out, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)  # the worker and its load processes
-        process.communicate()
-        return {**setting, "error": f"over {args.timeout} s"}
-    if process.returncode != 0:
-        return {**setting, "error": f"exit status {process.returncode}"}
-    return {**setting, **json.loads(out.strip().splitlines()[-1])}
+        out, _ = process.communicate()
+        result["error"] = f"stopped at {timeout:.0f} s"
+    else:
+        if process.returncode != 0:
+            result["error"] = f"exit status {process.returncode}"
+    for line in out.splitlines():
+        if line.startswith("{"):
+            result.update(json.loads(line))
+    return result
 
 
 def table(results: list[dict[str, object]]) -> str:
-    """The results as text: ms per image as the machine is and beside the load, each also over the new default's."""
-    new = next((r for r in results if r["label"] == "new default" and "error" not in r), None)
-    lines = [f"{'setting':<24} {'threads':>7} {'wait':>8} {'ms/img':>8} {'x new':>6} {'ms/img busy':>12} {'x new':>6}"]
+    """The results as text: seconds from the worker's start to a loaded scorer (imports included), ms per image
+    as the machine is and beside the load, each also over the new default's."""
+    new = next((r for r in results if r["label"] == "new default"), {})
+    lines = [f"{'setting':<24} {'threads':>7} {'wait':>8} {'ready s':>8} {'ms/img':>8} {'x new':>6} "
+             f"{'ms/img busy':>12} {'x new':>6}"]
     for r in results:
-        if "error" in r:
-            lines.append(f"{r['label']:<24} {'':>7} {'':>8} {r['error']}")
-            continue
         cells = []
-        for phase in ("idle", "busy"):
+        for phase, width in (("idle", 8), ("busy", 12)):
+            if phase not in r:
+                cells.append(f"{r.get('error', '-'):>{width + 7}}")
+                continue
             value = r[phase]["s_per_image"]
-            ratio = f"{value / new[phase]['s_per_image']:.1f}" if new else "-"
-            cells.append(f"{1000 * value:>{8 if phase == 'idle' else 12}.0f} {ratio:>6}")
-        lines.append(f"{r['label']:<24} {r['threads']:>7} {r['wait'] or 'default':>8} {' '.join(cells)}")
+            ratio = f"{value / new[phase]['s_per_image']:.1f}" if phase in new else "-"
+            cells.append(f"{1000 * value:>{width}.0f} {ratio:>6}")
+        lines.append(f"{r['label']:<24} {r.get('threads', '?')!s:>7} {r['wait'] or 'default':>8} "
+                     f"{r.get('ready_s', '-')!s:>8} {' '.join(cells)}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=12, help="synthetic images scored round and round")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per forward pass")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of each timed phase")
-    parser.add_argument("--timeout", type=float, default=40.0, help="seconds after which a worker is killed")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of each timed phase")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds after which a worker is killed")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds for the whole run, setup included")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
-        print(json.dumps(worker(json.loads(args.worker))))
+        worker(json.loads(args.worker))
         return 0
 
     import torch
@@ -187,7 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = []
         for setting in settings(cores, TORCH_DEFAULT_THREADS):
             print(f"[busy-cpu] {setting['label']} ...", file=sys.stderr, flush=True)
-            results.append(run_setting(setting, inputs, args))
+            left = args.budget - (time.perf_counter() - started)
+            if left < 10:
+                results.append({**setting, "error": f"skipped (--budget {args.budget:.0f} s)"})
+                continue
+            results.append(run_setting(setting, inputs, args, min(args.timeout, left)))
     print(f"{cores} core(s), load average before {load_before[0]:.1f}; tiny random CLIP at {IMAGE_SIZE} px, "
           f"batch {args.batch_size}; 'busy' = beside {cores} spinning process(es)", file=sys.stderr)
     print(table(results), file=sys.stderr)

@@ -99,3 +99,48 @@ def test_threads_below_one_is_one_error_line(cli, value, design_args, tmp_path, 
     assert run_cli(cli.main, [str(arg) for arg in [*argv, *design, "--threads", value]]) == 2
     assert error_line(capsys.readouterr().err) == (f"error: --threads {value} must be at least 1; leave it out to "
                                                    "use one per idle core")
+
+
+class _Bar:
+    """Records what ``file_batches`` asks of its tqdm bar."""
+
+    made: list[_Bar] = []
+
+    def __init__(self, total: int, disable: bool | None, **_: object) -> None:
+        self.total, self.disable, self.updates, self.closed = total, disable, [], False
+        _Bar.made.append(self)
+
+    def update(self, count: int) -> None:
+        self.updates.append(count)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _ListScorer:
+    def preprocess(self, image):
+        return image.size
+
+    def stack(self, rows):
+        return list(rows)
+
+
+@pytest.mark.parametrize(("count", "batch_size", "updates", "disable"), [
+    (5, 2, [2, 2, 1], None),  # None: tqdm shows the bar on a terminal only
+    (1, 8, [1], True),        # one image: no bar
+])
+def test_file_batches_progress_counts_images(monkeypatch, tmp_path, count, batch_size, updates, disable):
+    from PIL import Image
+
+    from pipeline import engine
+
+    files = []
+    for index in range(count):
+        Image.new("RGB", (4, 3)).save(tmp_path / f"{index}.png")
+        files.append(tmp_path / f"{index}.png")
+    _Bar.made = []
+    monkeypatch.setattr(engine, "tqdm", _Bar)
+    batches = [batch.indices for batch in engine.file_batches(files, _ListScorer(), batch_size)]
+    assert batches == [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+    (bar,) = _Bar.made
+    assert (bar.total, bar.updates, bar.disable, bar.closed) == (count, updates, disable, True)
