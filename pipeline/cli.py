@@ -295,7 +295,7 @@ def add_loader_args(parser: argparse.ArgumentParser, batch_help: str, workers: b
         return
     parser.add_argument("--num_workers", type=int, default=None,
                         help="DataLoader worker processes (default: 2 on a GPU; on a CPU, 2 at most and only "
-                             "on cores that PyTorch's threads leave free)")
+                             "on cores that PyTorch's threads and other processes leave free)")
 
 
 class _Terminated(BaseException):

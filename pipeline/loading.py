@@ -58,10 +58,12 @@ def resolve_device(name: str | None) -> torch.device:
 def choose_threads(requested: int | None, available_cores: int, load_average: float, torch_default: int) -> int:
     """Torch's intra-op thread count: ``requested``, else one per core that other processes leave idle.
 
-    PyTorch's default, a thread per core, assumes the cores are free. When other processes run, a
-    thread of each parallel op waits for a sibling that the scheduler has set aside, and the
-    scorer's many small ops each pay that wait: on 2 busy cores the demo ran 30-100x slower with 2
-    threads than with 1 (``benchmarks/bench_busy_cpu.py``). So the default counts only the idle cores.
+    PyTorch's default, a thread per core, assumes the cores are free. When other processes run,
+    each parallel op ends waiting for a sibling thread that the scheduler has set aside, and a
+    small model's many small ops each pay that wait: on 2 busy cores, 2 threads with OpenMP's
+    default spin-waiting scored 10-18x slower than 1 (``benchmarks/bench_busy_cpu.py``). Passive
+    waiting (the entry scripts') removes most of it; counting only idle cores also guards the
+    processes that import torch without it, and leaves the other processes their cores.
 
     Args:
         requested: ``--threads`` (``None``: not given).
@@ -103,6 +105,14 @@ def available_cores() -> int:
     return min(cores, quota) if quota else cores
 
 
+def load_average() -> float:
+    """Runnable processes on the machine, averaged over the last minute (0 where the platform has no such count)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 def configure_threads(requested: int | None) -> int:
     """Set torch's intra-op threads for this run (every torch entry point calls this once); returns torch's count.
 
@@ -113,10 +123,7 @@ def configure_threads(requested: int | None) -> int:
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         why = "OMP_NUM_THREADS"  # torch applied it when it loaded
     else:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # no load average on this platform: assume idle cores
-            load = 0.0
+        load = load_average()
         cores = available_cores()
         threads = choose_threads(requested, cores, load, TORCH_DEFAULT_THREADS)
         why = "--threads" if requested is not None else f"{cores} core(s), load {load:.1f}"
@@ -131,13 +138,14 @@ def resolve_num_workers(requested: int | None, device: torch.device) -> int:
 
     On a GPU, workers decode and resize the next batch while the model runs. On a CPU the
     model's matmuls keep every thread PyTorch was given busy, so workers only pay off on cores
-    left over: on 2 cores (ViT-L/14 at 518 px) 2 workers made scoring 16% slower than none.
+    left over: on 2 cores (ViT-L/14 at 518 px) 2 workers made scoring 16% slower than none. Cores
+    that other processes keep busy (the load average) are not left over.
     """
     if requested is not None:
         return requested
     if device.type != "cpu":
         return 2
-    spare_cores = (os.cpu_count() or 1) - torch.get_num_threads()
+    spare_cores = (os.cpu_count() or 1) - torch.get_num_threads() - round(load_average())
     return max(0, min(2, spare_cores))
 
 

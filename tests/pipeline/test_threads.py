@@ -13,7 +13,7 @@ from pipeline import evaluation
 from pipeline import prediction as test_one_example
 from pipeline import training as train
 from pipeline.cli import run_cli
-from pipeline.loading import choose_threads, configure_threads, quota_cores
+from pipeline.loading import choose_threads, configure_threads, quota_cores, resolve_num_workers
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details
 from tests.test_user_errors import error_line
 
@@ -43,22 +43,41 @@ def test_cgroup_quota(line, expected):
     assert quota_cores(line) == expected
 
 
+@pytest.mark.parametrize(("cpu_count", "threads", "load", "expected"), [
+    (2, 1, 0.2, 1),    # one core left over by torch, idle machine
+    (2, 1, 1.0, 0),    # that core busy elsewhere: no worker (it was 1)
+    (16, 8, 3.4, 2),   # 16 - 8 - 3 = 5 spare: at most 2
+    (5, 2, 2.2, 1),    # 5 - 2 - 2
+    (2, 2, 0.0, 0),
+])
+def test_cpu_workers_count_only_idle_cores(monkeypatch, cpu_count, threads, load, expected):
+    monkeypatch.setattr("pipeline.loading.os.cpu_count", lambda: cpu_count)
+    monkeypatch.setattr("pipeline.loading.torch.get_num_threads", lambda: threads)
+    monkeypatch.setattr("pipeline.loading.load_average", lambda: load)
+    assert resolve_num_workers(None, torch.device("cpu")) == expected
+
+
 @pytest.fixture
 def restore_threads(monkeypatch):
-    """Torch at 1 thread, and a default that would stay at 1: only a ``--threads 2`` that is honoured gives 2."""
+    """Torch at 2 threads, and a default that would choose 2: only a ``--threads 1`` that is honoured gives 1.
+
+    (1 and not 3: more threads than idle cores is what collapses on a busy machine.)
+    """
     before = torch.get_num_threads()
-    monkeypatch.setattr("pipeline.loading.TORCH_DEFAULT_THREADS", 1)
+    monkeypatch.setattr("pipeline.loading.TORCH_DEFAULT_THREADS", 2)
+    monkeypatch.setattr("pipeline.loading.available_cores", lambda: 2)
+    monkeypatch.setattr("pipeline.loading.load_average", lambda: 0.0)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
 
 
 def test_omp_num_threads_is_kept_without_threads_flag(monkeypatch, restore_threads):
-    torch.set_num_threads(2)  # as OMP_NUM_THREADS=2 made it when torch loaded
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert configure_threads(None) == 2 == torch.get_num_threads()
-    assert configure_threads(3) == 3 == torch.get_num_threads()  # the flag wins over the environment
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 made it when torch loaded (the default would choose 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert configure_threads(None) == 1 == torch.get_num_threads()
+    assert configure_threads(2) == 2 == torch.get_num_threads()  # the flag wins over the environment
 
 
 @pytest.fixture
@@ -68,13 +87,17 @@ def fresh_prompts(tiny_model, tmp_path):
     return path
 
 
+def test_default_follows_idle_cores(restore_threads):
+    assert configure_threads(None) == 2 == torch.get_num_threads()  # what the fixture's machine allows
+
+
 def test_test_py_honours_threads_and_records_them(synthetic_datasets, design_args, fresh_prompts, tmp_path,
                                                   restore_threads):
     out = tmp_path / "results"
     assert evaluation.main(["--data_path", str(synthetic_datasets[1]), "--checkpoint_path", str(fresh_prompts),
-                            "--save_path", str(out), "--num_workers", "0", "--threads", "2", *design_args]) == 0
+                            "--save_path", str(out), "--num_workers", "0", "--threads", "1", *design_args]) == 0
     config = json.loads((out / "results.json").read_text())["config"]
-    assert config["threads"] == 2  # torch.get_num_threads() once the run set them up
+    assert config["threads"] == 1  # torch.get_num_threads() once the run set them up
 
 
 def test_test_one_example_honours_threads(synthetic_datasets, design_args, fresh_prompts, tmp_path, caplog,
@@ -82,9 +105,9 @@ def test_test_one_example_honours_threads(synthetic_datasets, design_args, fresh
     image = sorted(synthetic_datasets[1].rglob("*.png"))[0]
     with caplog.at_level(logging.INFO, logger="pipeline.loading"):
         assert test_one_example.main(["--image_path", str(image), "--checkpoint_path", str(fresh_prompts),
-                                      "--save_path", str(tmp_path / "one"), "--threads", "2", *design_args]) == 0
-    assert "torch threads: 2 (--threads)" in caplog.messages
-    assert torch.get_num_threads() == 2
+                                      "--save_path", str(tmp_path / "one"), "--threads", "1", *design_args]) == 0
+    assert "torch threads: 1 (--threads)" in caplog.messages
+    assert torch.get_num_threads() == 1
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])
