@@ -15,7 +15,7 @@ took 164 s, most of it starting workers; on a quiet machine far less.
 Settings: PyTorch's default (a thread per core, OpenMP's default wait policy), 1 thread,
 cores - 1 (where that differs), PyTorch's default threads with ``OMP_WAIT_POLICY=PASSIVE``, and
 this project's default (``PASSIVE``, set by the entry scripts, plus
-:func:`pipeline.loading.configure_threads`: a thread per idle core).
+:func:`pipeline.loading.configure_threads`: PyTorch's threads within the CPUs this process may use).
 
 Absolute times depend on what else runs on the machine (the load average is printed): compare
 the settings within one run. Prints a table on stderr and ONE JSON line on stdout.

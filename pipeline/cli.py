@@ -61,8 +61,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=111, help="random seed")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads of each forward pass (default: one per core other processes leave idle, "
-                             "at most PyTorch's default; OMP_NUM_THREADS when set)")
+                        help="CPU threads of each forward pass (default: PyTorch's, within the CPUs this process "
+                             "may use; OMP_NUM_THREADS when set)")
     parser.add_argument("--reference_arithmetic", action="store_true",
                         help="compute DPAM attention with the released code's arithmetic: bit-identical to the "
                              "original on the same CPU kernels, slower (default: fused attention, equal to ~1e-6)")
@@ -127,7 +127,7 @@ def check_model_spec(model: ModelSpec) -> None:
     """The checks of the model flags every CLI shares, before anything heavy runs; one-line errors."""
     check_positive(image_size=model.image_size, n_ctx=model.n_ctx, depth=model.depth, t_n_ctx=model.t_n_ctx)
     if model.threads is not None and model.threads < 1:
-        raise AnomalyCLIPError(f"--threads {model.threads} must be at least 1; leave it out to use one per idle core")
+        raise AnomalyCLIPError(f"--threads {model.threads} must be at least 1; leave it out for PyTorch's default")
     if not 0 <= model.seed < 2**32:
         raise AnomalyCLIPError(f"--seed {model.seed} must be in 0..{2**32 - 1} (numpy's seed range)")
     if len(set(model.features_list)) != len(model.features_list):

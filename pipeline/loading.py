@@ -55,31 +55,28 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def choose_threads(requested: int | None, available_cores: int, load_average: float, torch_default: int) -> int:
-    """Torch's intra-op thread count: ``requested``, else one per core that other processes leave idle.
+def choose_threads(requested: int | None, available_cores: int, torch_default: int) -> int:
+    """Torch's intra-op thread count: ``requested``, else PyTorch's default within the cores this process may use.
 
-    PyTorch's default, a thread per core, assumes the cores are free. When other processes run,
-    each parallel op ends waiting for a sibling thread that the scheduler has set aside, and a
-    small model's many small ops each pay that wait: on 2 busy cores, 2 threads with OpenMP's
-    default spin-waiting scored 10-18x slower than 1 (``benchmarks/bench_busy_cpu.py``). Passive
-    waiting (the entry scripts') removes most of it; counting only idle cores also guards the
-    processes that import torch without it, and leaves the other processes their cores.
+    On a busy CPU the collapse came from OpenMP's spin-waiting, not from the count: on 2 cores
+    that other processes kept busy, PyTorch's 2 threads scored 10-18x slower than 1 while they
+    spun, and as fast as 1 once they waited passively (``benchmarks/bench_busy_cpu.py``; the
+    entry scripts set ``OMP_WAIT_POLICY=PASSIVE``). So the default does not follow the load: the
+    scores' last digits depend on the thread count (README: Distributed), and a run gives the
+    same numbers whatever else runs. It does follow a container's CPU quota, which PyTorch's
+    default (the machine's physical cores) ignores: 32 threads on a 2-CPU quota stall at every op.
 
     Args:
         requested: ``--threads`` (``None``: not given).
         available_cores: Cores this process may run on (affinity and CPU quota).
-        load_average: Runnable processes on the machine, averaged over the last minute.
         torch_default: PyTorch's own default, never exceeded.
 
     Returns:
-        ``requested``, else the idle cores rounded to the nearest whole one, between 1 and
-        ``min(torch_default, available_cores)``.
+        ``requested``, else ``min(torch_default, available_cores)``, at least 1.
     """
     if requested is not None:
         return requested
-    ceiling = max(1, min(torch_default, available_cores))
-    idle = available_cores - max(0.0, load_average)
-    return max(1, min(ceiling, int(idle + 0.5)))
+    return max(1, min(torch_default, available_cores))
 
 
 def quota_cores(cpu_max: str) -> int | None:
@@ -123,10 +120,9 @@ def configure_threads(requested: int | None) -> int:
     if requested is None and os.environ.get("OMP_NUM_THREADS"):
         why = "OMP_NUM_THREADS"  # torch applied it when it loaded
     else:
-        load = load_average()
         cores = available_cores()
-        threads = choose_threads(requested, cores, load, TORCH_DEFAULT_THREADS)
-        why = "--threads" if requested is not None else f"{cores} core(s), load {load:.1f}"
+        threads = choose_threads(requested, cores, TORCH_DEFAULT_THREADS)
+        why = "--threads" if requested is not None else f"{cores} core(s) available"
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
     logger.info("torch threads: %d (%s)", torch.get_num_threads(), why)
