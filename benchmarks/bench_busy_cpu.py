@@ -9,8 +9,8 @@ times the scoring per image twice: as the machine is, then beside a CPU-bound lo
 process per core, started and killed by the worker, and ending by itself after ``--seconds`` x 4
 at the latest). Every phase stops after ``--seconds`` (at least one batch), every worker after
 ``--timeout`` (60 s; what it measured by then is kept), the whole run within ``--budget`` (150 s; settings
-left when it runs out are skipped). On 2 cores that other processes kept at a load average of 10 it
-took 164 s, most of it starting workers; on a quiet machine far less.
+left when it runs out are skipped). On 2 cores that other processes kept at a load average of 7 it
+took 69 s (164 s at 10.7, most of it starting workers).
 
 Settings: PyTorch's default (a thread per core, OpenMP's default wait policy), 1 thread,
 cores - 1 (where that differs), PyTorch's default threads with ``OMP_WAIT_POLICY=PASSIVE``, and
