@@ -45,7 +45,7 @@ from pipeline.atomic import atomic_write, atomic_write_text, locked_folder, nami
 from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, check_model_spec, check_output_folder,
                           check_sigma, checked, cli_parser, model_spec, parse_flags)
 from pipeline.config import ModelSpec, RunRecord, ScoringSpec
-from pipeline.loading import load_model_and_prompts, scoring_config
+from pipeline.loading import configure_threads, load_model_and_prompts, scoring_config
 
 logger = logging.getLogger("anomalyclip.export")
 
@@ -227,6 +227,7 @@ def export(config: ExportConfig) -> Path:
 
 def _export(config: ExportConfig, out: Path, stored: dict[str, object] | None, accepted: list[str]) -> Path:
     torch.manual_seed(config.model.seed)
+    configure_threads(config.model.threads)
     # The CLIs' one loading path: flag and backbone checks, --trust_backbone, safe checkpoint reads.
     model, prompt_learner, _ = load_model_and_prompts(config.model, torch.device("cpu"), config.checkpoint_path)
     module = AnomalyCLIPInference.from_model(model, prompt_learner,

@@ -62,6 +62,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image_size", type=int, default=518, help="input side in pixels")
     parser.add_argument("--seed", type=int, default=111, help="random seed")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of each forward pass (default: PyTorch's, within the CPUs this process "
+                             "may use; OMP_NUM_THREADS when set)")
     parser.add_argument("--reference_arithmetic", action="store_true",
                         help="compute DPAM attention with the released code's arithmetic: bit-identical to the "
                              "original on the same CPU kernels, slower (default: fused attention, equal to ~1e-6)")
@@ -89,7 +92,7 @@ def model_spec(flags: RunRecord) -> ModelSpec:
                      depth=values["depth"], t_n_ctx=values["t_n_ctx"], features_list=tuple(values["features_list"]),
                      feature_map_layer=values["feature_map_layer"][0], image_size=values["image_size"],
                      reference_arithmetic=values["reference_arithmetic"], seed=values["seed"],
-                     device=values["device"])
+                     device=values["device"], threads=values.get("threads"))
 
 
 def loader_spec(flags: RunRecord) -> LoaderSpec:
@@ -150,6 +153,8 @@ def check_positive(**values: int | None) -> None:
 def check_model_spec(model: ModelSpec) -> None:
     """The checks of the model flags every CLI shares, before anything heavy runs; one-line errors."""
     check_positive(image_size=model.image_size, n_ctx=model.n_ctx, depth=model.depth, t_n_ctx=model.t_n_ctx)
+    if model.threads is not None and model.threads < 1:
+        raise AnomalyCLIPError(f"--threads {model.threads} must be at least 1; leave it out for PyTorch's default")
     if not 0 <= model.seed < 2**32:
         raise AnomalyCLIPError(f"--seed {model.seed} must be in 0..{2**32 - 1} (numpy's seed range)")
     if len(set(model.features_list)) != len(model.features_list):
@@ -317,7 +322,7 @@ def add_loader_args(parser: argparse.ArgumentParser, batch_help: str, workers: b
         return
     parser.add_argument("--num_workers", type=int, default=None,
                         help="DataLoader worker processes (default: 2 on a GPU; on a CPU, 2 at most and only "
-                             "on cores that PyTorch's threads leave free)")
+                             "on cores that PyTorch's threads and other processes leave free)")
 
 
 class _Terminated(BaseException):

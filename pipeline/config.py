@@ -41,6 +41,8 @@ class ModelSpec:
         reference_arithmetic: The released code's attention arithmetic (bit-identical, slower).
         seed: Random seed.
         device: ``cpu``, ``cuda`` or ``cuda:N``; ``None``: CUDA when available.
+        threads: Torch's intra-op CPU threads (and an exported runtime's); ``None``: PyTorch's default
+            within the CPUs this process may use (:func:`pipeline.loading.configure_threads`).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -54,6 +56,7 @@ class ModelSpec:
     reference_arithmetic: bool = False
     seed: int = 111
     device: str | None = None
+    threads: int | None = None
 
 
 @dataclass(frozen=True)

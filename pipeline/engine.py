@@ -13,7 +13,7 @@ Torch-free at import: the torch parts load only when a torch scorer or a DataLoa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -153,34 +153,37 @@ def score_batches(scorer: Scorer, batches: Iterable[Batch]) -> Iterator[list[Sco
                for row, index in enumerate(batch.indices)]
 
 
-def file_batches(files: Sequence[Path], scorer: Scorer, batch_size: int,
-                 progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> Iterator[Batch]:
+def file_batches(files: Sequence[Path], scorer: Scorer, batch_size: int, progress: bool = True) -> Iterator[Batch]:
     """The files as batches of ``batch_size``, decoded in order (index = position in ``files``).
 
     Args:
-        progress: Wraps the batch start positions (a progress bar); default: a tqdm bar on a terminal.
+        progress: A bar on a terminal counting the images scored, of how many (none for one image).
     """
-    starts: Iterable[int] = range(0, len(files), batch_size)
-    starts = progress(starts) if progress is not None else tqdm(starts, desc="scoring", unit="batch", disable=None)
-    for start in starts:
-        chunk = range(start, min(start + batch_size, len(files)))
-        images = [load_image(files[index]) for index in chunk]
-        yield Batch(indices=list(chunk), images=scorer.stack([scorer.preprocess(image) for image in images]),
-                    sizes=[image.size for image in images])
+    bar = tqdm(total=len(files), desc="scoring", unit="image", disable=None if progress and len(files) > 1 else True)
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk = range(start, min(start + batch_size, len(files)))
+            images = [load_image(files[index]) for index in chunk]
+            yield Batch(indices=list(chunk), images=scorer.stack([scorer.preprocess(image) for image in images]),
+                        sizes=[image.size for image in images])
+            bar.update(len(chunk))  # the consumer scored the batch before asking for the next one
+    finally:
+        bar.close()
 
 
-def dataset_batches(dataset: AnomalyDataset, indices: Sequence[int], loader: LoaderSpec, num_workers: int,
-                    device: torch.device, progress: bool = True) -> Iterator[Batch]:
+def dataset_batches(dataset: AnomalyDataset, indices: Sequence[int], loader: LoaderSpec, device: torch.device,
+                    progress: bool = True) -> Iterator[Batch]:
     """The items ``indices`` of ``dataset`` through a DataLoader, with their ground-truth masks.
 
     Each row's index comes from the item itself (``item["index"]``), never from its position.
+    ``loader.num_workers`` must be resolved (a number, see ``pipeline.loading.resolve_num_workers``).
     """
     from torch.utils.data import DataLoader, Subset
 
     from dataset import loader_batches
 
     data_loader = DataLoader(Subset(dataset, list(indices)), batch_size=loader.batch_size, shuffle=False,
-                             num_workers=num_workers, pin_memory=device.type == "cuda")
+                             num_workers=loader.num_workers or 0, pin_memory=device.type == "cuda")
     with loader_batches(data_loader) as batches:
         for batch in tqdm(batches, total=len(data_loader), desc="scoring", unit="batch", disable=not progress):
             yield Batch(indices=[int(index) for index in batch["index"]], images=batch["img"],

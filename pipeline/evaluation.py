@@ -46,10 +46,10 @@ from pipeline import distributed, report, thresholds
 from pipeline.atomic import StagedOutputs, atomic_write_texts, naming_errors, remove_leftovers
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
                           add_sigma_arg, check_loader_spec, cli_parser, loader_spec, parse_config, scored_run_specs)
-from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
+from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, replaced
 from pipeline.dump import DumpWriter
 from pipeline.engine import Batch, ExportedScorer, ScoredImage, Scorer, dataset_batches, score_batches
-from pipeline.loading import open_scorer, resolve_device, resolve_num_workers
+from pipeline.loading import configure_threads, open_scorer, resolve_device, resolve_num_workers
 from pipeline.naming import OVERLAY_SUFFIX, VIS_FOLDER, output_path, relative_to_root
 from pipeline.visualize import save_overlay
 from utils import get_logger, project_version, setup_seed
@@ -432,7 +432,8 @@ def evaluate(config: EvaluationConfig) -> dict[str, object] | None:
 def _prepare(config: EvaluationConfig, device: torch.device) -> tuple[AnomalyDataset, str, Scorer]:
     """The dataset, its metric set and what scores it (the inference module, or an exported graph)."""
     scoring = config.scoring
-    exported = ExportedScorer.load(scoring.model_dir, scoring.runtime) if scoring.exported else None
+    threads = config.model.threads
+    exported = ExportedScorer.load(scoring.model_dir, scoring.runtime, threads) if scoring.exported else None
     dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
                              class_names=list(config.classes) if config.classes else None)
     metric_set = choose_metric_set(dataset, config.metrics)
@@ -445,7 +446,11 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> tuple[AnomalyDat
 def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.device) -> dict[str, object] | None:
     started = time.time()
     setup_seed(config.model.seed)
+    threads = configure_threads(config.model.threads)
     num_workers = resolve_num_workers(config.loader.num_workers, device)
+    # The run as it really runs (resolved defaults), recorded so in results.json: a new config, not a mutation.
+    config = replaced(config, loader=replaced(config.loader, num_workers=num_workers),
+                      record=config.record.with_values(num_workers=num_workers, threads=threads))
     outputs = config.outputs
     save_path = Path(outputs.save_path)
     logger = get_logger(save_path, "anomalyclip.test", main_process=world.is_main)
@@ -455,7 +460,7 @@ def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.
             remove_leftovers(save_path, name)  # of a run killed while writing
         stage.prepare()
     try:
-        return _evaluate_staged(config, world, device, stage, started, num_workers, logger)
+        return _evaluate_staged(config, world, device, stage, started, logger)
     finally:
         if world.is_main:
             stage.discard()
@@ -466,7 +471,7 @@ EARLIER_OUTPUTS = ("results.json", "scores.csv", "thresholds.json", "report.html
 
 
 def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device: torch.device, stage: StagedOutputs,
-                     started: float, num_workers: int, logger: logging.Logger) -> dict[str, object] | None:
+                     started: float, logger: logging.Logger) -> dict[str, object] | None:
     """The run, writing its files under ``stage.staging``; rank 0 commits them as one at the end."""
     outputs = config.outputs
     staging = stage.staging
@@ -490,7 +495,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     try:
         shard = world.shard(len(dataset))
         on_image = (lambda r: _save_vis(r, dataset, staging)) if outputs.vis else None
-        batches = dataset_batches(dataset, shard, config.loader, num_workers, device, progress=world.is_main)
+        batches = dataset_batches(dataset, shard, config.loader, device, progress=world.is_main)
         results = image_results(scorer, dataset, batches, on_image)
         rounds = world.rounds(len(dataset), config.loader.batch_size)
         for local, error in distributed.lockstep(world, results, rounds):
@@ -541,7 +546,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
-        "config": config.record.with_values(num_workers=num_workers).as_dict(),
+        "config": config.record.as_dict(),
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),
         "table": table,

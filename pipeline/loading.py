@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -14,6 +15,11 @@ from AnomalyCLIP_lib.model import CLIP, normalize_layers
 from pipeline.config import ModelSpec, ScoringSpec
 from pipeline.engine import ExportedScorer, Scorer, TorchScorer
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
+
+logger = logging.getLogger(__name__)
+
+# PyTorch's own choice at import (the physical cores, or OMP_NUM_THREADS): the ceiling of every later choice.
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def check_backbone_fits(spec: ModelSpec, model: CLIP) -> None:
@@ -49,18 +55,93 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def choose_threads(requested: int | None, available_cores: int, torch_default: int) -> int:
+    """Torch's intra-op thread count: ``requested``, else PyTorch's default within the cores this process may use.
+
+    On a busy CPU the collapse came from OpenMP's spin-waiting, not from the count: on 2 cores
+    that other processes kept busy, PyTorch's 2 threads scored 10-18x slower than 1 while they
+    spun, and as fast as 1 once they waited passively (``benchmarks/bench_busy_cpu.py``; the
+    entry scripts set ``OMP_WAIT_POLICY=PASSIVE``). So the default does not follow the load: the
+    scores' last digits depend on the thread count (README: Distributed), and a run gives the
+    same numbers whatever else runs. It does follow a container's CPU quota, which PyTorch's
+    default (the machine's physical cores) ignores: 32 threads on a 2-CPU quota stall at every op.
+
+    Args:
+        requested: ``--threads`` (``None``: not given).
+        available_cores: Cores this process may run on (affinity and CPU quota).
+        torch_default: PyTorch's own default, never exceeded.
+
+    Returns:
+        ``requested``, else ``min(torch_default, available_cores)``, at least 1.
+    """
+    if requested is not None:
+        return requested
+    return max(1, min(torch_default, available_cores))
+
+
+def quota_cores(cpu_max: str) -> int | None:
+    """The cores a cgroup v2 ``cpu.max`` line (``"QUOTA PERIOD"`` or ``"max PERIOD"``) allows; ``None``: no limit."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    return max(1, -(-quota // period)) if quota > 0 and period > 0 else None
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as cpu_max:
+            quota = quota_cores(cpu_max.read())
+    except OSError:
+        quota = None
+    return min(cores, quota) if quota else cores
+
+
+def load_average() -> float:
+    """Runnable processes on the machine, averaged over the last minute (0 where the platform has no such count)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
+def configure_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads for this run (every torch entry point calls this once); returns torch's count.
+
+    ``OMP_NUM_THREADS`` set by the user (or by torchrun, one per rank) is kept when ``--threads``
+    is not given. The entry scripts also make idle OpenMP threads sleep instead of spin
+    (``OMP_WAIT_POLICY=PASSIVE``, read only when torch loads).
+    """
+    if requested is None and os.environ.get("OMP_NUM_THREADS"):
+        why = "OMP_NUM_THREADS"  # torch applied it when it loaded
+    else:
+        cores = available_cores()
+        threads = choose_threads(requested, cores, TORCH_DEFAULT_THREADS)
+        why = "--threads" if requested is not None else f"{cores} core(s) available"
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+    logger.info("torch threads: %d (%s)", torch.get_num_threads(), why)
+    return torch.get_num_threads()
+
+
 def resolve_num_workers(requested: int | None, device: torch.device) -> int:
     """The DataLoader worker count: ``requested``, else a per-device default.
 
     On a GPU, workers decode and resize the next batch while the model runs. On a CPU the
     model's matmuls keep every thread PyTorch was given busy, so workers only pay off on cores
-    left over: on 2 cores (ViT-L/14 at 518 px) 2 workers made scoring 16% slower than none.
+    left over: on 2 cores (ViT-L/14 at 518 px) 2 workers made scoring 16% slower than none. Cores
+    that other processes keep busy (the load average) are not left over.
     """
     if requested is not None:
         return requested
     if device.type != "cpu":
         return 2
-    spare_cores = (os.cpu_count() or 1) - torch.get_num_threads()
+    spare_cores = (os.cpu_count() or 1) - torch.get_num_threads() - round(load_average())
     return max(0, min(2, spare_cores))
 
 

@@ -258,7 +258,7 @@ def open_export(config: PredictionConfig) -> ExportedScorer | None:
     """With ``--runtime``, the exported graph of ``--model`` loaded (``None`` on the torch path)."""
     if not config.scoring.exported:
         return None
-    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime)
+    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads)
 
 
 def run_provenance(config: PredictionConfig, exported: ExportedScorer | None) -> dict[str, object]:
@@ -420,10 +420,11 @@ def relative_name(file: Path, image_path: str | Path) -> Path:
 
 def open_torch_scorer(config: PredictionConfig) -> Scorer:
     """The torch inference module of the run (the reference path; imports torch)."""
-    from pipeline.loading import open_scorer, resolve_device
+    from pipeline.loading import configure_threads, open_scorer, resolve_device
     from utils import setup_seed
 
     setup_seed(config.model.seed)
+    configure_threads(config.model.threads)
     return open_scorer(config.model, config.scoring, resolve_device(config.model.device))
 
 

@@ -43,7 +43,7 @@ from pipeline.cli import (add_loader_args, add_model_args, add_save_path_arg, ch
                           loader_spec, model_spec, parse_config)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, replaced
 from pipeline.feature_cache import CacheShapes, FeatureCache
-from pipeline.loading import load_model_and_prompts, resolve_device, resolve_num_workers
+from pipeline.loading import configure_threads, load_model_and_prompts, resolve_device, resolve_num_workers
 from prompt_ensemble import AnomalyCLIP_PromptLearner, read_prompt_checkpoint
 from utils import get_logger, setup_seed
 
@@ -509,6 +509,7 @@ def _train(config: TrainingConfig, world: distributed.World, device: torch.devic
     distributed.together(world, lambda: _check_save_path(config))
     config = distributed.together(world, lambda: resumed_config(config))
     setup_seed(config.model.seed)
+    configure_threads(config.model.threads)
     config = replaced(config, loader=replaced(config.loader, num_workers=resolve_num_workers(config.loader.num_workers,
                                                                                               device)))
     logger = get_logger(config.save_path, "anomalyclip.train", main_process=world.is_main)

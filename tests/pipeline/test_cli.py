@@ -12,6 +12,7 @@ from pipeline.loading import resolve_num_workers
 def test_cpu_default_uses_only_cores_left_by_torch_threads(monkeypatch, cpu_count, threads, expected):
     monkeypatch.setattr("pipeline.loading.os.cpu_count", lambda: cpu_count)
     monkeypatch.setattr("pipeline.loading.torch.get_num_threads", lambda: threads)
+    monkeypatch.setattr("pipeline.loading.load_average", lambda: 0.0)  # an idle machine
     assert resolve_num_workers(None, torch.device("cpu")) == expected
 
 
