@@ -32,6 +32,7 @@ def one_thread_env(**extra: str) -> dict[str, str]:
     this process (see ``pytest_configure``). Not for the parity runs, which keep the goldens' settings."""
     return dict(os.environ, OMP_NUM_THREADS="1", **extra)
 
+
 # The goldens were recorded on an AMD CPU. MKL picks other AVX2 code paths on Intel CPUs even
 # when pinned to AVX2, so bit-exactness can only be asserted on the recording vendor; elsewhere
 # the goldens' documented tolerance (1e-5) applies.

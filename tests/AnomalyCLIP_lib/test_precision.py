@@ -75,6 +75,30 @@ def test_half_precision_module_on_cpu_refuses_before_the_tower_runs(tiny_model, 
     assert seen["dtypes"] == []
 
 
+@pytest.mark.parametrize("cli", ["test", "one"])
+def test_cli_with_half_precision_on_cpu_is_one_line_and_writes_nothing(cli, tiny_model, learner, tiny_clip_files,
+                                                                       synthetic_datasets, tmp_path, capsys):
+    from pipeline import evaluation, prediction
+    from pipeline.cli import run_cli
+    from tests.deploy_helpers import save_prompt_checkpoint
+
+    checkpoint = save_prompt_checkpoint(learner, tmp_path / "prompts.pth")
+    images = synthetic_datasets[1] / "blobs" / "Data" / "Images" / "Anomaly"
+    source = (["--data_path", str(synthetic_datasets[1]), "--num_workers", "0"] if cli == "test"
+              else ["--image_path", str(images)])
+    main = evaluation.main if cli == "test" else prediction.main
+    out = tmp_path / "out"
+    argv = [*source, "--save_path", str(out), "--checkpoint_path", str(checkpoint), "--backbone",
+            str(tiny_clip_files[0]), "--image_size", str(TINY_SIZE), "--features_list", "6", "24", "--device", "cpu",
+            "--precision", "bf16"]
+    capsys.readouterr()
+    assert run_cli(main, argv) == 2
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: --precision bf16 needs a CUDA device; use fp32 on cpu"] and "Traceback" not in stderr
+    assert not out.exists()
+
+
 def test_an_export_runs_fp32_whatever_the_precision(tiny_model, learner, monkeypatch):
     """While a graph is traced the precision context is off (a graph holds no autocast), so fp16 is not refused."""
     module = _module(tiny_model, learner, "fp16")
