@@ -27,6 +27,12 @@ def run_on_avx2_kernels(args: list[str], timeout: int = 600) -> subprocess.Compl
     return completed
 
 
+def one_thread_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that runs our CLIs on the tiny backbone: one PyTorch thread, as in
+    this process (see ``pytest_configure``). Not for the parity runs, which keep the goldens' settings."""
+    return dict(os.environ, OMP_NUM_THREADS="1", **extra)
+
+
 # The goldens were recorded on an AMD CPU. MKL picks other AVX2 code paths on Intel CPUs even
 # when pinned to AVX2, so bit-exactness can only be asserted on the recording vendor; elsewhere
 # the goldens' documented tolerance (1e-5) applies.
@@ -64,15 +70,29 @@ def writable_copy(source: Path, target: Path, ignore=None) -> Path:
     return target
 
 
-# Test files that run ONNX Runtime or OpenVINO inside the pytest process.
-DEPLOY_FILES = ("test_export.py", "test_runtime.py", "test_bench_runtimes.py")  # TODO: by folder
+# Every test under tests/deploy/ runs ONNX, ONNX Runtime or OpenVINO (each module skips itself
+# where a package it needs is absent); tests elsewhere that do so carry ``pytestmark`` themselves.
+DEPLOY_DIR = REPO_ROOT / "tests" / "deploy"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One PyTorch thread in the test process.
+
+    The tests run tiny models (56 px, width 128), whose ops take microseconds: split over two
+    threads, every op waits for both to be scheduled, and on a busy 2-core machine a training run
+    took 3-5 s instead of 0.9 s. Subprocesses (the parity runs on the goldens' kernels, torchrun)
+    keep their own settings.
+    """
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark tests that use the goldens ``parity``; skip ``gpu`` tests where CUDA is unavailable.
 
-    ``deploy`` tests (ONNX Runtime / OpenVINO in this process) are marked so that
-    ``-m "not deploy"`` runs without the runtimes; the whole suite runs in one process. It once
+    Tests under ``tests/deploy/`` (ONNX Runtime / OpenVINO in this process) are marked ``deploy``
+    so that ``-m "not deploy"`` runs without the runtimes; the whole suite runs in one process. It once
     could not: the process segfaulted (or aborted) after the OpenVINO tests, because every
     ``ExportedModel`` made its own ``openvino.Core``, each Core's CPU plugin swapped in an
     alternate signal stack of its own, and plugins released first-in-first-out left the main
@@ -81,7 +101,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     process) fixed it; ``test_runtime.py`` holds the regression test.
     """
     for item in items:
-        if item.path.name in DEPLOY_FILES:
+        if DEPLOY_DIR in item.path.parents:
             item.add_marker(pytest.mark.deploy)
     gpu_items = []
     for item in items:

@@ -26,7 +26,26 @@ import pytest
 from dataset import AnomalyDataset
 from deploy import export
 from tests.conftest import E2E_IMAGE_SIZE, REPO_ROOT
-from tests.test_user_errors import base_argv, error_line, onnx_export, paths, refused, run, runtime_argv  # noqa: F401
+from tests.test_user_errors import base_argv, error_line, paths, refused, run  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def onnx_export(paths, design_args, tmp_path_factory) -> Path:
+    """An ONNX export of the shared checkpoint (56 px, layers 6 24, sigma 4), without thresholds."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from pipeline.cli import run_cli
+
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    assert run_cli(export.main, ["--checkpoint_path", str(paths["checkpoint"]), "--out", str(out), "--format", "onnx",
+                                 *design_args]) == 0
+    return out
+
+
+def runtime_argv(cli: str, paths: dict[str, Path], model: Path, out: Path) -> list:
+    """A valid ``--runtime onnxruntime`` command line of test.py or test_one_example.py, without model flags."""
+    source = ["--data_path", paths["target"], "--num_workers", 0] if cli == "test" else ["--image_path", paths["image"]]
+    return [*source, "--save_path", out, "--runtime", "onnxruntime", "--model", model]
 
 
 def _sha(path: Path) -> str:
@@ -65,6 +84,7 @@ def openvino_export(onnx_export, tmp_path_factory) -> Path:
 
 
 @pytest.mark.deploy
+@pytest.mark.deploy
 def test_export_records_the_sha256_of_its_graph(onnx_export):
     manifest = json.loads((onnx_export / "anomalyclip.json").read_text())
     assert manifest["files_sha256"] == {"anomalyclip.onnx": _sha(onnx_export / "anomalyclip.onnx")}
@@ -73,6 +93,7 @@ def test_export_records_the_sha256_of_its_graph(onnx_export):
 @pytest.mark.deploy
 @pytest.mark.parametrize("runtime, graph_file", [("onnxruntime", "anomalyclip.onnx"), ("openvino", "anomalyclip.bin"),
                                                  ("openvino", "anomalyclip.xml")])
+@pytest.mark.deploy
 def test_replaced_graph_file_is_refused(runtime, graph_file, paths, onnx_export, openvino_export,
                                        tmp_path, capsys):
     """A graph file replaced after the export was scored under the manifest's name; now refused at load."""
@@ -94,6 +115,7 @@ def test_replaced_graph_file_is_refused(runtime, graph_file, paths, onnx_export,
 
 
 @pytest.mark.deploy
+@pytest.mark.deploy
 def test_manifest_without_hashes_is_accepted_with_a_warning(paths, onnx_export, tmp_path, capsys,
                                                              caplog):
     """An export written before the hashes were recorded still runs (refusing would break every earlier export),
@@ -107,6 +129,7 @@ def test_manifest_without_hashes_is_accepted_with_a_warning(paths, onnx_export, 
     assert (tmp_path / "out" / "predictions.csv").is_file()
 
 
+@pytest.mark.deploy
 @pytest.mark.deploy
 def test_manifest_hash_field_without_the_graph_is_refused(paths, onnx_export, tmp_path, capsys):
     model = shutil.copytree(onnx_export, tmp_path / "model")
@@ -179,6 +202,7 @@ def test_pixel_threshold_within_the_layers_summed_is_taken(paths, design_args, t
     ({"image_threshold": True, "pixel_threshold": 0.5}, "class 'blobs' has an invalid image_threshold True"),
     ({"image_threshold": 0.5, "pixel_threshold": 2.5}, "class 'blobs' has pixel_threshold 2.5, outside [0, 2]"),
 ], ids=["bool", "pixel_above_the_exports_layers"])
+@pytest.mark.deploy
 def test_thresholds_in_an_export_manifest_are_checked(entry, expected, paths, onnx_export, tmp_path,
                                                       capsys):
     """Thresholds stored by export.py are checked at load too; without provenance the export's own layers (6 24)
@@ -401,6 +425,7 @@ def test_thresholds_file_of_another_version_is_refused(paths, design_args, tmp_p
     assert line.startswith(f"error: thresholds file {thresholds} has version 2, this code reads 1")
 
 
+@pytest.mark.deploy
 @pytest.mark.deploy
 def test_manifest_listing_a_key_twice_is_refused(paths, onnx_export, tmp_path, capsys):
     """Hunt: a hand-edited manifest with a field twice was read with the last one."""

@@ -350,32 +350,3 @@ def test_error_inside_a_dataloader_worker_is_one_line(synthetic_datasets, traine
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: cannot read image file") and Path(broken).name in error
     assert "DataLoader worker" not in error and "Traceback" not in error
-
-
-@pytest.mark.deploy
-def test_runtime_scores_a_dataset_like_torch(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
-    """test.py --runtime onnxruntime --model DIR: the exported graph scores the dataset as the torch path does."""
-    import csv
-
-    from deploy import export
-
-    out = tmp_path / "export"
-    assert export.main(["--checkpoint_path", str(trained_checkpoint), *design_args, "--format", "onnx",
-                        "--out", str(out)]) == 0
-    torch_run, onnx_run = tmp_path / "torch", tmp_path / "onnx"
-    assert _evaluate(synthetic_datasets[1], torch_run, trained_checkpoint, design_args) == 0
-    assert evaluation.main(["--data_path", str(synthetic_datasets[1]), "--save_path", str(onnx_run), "--runtime",
-                            "onnxruntime", "--model", str(out), "--num_workers", "0", "--batch_size", "4"]) == 0
-
-    def scores(run):
-        with open(run / "scores.csv", newline="") as handle:
-            return {row["img_path"]: float(row["score"]) for row in csv.DictReader(handle)}
-
-    expected, got = scores(torch_run), scores(onnx_run)
-    assert expected.keys() == got.keys()
-    assert max(abs(expected[k] - got[k]) for k in expected) <= 1e-4
-    summary = json.loads((onnx_run / "results.json").read_text())
-    assert summary["runtime"] == "onnxruntime" and summary["config"]["image_size"] == E2E_IMAGE_SIZE
-    import hashlib
-
-    assert summary["checkpoint_sha256"] == hashlib.sha256(trained_checkpoint.read_bytes()).hexdigest()

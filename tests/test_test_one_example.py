@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import shutil
 
 import numpy as np
@@ -259,60 +258,6 @@ def test_bad_flags_are_one_line_errors(case, trained_checkpoint, design_args, tm
     captured = capsys.readouterr()
     assert captured.err.startswith("error: ") and captured.err.count("\n") == 1 and message in captured.err
     assert captured.out == "" and not (tmp_path / "out").exists()
-
-
-_WITHOUT_TORCH = r"""
-import importlib.abc, sys
-
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "scipy"):
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, Blocker())
-sys.argv = ["test_one_example.py", *sys.argv[1:]]
-from pipeline import prediction as test_one_example
-from pipeline.cli import run_cli
-code = run_cli(test_one_example.main)
-assert not any(m.split(".")[0] in ("torch", "scipy") for m in sys.modules), "torch or scipy was loaded"
-raise SystemExit(code)
-"""
-
-
-def test_runtime_path_runs_without_torch_and_equals_torch(synthetic_datasets, trained_checkpoint, design_args,
-                                                          tmp_path):
-    """--runtime onnxruntime --model DIR: same predictions as the torch path, verdicts from the export's thresholds."""
-    import subprocess
-    import sys
-
-    from deploy import export
-    from tests.conftest import REPO_ROOT
-
-    folder = _visa_images(synthetic_datasets, "Anomaly")
-    thresholds = tmp_path / "thresholds.json"
-    thresholds.write_text(json.dumps({"version": 1, "classes": {"parts": {"image_threshold": 0.5,
-                                                                          "pixel_threshold": 0.3, "method": "f1"}}}))
-    out = tmp_path / "export"
-    assert export.main(["--checkpoint_path", str(trained_checkpoint), *design_args, "--format", "onnx", "--out",
-                        str(out), "--thresholds", str(thresholds), "--accept_thresholds"]) == 0
-    torch_run, runtime_run = tmp_path / "torch", tmp_path / "runtime"
-    assert test_one_example.main(["--image_path", str(folder), "--checkpoint_path", str(trained_checkpoint),
-                                  "--save_path", str(torch_run), "--thresholds", str(thresholds),
-                                  "--accept_thresholds", *design_args]) == 0
-    completed = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, "--image_path", str(folder), "--runtime",
-                                "onnxruntime", "--model", str(out), "--save_path", str(runtime_run)],
-                               cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True,
-                               text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    expected, got = _read_csv(torch_run / "predictions.csv"), _read_csv(runtime_run / "predictions.csv")
-    assert [row["path"] for row in expected] == [row["path"] for row in got]
-    for a, b in zip(expected, got):
-        assert abs(float(a["score"]) - float(b["score"])) <= 1e-4
-        assert a["overlay"] == b["overlay"] and a["mask"] == b["mask"]
-        if abs(float(a["score"]) - 0.5) > 1e-4:
-            assert a["verdict"] == b["verdict"]
-        assert abs(int(a["defect_pixels"]) - int(b["defect_pixels"])) <= 0.001 * 48 * 64 + 1
 
 
 def test_folder_report_lists_every_image_by_score(synthetic_datasets, trained_checkpoint, design_args, tmp_path):

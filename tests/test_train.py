@@ -31,13 +31,27 @@ def test_checkpoint_layout_and_log(trained_checkpoint):
     assert not list(trained_checkpoint.parent.glob(".*.tmp"))
 
 
-def test_resume_equals_unbroken_run(synthetic_datasets, design_args, tmp_path):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert _train(synthetic_datasets[0], straight, design_args, "--epoch", "2") == 0
-    assert _train(synthetic_datasets[0], broken, design_args, "--epoch", "1") == 0
+@pytest.fixture(scope="module")
+def three_epoch_runs(synthetic_datasets, design_args, tmp_path_factory):
+    """Unbroken 3-epoch runs, ``{"cached": folder, "uncached": folder (--no_cache)}``, shared by the tests below.
+
+    Each epoch's shuffle is seeded from (seed, epoch) and no setting depends on the number of
+    epochs, so their ``epoch_N.pth`` is what an unbroken N-epoch run writes.
+    """
+    root = tmp_path_factory.mktemp("three_epochs")
+    runs = {"cached": root / "cached", "uncached": root / "uncached"}
+    assert _train(synthetic_datasets[0], runs["cached"], design_args, "--epoch", "3") == 0
+    assert _train(synthetic_datasets[0], runs["uncached"], design_args, "--epoch", "3", "--no_cache") == 0
+    return runs
+
+
+def test_resume_equals_unbroken_run(synthetic_datasets, design_args, trained_checkpoint, three_epoch_runs, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(trained_checkpoint.parent, tmp_path / "broken")  # a 1-epoch run of the same flags
     assert _train(synthetic_datasets[0], broken, design_args, "--epoch", "2", "--resume",
                   str(broken / "epoch_1.pth")) == 0
-    a = torch.load(straight / "epoch_2.pth", weights_only=True)
+    a = torch.load(three_epoch_runs["cached"] / "epoch_2.pth", weights_only=True)
     b = torch.load(broken / "epoch_2.pth", weights_only=True)
     for key in a["prompt_learner"]:
         assert torch.equal(a["prompt_learner"][key], b["prompt_learner"][key]), key
@@ -109,10 +123,8 @@ def _forwards(log_path):
     return [int(n) for n in re.findall(r"frozen image forwards: (\d+)", log_path.read_text())]
 
 
-def test_cached_training_equals_uncached(synthetic_datasets, design_args, tmp_path):
-    cached, uncached = tmp_path / "cached", tmp_path / "uncached"
-    assert _train(synthetic_datasets[0], cached, design_args, "--epoch", "3") == 0
-    assert _train(synthetic_datasets[0], uncached, design_args, "--epoch", "3", "--no_cache") == 0
+def test_cached_training_equals_uncached(synthetic_datasets, three_epoch_runs):
+    cached, uncached = three_epoch_runs["cached"], three_epoch_runs["uncached"]
     for epoch in (1, 2, 3):
         _assert_same_prompts(cached / f"epoch_{epoch}.pth", uncached / f"epoch_{epoch}.pth", atol=1e-6)
     n_images = len(train.AnomalyDataset(synthetic_datasets[0], image_size=32, split="test"))
@@ -122,25 +134,25 @@ def test_cached_training_equals_uncached(synthetic_datasets, design_args, tmp_pa
     assert not (cached / "feature_cache").exists()
 
 
-def test_disk_cache_under_a_tiny_budget_equals_memory(synthetic_datasets, design_args, tmp_path):
-    memory, disk = tmp_path / "memory", tmp_path / "disk"
-    assert _train(synthetic_datasets[0], memory, design_args, "--epoch", "2") == 0
+def test_disk_cache_under_a_tiny_budget_equals_memory(synthetic_datasets, design_args, three_epoch_runs, tmp_path):
+    memory, disk = three_epoch_runs["cached"], tmp_path / "disk"
+    assert "caching frozen features in memory" in (memory / "log.txt").read_text()
     assert _train(synthetic_datasets[0], disk, design_args, "--epoch", "2", "--cache_memory_gb", "0") == 0
     assert "caching frozen features on disk" in (disk / "log.txt").read_text()
     _assert_same_prompts(memory / "epoch_2.pth", disk / "epoch_2.pth")
     assert not (disk / "feature_cache").exists()  # removed after a successful run
 
 
-def test_kept_cache_is_reused_and_rebuilt_when_its_inputs_change(synthetic_datasets, design_args, tmp_path):
+def test_kept_cache_is_reused_and_rebuilt_when_its_inputs_change(synthetic_datasets, design_args, three_epoch_runs,
+                                                                  tmp_path):
     import json
     import shutil
 
     data = tmp_path / "aux"
     shutil.copytree(synthetic_datasets[0], data)
     cache_dir = tmp_path / "cache"
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    straight, resumed = three_epoch_runs["uncached"], tmp_path / "resumed"  # straight: the same images, unbroken
     keep = ("--keep_cache", "--cache_dir", str(cache_dir))
-    assert _train(data, straight, design_args, "--epoch", "2", "--no_cache") == 0
     assert _train(data, resumed, design_args, "--epoch", "1", *keep) == 0
     manifest = json.loads((cache_dir / "cache.json").read_text())
     assert manifest["key"]["features_list"] == [6, 24]

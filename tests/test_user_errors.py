@@ -38,7 +38,7 @@ from pipeline import evaluation
 from pipeline import prediction as test_one_example
 from pipeline import training as train
 from pipeline.cli import run_cli
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, one_thread_env
 
 CLIS = {"train": train, "test": evaluation, "one": test_one_example, "export": export}
 # A tqdm bar as it lands on a non-terminal stderr: "desc:  33%|###3      | 2/6 [00:00<00:01,  2.96batch/s]".
@@ -95,7 +95,11 @@ def base_argv(cli: str, paths: dict[str, Path], design_args: list[str], out: Pat
 @pytest.fixture(scope="module")
 def paths(synthetic_datasets, trained_checkpoint, tiny_clip_files, tmp_path_factory) -> dict[str, Path]:
     """The shared inputs, and a few broken files, read-only for the tests (they copy what they change)."""
-    folder = tmp_path_factory.mktemp("user_errors")
+    return make_paths(synthetic_datasets, trained_checkpoint, tiny_clip_files, tmp_path_factory.mktemp("user_errors"))
+
+
+def make_paths(synthetic_datasets, trained_checkpoint, tiny_clip_files, folder: Path) -> dict[str, Path]:
+    """:func:`paths` with its files in ``folder``."""
     auxiliary, target = synthetic_datasets
     files = {"auxiliary": auxiliary, "target": target, "checkpoint": trained_checkpoint,
              "torchscript": tiny_clip_files[1],
@@ -473,84 +477,6 @@ def test_checkpoint_of_another_design_is_one_line(cli, flags, paths, design_args
     assert f"{flags[0]} {flags[1]}" in line
 
 
-@pytest.fixture(scope="module")
-def onnx_export(paths, design_args, tmp_path_factory) -> Path:
-    """An ONNX export of the shared checkpoint (56 px, layers 6 24, sigma 4)."""
-    out = tmp_path_factory.mktemp("export") / "onnx"
-    assert run_cli(export.main, ["--checkpoint_path", str(paths["checkpoint"]), "--out", str(out), "--format", "onnx",
-                                 *design_args]) == 0
-    return out
-
-
-def runtime_argv(cli: str, paths: dict[str, Path], model: Path, out: Path) -> list:
-    """A valid ``--runtime onnxruntime`` command line of test.py or test_one_example.py, without model flags."""
-    source = ["--data_path", paths["target"], "--num_workers", 0] if cli == "test" else ["--image_path", paths["image"]]
-    return [*source, "--save_path", out, "--runtime", "onnxruntime", "--model", model]
-
-
-EXPORT_MISMATCHES = [
-    ("test", ["--image_size", "518"], "--image_size 518 (the export's: 56)"),
-    ("one", ["--image_size", "112", "--sigma", "2"],
-     "--image_size 112 (the export's: 56); --sigma 2.0 (the export's: 4.0)"),
-    ("one", ["--features_list", "24"], "--features_list 24 (the export's: 6 24)"),
-    ("test", ["--reference_arithmetic"], "--reference_arithmetic on (the export's: off)"),
-    ("one", ["--n_ctx", "8"], "--n_ctx 8 (the export's: 12)"),
-    ("test", ["--checkpoint_path", "{torchscript}"],
-     "--checkpoint_path {torchscript} (not the file the export was made from)"),
-    ("one", ["--backbone", "ViT-L/14@336px"], "--backbone ViT-L/14@336px (not the file the export was made from)"),
-]
-
-
-@pytest.mark.deploy
-@pytest.mark.parametrize("cli, flags, expected", EXPORT_MISMATCHES,
-                         ids=[f"{cli}{flags[0]}" for cli, flags, _ in EXPORT_MISMATCHES])
-def test_runtime_flags_the_export_cannot_honour_are_refused(cli, flags, expected, paths, onnx_export, tmp_path,
-                                                            capsys):
-    """--runtime takes the design from the export: a flag given otherwise was silently replaced; now it is named,
-    with the export's value, before the graph loads and before anything is written."""
-    flags = [flag.format(**paths) for flag in flags]
-    out = tmp_path / "out"
-    line = refused(cli, [*runtime_argv(cli, paths, onnx_export, out), *flags], capsys)
-    assert line == (f"error: {expected.format(**paths)}: {onnx_export} was exported otherwise and an exported graph's "
-                    "design is fixed; drop the flag(s), or run export.py again with them")
-    assert not out.exists()
-
-
-@pytest.mark.deploy
-def test_runtime_flags_equal_to_the_export_are_taken(paths, onnx_export, design_args, tmp_path, capsys):
-    """The export's own settings, the default --feature_map_layer list (only its first value counts) and the
-    checkpoint under another path (same SHA-256) are accepted; results.json records the export's design and no
-    private attribute of the parsed flags."""
-    checkpoint_copy = tmp_path / "copy.pth"
-    shutil.copy(paths["checkpoint"], checkpoint_copy)
-    out = tmp_path / "out"
-    argv = [*runtime_argv("test", paths, onnx_export, out), *design_args, "--sigma", "4", "--feature_map_layer", 0, 3,
-            "--checkpoint_path", checkpoint_copy]
-    status, stderr = run("test", argv, capsys)
-    assert status == 0, stderr[-3000:]
-    config = json.loads((out / "results.json").read_text())["config"]
-    assert (config["image_size"], config["features_list"], config["sigma"]) == (56, [6, 24], 4.0)
-    assert not [key for key in config if key.startswith("_")]
-
-
-@pytest.mark.deploy
-@pytest.mark.parametrize("edit, expected", [
-    (lambda manifest: manifest.pop("scoring"), "lacks the field 'scoring'"),
-    (lambda manifest: manifest["scoring"].pop("sigma"), "lacks the field 'scoring.sigma'"),
-    (lambda manifest: manifest["design"].update(n_ctx="12"), "'design.n_ctx' has the wrong type ('12')"),
-    (lambda manifest: manifest.update(image_size=True), "'image_size' has the wrong type (True)"),
-    (lambda manifest: manifest.update(backbone="tiny.pt"), "'backbone' must be an object, not 'tiny.pt'"),
-], ids=["no_scoring", "no_sigma", "n_ctx_a_string", "image_size_a_bool", "backbone_a_string"])
-def test_hand_edited_export_manifest_is_one_line(edit, expected, paths, onnx_export, tmp_path, capsys):
-    """A manifest that lacks a field this code reads (a KeyError traceback before) or holds a wrong type."""
-    model = shutil.copytree(onnx_export, tmp_path / "model")
-    manifest = json.loads((model / "anomalyclip.json").read_text())
-    edit(manifest)
-    (model / "anomalyclip.json").write_text(json.dumps(manifest))
-    line = refused("one", runtime_argv("one", paths, model, tmp_path / "out"), capsys)
-    assert line.startswith(f"error: {model / 'anomalyclip.json'}") and expected in line and "re-run export.py" in line
-
-
 # --- where the results go -----------------------------------------------------------------------
 
 SAVE_PATH_CASES = [("train", "file"), ("test", "file"), ("one", "file"), ("train", "under_a_file"),
@@ -684,7 +610,8 @@ def test_out_of_memory_is_one_line(paths, design_args, tmp_path):
     touched) the allocation fails as it does on a device that is full."""
     argv = [*base_argv("one", paths, design_args, tmp_path / "out"), "--image_size", 59990]
     done = subprocess.run([sys.executable, str(REPO_ROOT / "test_one_example.py"), *map(str, argv)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300, preexec_fn=_address_space_limit(6 * 2**30))
+                          capture_output=True, text=True, timeout=300, preexec_fn=_address_space_limit(6 * 2**30),
+                          env=one_thread_env())
     assert done.returncode == 2, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if not line.startswith("loaded backbone ")]  # its INFO log
@@ -763,7 +690,7 @@ def test_sigterm_stops_training_like_ctrl_c(paths, design_args, tmp_path):
     out = tmp_path / "run"
     argv = [*base_argv("train", paths, design_args, out), "--epoch", 10_000, "--cache_memory_gb", 0]
     process = subprocess.Popen([sys.executable, "train.py", *map(str, argv)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, env=one_thread_env())
     try:
         deadline = time.monotonic() + 300
         while not list(out.glob("epoch_2.pth")):  # training, with checkpoints being written
@@ -784,13 +711,19 @@ def test_sigterm_stops_training_like_ctrl_c(paths, design_args, tmp_path):
     ("test", ["--batch_size", "abc"], "error: argument --batch_size: invalid int value: 'abc'; see test.py --help"),
     ("export", ["--opset", "10"], "error: --opset 10 must be >= 17; see export.py --help"),
 ])
-def test_command_line_mistakes_are_one_line_without_the_usage(cli, flags, expected, paths, design_args, tmp_path):
+def test_command_line_mistakes_are_one_line_without_the_usage(cli, flags, expected, paths, design_args, tmp_path,
+                                                              capsys, monkeypatch):
+    """What ``python SCRIPT ARGS`` prints, run in this process: argparse names the program after ``sys.argv[0]``, and
+    the script's ``raise SystemExit(run_cli(main))`` passes on argparse's exit status."""
     script = {"train": "train.py", "test": "test.py", "export": "export.py"}[cli]
+    monkeypatch.setattr(sys, "argv", [script])
     argv = [*map(str, base_argv(cli, paths, design_args, tmp_path / "out")), *flags]
-    completed = subprocess.run([sys.executable, script, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=120)
-    assert completed.returncode == 2
-    assert completed.stderr.strip().splitlines() == [expected]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_cli(CLIS[cli].main, argv)
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [expected] and captured.out == ""
     assert not (tmp_path / "out").exists()
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
+from AnomalyCLIP_lib import inference as inference_module
 from AnomalyCLIP_lib import scoring
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
@@ -124,7 +125,58 @@ def test_text_features_are_a_buffer_and_the_text_tower_is_not_kept(tiny_model, l
     assert module.visual is tiny_model.visual
 
 
+# A real batch (one pass through the tower) agrees with single images up to float32 rounding of
+# batched kernels; an image mixed with another of the batch differs by ~1e-1.
+BATCH_TOL = 1e-5
+
+
+def _first_block_batch_sizes(visual):
+    """Batch sizes the first vision block sees, recorded by a forward pre-hook."""
+    seen = []
+    handle = visual.transformer.resblocks[0].register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    return seen, handle
+
+
+@pytest.mark.parametrize("dpam_layer", [20, None])
+def test_real_batch_equals_single_images(tiny_model, text_feats, dpam_layer):
+    """raw_predict(batched=True), what an exported graph runs: one pass over 3 images, each as if alone."""
+    images = random_images(3, seed=2)
+    visual = tiny_model.visual
+    seen, handle = _first_block_batch_sizes(visual)
+    try:
+        with torch.inference_mode():
+            scores, maps = scoring.raw_predict(visual, text_feats, images, FEATURES, dpam_layer, batched=True)
+            assert seen == [3]  # one pass over the whole batch, not image by image
+            singles = [scoring.raw_predict(visual, text_feats, images[i : i + 1], FEATURES, dpam_layer)
+                       for i in range(3)]
+    finally:
+        handle.remove()
+    for i, (score, single_map) in enumerate(singles):
+        torch.testing.assert_close(scores[i : i + 1], score, rtol=0, atol=BATCH_TOL)
+        torch.testing.assert_close(maps[i : i + 1], single_map, rtol=0, atol=BATCH_TOL)
+    assert (maps[0] - maps[1]).abs().max() > 100 * BATCH_TOL  # the images differ: mixing them would show
+
+
+def test_traced_forward_of_a_batch_equals_single_images(tiny_model, learner, monkeypatch):
+    """The module's forward as export traces it (a real batch, float32 filter) against single images."""
+    module = _module(tiny_model, learner)
+    images = random_images(3, seed=6)
+    monkeypatch.setattr(inference_module, "is_exporting", lambda: True)
+    seen, handle = _first_block_batch_sizes(module.visual)
+    try:
+        with torch.inference_mode():
+            scores, maps = module(images)
+            singles = [module(images[i : i + 1]) for i in range(3)]
+    finally:
+        handle.remove()
+    assert seen == [3, 1, 1, 1]
+    for i, (score, single_map) in enumerate(singles):
+        torch.testing.assert_close(scores[i : i + 1], score, rtol=0, atol=BATCH_TOL)
+        torch.testing.assert_close(maps[i : i + 1], single_map, rtol=0, atol=BATCH_TOL)
+
+
 def test_batch_equals_single_images(tiny_model, learner):
+    """predict on a CPU runs the tower image by image: every image gets its single-image result."""
     module = _module(tiny_model, learner)
     images = random_images(3, seed=2)
     batched = module.predict(images)

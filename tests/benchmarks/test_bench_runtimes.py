@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.deploy  # ONNX Runtime and OpenVINO in this process
+for _package in ("onnx", "onnxruntime", "openvino"):
+    pytest.importorskip(_package)
+
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_runtimes.py"
 
 

@@ -89,6 +89,45 @@ def test_original_structure_is_the_reference_arithmetic_bit_for_bit(bench_infere
     assert all(torch.equal(a, b) for a, b in zip(ours[1], original[1], strict=True))
 
 
+BATCH_TOL = 1e-5  # float32 rounding of batched kernels; an image mixed with another differs by ~1e-1
+
+
+def _max_diff_to_single_images(encode, images) -> float:
+    """Max |batched - single| over every image's embedding and patch tokens, ``encode`` run on the whole batch."""
+    embedding, tokens = encode(images)
+    diffs = []
+    for i in range(len(images)):
+        single_embedding, single_tokens = encode(images[i : i + 1])
+        diffs.append((embedding[i : i + 1] - single_embedding).abs().max().item())
+        diffs += [(layer[i : i + 1] - single).abs().max().item() for layer, single in zip(tokens, single_tokens,
+                                                                                          strict=True)]
+    return max(diffs)
+
+
+@pytest.mark.parametrize("dpam_layer", [20, None])
+def test_real_batch_equals_single_images(bench_inference, tiny, dpam_layer):
+    """Both forwards the benchmark times, run on a real batch of 3 in one pass (ours through ``_encode``,
+    which ``encode`` splits on a CPU; the released structure always batches), against each image alone."""
+    images = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    features = [6, 12, 18, 24]
+    visual = tiny.visual
+    seen = []
+    handle = visual.transformer.resblocks[0].register_forward_pre_hook(lambda _m, args: seen.append(len(args[0])))
+    try:
+        with torch.inference_mode():
+            ours = _max_diff_to_single_images(
+                lambda x: visual._encode(x, features, visual._first_dpam_layer(dpam_layer)), images)
+    finally:
+        handle.remove()
+    assert seen == [3, 1, 1, 1]  # the batch ran in one pass
+    with torch.inference_mode():
+        original = _max_diff_to_single_images(
+            lambda x: bench_inference.original_structure_encode(tiny, x, features, dpam_layer), images)
+        spread = (visual._encode(images[:1], features, 2)[1][0] - visual._encode(images[1:2], features, 2)[1][0])
+    assert ours <= BATCH_TOL and original <= BATCH_TOL, (ours, original)
+    assert spread.abs().max().item() > 100 * BATCH_TOL  # the images differ: mixing them would show
+
+
 def test_benchmark_weights_keep_clip_scale(bench_inference):
     state = bench_inference.benchmark_state_dict(0, {**TINY, "vision_width": 256})
     raw = random_state_dict(0, **{**TINY, "vision_width": 256})

@@ -110,16 +110,22 @@ def test_image_size_must_fit_the_backbone_patches(tiny_clip_files, synthetic_dat
 
 
 @pytest.mark.parametrize("script", ["train.py", "test.py", "test_one_example.py"])
-def test_help_shows_defaults(script):
-    import subprocess
+def test_help_shows_defaults(script, capsys, monkeypatch):
+    """``python SCRIPT --help`` (``run_cli(main)``, as the script's ``__main__``), run in this process: argparse
+    prints the help and exits 0."""
     import sys
 
-    from tests.conftest import REPO_ROOT
+    from pipeline import prediction
+    from pipeline.cli import run_cli
 
-    completed = subprocess.run([sys.executable, script, "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
-                               timeout=120)
-    assert completed.returncode == 0
-    help_text = " ".join(completed.stdout.split())
+    main = {"train.py": train_cli.main, "test.py": test_cli.main, "test_one_example.py": prediction.main}[script]
+    monkeypatch.setattr(sys, "argv", [script])
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, ["--help"])
+    assert exited.value.code == 0
+    captured = capsys.readouterr()
+    help_text = " ".join(captured.out.split())
+    assert help_text.startswith(f"usage: {script} ") and captured.err == ""
     assert "input side in pixels (default: 518)" in help_text
     assert "(default: ViT-L/14@336px)" in help_text
 

@@ -26,6 +26,7 @@ from pipeline import evaluation as test_cli
 from pipeline import training as train_cli
 from pipeline.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text, atomic_write_texts
 from pipeline.cli import run_cli
+from tests.conftest import one_thread_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PAGE = 4096
@@ -150,7 +151,7 @@ def test_train_past_the_file_size_limit_is_one_line(synthetic_datasets, design_a
     completed = subprocess.run([sys.executable, "train.py", *_train_argv(synthetic_datasets, design_args, save_path,
                                                                          "--epoch", "1")],
                                capture_output=True, text=True, cwd=REPO_ROOT, preexec_fn=_limited(limit), timeout=600,
-                               env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+                               env=one_thread_env(PYTHONDONTWRITEBYTECODE="1"))
     assert completed.returncode == 2, completed.stderr[-2000:]
     line = one_error_line(completed.stderr)
     assert line.startswith(f"error: cannot write {save_path / 'epoch_1.pth'}: the file would pass the file-size "
