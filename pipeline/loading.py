@@ -125,7 +125,7 @@ def configure_threads(requested: int | None) -> int:
         why = "--threads" if requested is not None else f"{cores} core(s) available"
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-    logger.info("torch threads: %d (%s)", torch.get_num_threads(), why)
+    logger.debug("torch threads: %d (%s)", torch.get_num_threads(), why)  # results.json records the count
     return torch.get_num_threads()
 
 

@@ -95,7 +95,8 @@ def test_cli_with_half_precision_on_cpu_is_one_line_and_writes_nothing(cli, tiny
     assert run_cli(main, argv) == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error")]
-    assert errors == ["error: --precision bf16 needs a CUDA device; use fp32 on cpu"] and "Traceback" not in stderr
+    assert errors == ["error: --precision bf16 needs a CUDA device and this run is on cpu; use --precision fp32 (the "
+                      "default)"] and "Traceback" not in stderr
     assert not out.exists()
 
 

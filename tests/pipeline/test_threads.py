@@ -100,7 +100,7 @@ def test_test_py_honours_threads_and_records_them(synthetic_datasets, design_arg
 def test_test_one_example_honours_threads(synthetic_datasets, design_args, fresh_prompts, tmp_path, caplog,
                                           restore_threads):
     image = sorted(synthetic_datasets[1].rglob("*.png"))[0]
-    with caplog.at_level(logging.INFO, logger="pipeline.loading"):
+    with caplog.at_level(logging.DEBUG, logger="pipeline.loading"):
         assert test_one_example.main(["--image_path", str(image), "--checkpoint_path", str(fresh_prompts),
                                       "--save_path", str(tmp_path / "one"), "--threads", "1", *design_args]) == 0
     assert "torch threads: 1 (--threads)" in caplog.messages
