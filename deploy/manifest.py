@@ -12,7 +12,6 @@ Torch-free: the deployment runtime reads it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
+from AnomalyCLIP_lib.pretrained import sha256_of
 from pipeline import strict_json
 from pipeline.threshold_values import check_classes
 
@@ -32,7 +32,6 @@ GRAPH_STEM = "anomalyclip"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "maps")
 HASHES_FIELD = "files_sha256"
-_CHUNK_BYTES = 1 << 20
 
 
 def manifest_document(*, fmt: str, files: list[str], opset: int, image_size: int, mean: list[float],
@@ -93,18 +92,9 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def files_sha256(folder: str | os.PathLike, files: list[str]) -> dict[str, str]:
     """``{name: SHA-256}`` of ``files`` in ``folder`` (the manifest's ``files_sha256``)."""
-    return {name: file_sha256(Path(folder) / name) for name in files}
+    return {name: sha256_of(Path(folder) / name) for name in files}
 
 
 def verify_files(model_dir: str | os.PathLike, manifest: dict[str, Any]) -> None:
@@ -131,7 +121,7 @@ def verify_files(model_dir: str | os.PathLike, manifest: dict[str, Any]) -> None
         graph_file = Path(model_dir) / name
         if not graph_file.is_file():
             raise AnomalyCLIPError(f"graph file {graph_file} named by {path} is missing; re-run export.py")
-        if file_sha256(graph_file) != hashes[name]:
+        if sha256_of(graph_file) != hashes[name]:
             raise AnomalyCLIPError(f"{graph_file} is not the file export.py wrote (its SHA-256 differs from the one "
                                    f"recorded in {path}): it was replaced or damaged; re-run export.py")
 
