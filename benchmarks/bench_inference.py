@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
+from AnomalyCLIP_lib.constants import DPAM_LAYER  # noqa: E402
 from AnomalyCLIP_lib.model import CLIP, build_model, normalize_layers  # noqa: E402
 from AnomalyCLIP_lib.precision import PRECISIONS, autocast  # noqa: E402
 from pipeline.random_weights import PRESETS, TINY, random_state_dict  # noqa: E402
@@ -365,7 +366,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="ViT-L/14@336px", help="architecture")
     parser.add_argument("--image-size", type=int, default=518)
     parser.add_argument("--features-list", type=int, nargs="+", default=[24])
-    parser.add_argument("--dpam-layer", type=int, default=20)
+    parser.add_argument("--dpam-layer", type=int, default=DPAM_LAYER)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4], help="ours; the original runs batch 1")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before them")

@@ -56,6 +56,7 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
 TOLERANCE = 1e-4
 AVX2_PINS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
+from AnomalyCLIP_lib.constants import DPAM_LAYER  # noqa: E402
 from deploy.runtime import openvino_core  # noqa: E402
 from measure import reset_peak_rss, status_mb  # noqa: E402
 
@@ -252,7 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", "--image-size", type=int, default=None, help="default 518 (56 with --quick)")
     parser.add_argument("--quick", action="store_true", help="tiny backbone at 56 px, one timed run: a smoke test")
     parser.add_argument("--features_list", type=int, nargs="+", default=[24])
-    parser.add_argument("--dpam_layer", type=int, default=20)
+    parser.add_argument("--dpam_layer", type=int, default=DPAM_LAYER)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per runtime (median; default 3)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: torch's)")
