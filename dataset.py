@@ -23,7 +23,6 @@ loaded (the original resized such a mask onto the image, shifting the defect it 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.transform import binarize_mask, image_transform, load_image, load_mask, mask_transform
 from generate_dataset_json.schema import (INTEGRITY_FIXES, ITEM_KEYS, OUTSIDE_ROOT, duplicate_entries,
                                           escapes_root, is_absolute)
@@ -97,18 +96,12 @@ def read_meta(root: str | Path) -> dict[str, Any]:
     path = Path(root) / "meta.json"
     if not path.is_file():
         raise AnomalyCLIPError(f"{path} does not exist; {INDEX_FIX.format(root=root)}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            meta = strict_json.loads(handle.read())
-    except strict_json.DuplicateKeyError as error:
-        raise AnomalyCLIPError(f"{path} lists {error.key!r} twice in one object, and only the last would be read "
-                               f"(the first silently dropped): merge them, or re-create it: "
-                               f"{INDEX_FIX.format(root=root)}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        not_content = read_error_line(error, path) if isinstance(error, OSError) else None
-        if not_content:  # permissions, a failing disk: the file is fine, re-creating it would not help
-            raise AnomalyCLIPError(not_content) from error
-        raise AnomalyCLIPError(f"cannot read {path} ({error}); re-create it: {INDEX_FIX.format(root=root)}") from error
+    fix = INDEX_FIX.format(root=root)
+    # Permissions or a failing disk get their own line: the file is fine, re-creating it would not help.
+    meta = strict_json.read_file(
+        path, twice=lambda key: (f"{path} lists {key!r} twice in one object, and only the last would be read "
+                                 f"(the first silently dropped): merge them, or re-create it: {fix}"),
+        unreadable=lambda error: f"cannot read {path} ({error}); re-create it: {fix}")
     if not isinstance(meta, dict):
         raise AnomalyCLIPError(
             f"{path} is not a meta.json index (a JSON object of splits); {INDEX_FIX.format(root=root)}"

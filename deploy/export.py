@@ -217,7 +217,7 @@ def export(config: ExportConfig) -> Path:
     stored = read_thresholds(config.thresholds)
     accepted: list[str] = []
     if stored is not None:
-        classes = thresholds.load_thresholds(config.thresholds)
+        classes = stored["classes"]  # checked by read_thresholds (load_thresholds)
         current = thresholds.provenance_record(config.model, config.scoring)
         accepted = thresholds.check_provenance(classes, list(classes), current, f"--thresholds {config.thresholds}",
                                                config.accept_thresholds)

@@ -12,13 +12,12 @@ Torch-free: the deployment runtime reads it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.pretrained import sha256_of
 from pipeline import strict_json
 from pipeline.threshold_values import check_classes
@@ -75,14 +74,10 @@ def read_manifest(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(model_dir) / MANIFEST_NAME
     if not path.is_file():
         raise AnomalyCLIPError(f"{model_dir} holds no {MANIFEST_NAME}; pass a folder written by export.py")
-    try:
-        manifest = strict_json.loads(path.read_text(encoding="utf-8"))
-    except strict_json.DuplicateKeyError as exc:
-        raise AnomalyCLIPError(f"{path} lists {exc.key!r} twice in one object, and only the last would be read: "
-                               "re-run export.py") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        not_content = read_error_line(exc, path) if isinstance(exc, OSError) else None
-        raise AnomalyCLIPError(not_content or f"cannot read {path} ({exc}); re-run export.py".splitlines()[0]) from None
+    manifest = strict_json.read_file(
+        path, twice=lambda key: f"{path} lists {key!r} twice in one object, and only the last would be read: "
+                                "re-run export.py",
+        unreadable=lambda error: f"cannot read {path} ({error}); re-run export.py".splitlines()[0])
     version = manifest.get("manifest_version") if isinstance(manifest, dict) else None
     if version != MANIFEST_VERSION:
         raise AnomalyCLIPError(f"{path} has manifest version {version!r}, this code reads "

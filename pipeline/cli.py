@@ -70,6 +70,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "original on the same CPU kernels, slower (default: fused attention, equal to ~1e-6)")
 
 
+_NOT_GIVEN = object()  # parse_flags: a flag still holding it after parsing was not given
+
+
 def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> RunRecord:
     """Parse ``argv`` once: the flags' values (defaults included) and which ones the command line gave.
 
@@ -80,9 +83,6 @@ def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     # argparse fills in a default only where the namespace lacks the attribute: what stays a sentinel was not given.
     probe = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(values, _NOT_GIVEN)))
     return RunRecord(values, frozenset(dest for dest, value in vars(probe).items() if value is not _NOT_GIVEN))
-
-
-_NOT_GIVEN = object()
 
 
 def model_spec(flags: RunRecord) -> ModelSpec:

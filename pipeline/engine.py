@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
+    from AnomalyCLIP_lib.inference import AnomalyCLIPInference
     from dataset import AnomalyDataset
     from deploy.runtime import ExportedModel
     from pipeline.config import LoaderSpec
@@ -92,7 +92,6 @@ class TorchScorer:
 
         self.inference = inference
         self.device = device
-        self.config: ScoringConfig = inference.config
         self.image_size = inference.config.image_size
         self._transform = image_transform(self.image_size)
 

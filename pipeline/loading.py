@@ -13,7 +13,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
 from AnomalyCLIP_lib.model import CLIP, normalize_layers
 from pipeline.config import ModelSpec, ScoringSpec
-from pipeline.engine import ExportedScorer, Scorer, TorchScorer
+from pipeline.engine import Scorer, TorchScorer
 from prompt_ensemble import AnomalyCLIP_PromptLearner, design_details, load_prompt_state
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,6 @@ def inference_module(model: ModelSpec, scoring: ScoringSpec, device: torch.devic
 
 
 def open_scorer(model: ModelSpec, scoring: ScoringSpec, device: torch.device) -> Scorer:
-    """What scores the run's images: the exported graph of ``--model``, or the torch inference module."""
-    if scoring.exported:
-        return ExportedScorer.load(scoring.model_dir, scoring.runtime)
+    """The torch path's scorer: the run's inference module on ``device`` (an export loads with
+    :meth:`pipeline.engine.ExportedScorer.load`, without torch)."""
     return TorchScorer(inference_module(model, scoring, device), device)

@@ -9,7 +9,12 @@ read with :func:`loads`.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
 
 
 class DuplicateKeyError(ValueError):
@@ -41,3 +46,26 @@ def loads(text: str) -> Any:
         DuplicateKeyError: A key appears twice in one object.
     """
     return json.loads(text, object_pairs_hook=_unique)
+
+
+def read_file(path: str | os.PathLike, twice: Callable[[str], str], unreadable: Callable[[Exception], str],
+              what: str = "") -> Any:
+    """The content of a JSON file a user may edit, through :func:`loads`; every failure is one line.
+
+    Args:
+        path: The file.
+        twice: The line for a key given twice (called with the key).
+        unreadable: The line for a file that is not JSON (called with the error).
+        what: How :func:`AnomalyCLIP_lib.errors.read_error_line` names the file when the cause is
+            not its content (permissions, a folder, a failing disk).
+
+    Raises:
+        AnomalyCLIPError: The file cannot be read, is not JSON, or repeats a key.
+    """
+    try:
+        return loads(Path(path).read_text(encoding="utf-8"))
+    except DuplicateKeyError as error:
+        raise AnomalyCLIPError(twice(error.key)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        not_content = read_error_line(error, path, what) if isinstance(error, OSError) else None
+        raise AnomalyCLIPError(not_content or unreadable(error)) from None

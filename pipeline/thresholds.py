@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
+from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from pipeline import strict_json
 from pipeline.atomic import atomic_write_text
@@ -136,15 +136,11 @@ def load_thresholds(path: str | os.PathLike) -> dict[str, dict]:
     if not path.is_file():
         raise AnomalyCLIPError(f"thresholds file {path} does not exist: give the thresholds.json written by "
                                "test.py or by test_one_example.py --calibrate")
-    try:
-        document = strict_json.loads(path.read_text(encoding="utf-8"))
-    except strict_json.DuplicateKeyError as exc:
-        raise AnomalyCLIPError(f"thresholds file {path} lists {exc.key!r} twice in one object, and only the last "
-                               "would be used: keep one") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        not_content = read_error_line(exc, path, "thresholds file") if isinstance(exc, OSError) else None
-        raise AnomalyCLIPError(not_content or f"thresholds file {path} is not readable JSON ({exc}): write it again"
-                               ) from None
+    document = strict_json.read_file(
+        path, twice=lambda key: f"thresholds file {path} lists {key!r} twice in one object, and only the last "
+                                "would be used: keep one",
+        unreadable=lambda error: f"thresholds file {path} is not readable JSON ({error}): write it again",
+        what="thresholds file")
     classes = document.get("classes") if isinstance(document, dict) else None
     if not isinstance(classes, dict) or not classes:
         raise AnomalyCLIPError(f"thresholds file {path} has no 'classes' mapping: it is not a thresholds.json")
