@@ -193,14 +193,19 @@ def _check_calibration_flags(config: PredictionConfig) -> None:
     check_target_fpr(DEFAULT_TARGET_FPR if config.target_fpr is None else config.target_fpr)
 
 
+def _chosen_class(classes: dict[str, dict], requested: str | None, source: str) -> str:
+    """``--class_name``, or the only class of ``classes`` (:func:`select_thresholds` refuses anything else)."""
+    select_thresholds(classes, requested, source)
+    return requested if requested is not None else next(iter(classes))
+
+
 def _checked_values(classes: dict[str, dict], class_name: str, source: str) -> tuple[float, float | None]:
-    image_threshold, pixel_threshold = classes[class_name].get("image_threshold"), \
-        classes[class_name].get("pixel_threshold")
+    """The class's thresholds as floats. Their values were checked where they were read
+    (``load_thresholds``, the manifest's ``check_manifest_thresholds``); a class without an image
+    threshold cannot give verdicts."""
+    image_threshold, pixel_threshold = (classes[class_name].get(key) for key in ("image_threshold", "pixel_threshold"))
     if image_threshold is None:
         raise AnomalyCLIPError(f"{source}: class {class_name!r} has no image threshold; calibrate it again")
-    for value, what in ((image_threshold, "image_threshold"), (pixel_threshold, "pixel_threshold")):
-        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
-            raise AnomalyCLIPError(f"{source}: class {class_name!r} has an invalid {what} {value!r}")
     return float(image_threshold), None if pixel_threshold is None else float(pixel_threshold)
 
 
@@ -208,8 +213,7 @@ def _decision_from_file(config: PredictionConfig, provenance: dict[str, object])
     if config.threshold is not None or config.pixel_threshold is not None:
         raise AnomalyCLIPError("--thresholds gives both thresholds; drop --threshold/--pixel_threshold or --thresholds")
     classes = load_thresholds(config.thresholds)
-    select_thresholds(classes, config.class_name, config.thresholds)  # the class exists (or is the only one)
-    class_name = config.class_name if config.class_name is not None else next(iter(classes))
+    class_name = _chosen_class(classes, config.class_name, config.thresholds)
     image_threshold, pixel_threshold = _checked_values(classes, class_name, str(config.thresholds))
     accepted = check_provenance(classes, [class_name], provenance, f"--thresholds {config.thresholds}",
                                 config.accept_thresholds)
@@ -234,8 +238,7 @@ def _decision_from_export(config: PredictionConfig, scorer: ExportedScorer | Non
         return None
     source = f"{config.scoring.model_dir}/anomalyclip.json"
     classes = stored["classes"]
-    select_thresholds(classes, config.class_name, source)
-    class_name = config.class_name if config.class_name is not None else next(iter(classes))
+    class_name = _chosen_class(classes, config.class_name, source)
     if classes[class_name].get("image_threshold") is None:
         return None
     image_threshold, pixel_threshold = _checked_values(classes, class_name, source)
