@@ -383,7 +383,8 @@ class StagedOutputs:
     def commit(self) -> list[Path]:
         """Replace the previous run's files with the staged ones; returns the files now in the folder."""
         new = [path.relative_to(self.staging) for path in sorted(self.staging.rglob("*")) if not path.is_dir()]
-        old = [path for path in self._previous() if path not in set(new)]
+        staged_now = set(new)
+        old = [path for path in self._previous() if path not in staged_now]
         with deferred_signals():
             # Listed first: a crash in the swap leaves a list from which the next run removes them all.
             self._write_list(sorted(set(old) | set(new)))
