@@ -78,3 +78,17 @@ def test_reference_flags_with_a_runtime_point_to_export(memory_run, capsys):
                                      str(root / "new"), "--memory", str(memory), "--save_path",
                                      str(root / "x")]) == 2
     assert "run export.py --memory FILE" in capsys.readouterr().err
+
+
+def test_test_py_on_a_memory_export_evaluates_its_one_class(memory_run, synthetic_datasets, tmp_path, capsys):
+    from pipeline import evaluation
+
+    _, _, out = memory_run
+    base = ["--runtime", "onnxruntime", "--model", str(out), "--data_path", str(synthetic_datasets[1]),
+            "--num_workers", "0"]
+    assert run_cli(evaluation.main, [*base, "--save_path", str(tmp_path / "all")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds the few-shot memory of one class (good)" in err and "--classes" in err
+    assert run_cli(evaluation.main, [*base, "--classes", "blobs", "--save_path", str(tmp_path / "one")]) == 0
+    provenance = json.loads((tmp_path / "one" / "thresholds.json").read_text())["classes"]["blobs"]["provenance"]
+    assert provenance["memory"]["k"] == 3
