@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for round_number in range(args.repeats + 1):  # round 0 warms up
         for k, module in modules.items():
             reset_peak_rss()
-            wall = _seconds(lambda: module.predict(image))
+            wall = _seconds(lambda module=module: module.predict(image))
             peaks[k] = max(peaks.get(k, 0.0), peak_rss_mb())
             if round_number:
                 latencies[k].append(wall)
