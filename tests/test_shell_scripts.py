@@ -260,3 +260,42 @@ def test_test_sh_seed_loop_writes_one_folder_per_seed_and_their_mean_and_std(tmp
     assert auroc["n"] == 3 and math.isclose(auroc["ours"], 83.0) and math.isclose(auroc["std"], math.sqrt(7.0))
     assert math.isclose(auroc["paper"], 93.4) and math.isclose(auroc["diff"], 83.0 - 93.4)
     assert "| headct    | image_auroc |   83.0 |  2.65 |   3 |    93.4 |  -10.4 |" in completed.stdout
+
+
+# Typed in from the paper's Table 1 (VisA with prompts from MVTec AD), in percent.
+PAPER_VISA = {"pixel_auroc": 95.5, "pixel_aupro": 87.0, "image_auroc": 82.1, "image_ap": 85.4}
+
+
+@pytest.mark.slow  # test.py in a subprocess (about 10 s on 2 busy cores)
+@pytest.mark.skipif(BASH is None, reason="bash is not installed")
+def test_test_sh_on_the_tiny_backbone_ends_with_the_table_beside_the_paper(
+        tmp_path: Path, synthetic_datasets, trained_checkpoint, design_args) -> None:
+    """The real test.py on synthetic data (as VisA) through test.sh: the summary holds the paper's value and
+    ours - paper for every metric; the settings line names what differs from the released protocol."""
+    import sys
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "visa").symlink_to(synthetic_datasets[1])
+    (tmp_path / "ck" / "9_12_4_multiscale_visa").mkdir(parents=True)
+    (tmp_path / "ck" / "9_12_4_multiscale_visa" / "epoch_1.pth").symlink_to(trained_checkpoint)
+    completed = _run_script("test.sh", tmp_path, Path(sys.executable), DATA_ROOT="d", CKPT_ROOT="ck",
+                            RESULTS_ROOT="res", EPOCH="1", DATASETS="visa",
+                            EXTRA_ARGS=" ".join([*design_args, "--num_workers", "0", "--batch_size", "4"]))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    summary_text = completed.stdout[completed.stdout.index("\nsettings"):]  # after test.py's own table
+    table = [[cell.strip() for cell in line.strip("|").split("|")]
+             for line in summary_text.splitlines() if line.startswith("| ")]
+    assert table[0] == ["dataset", "metric", "ours", "paper", "diff"]
+    mean = json.loads((tmp_path / "res" / "visa" / "results.json").read_text())["mean"]
+    expected = []
+    for metric in ("pixel_auroc", "pixel_aupro", "image_auroc", "image_ap"):
+        ours, paper = 100 * mean[metric], PAPER_VISA[metric]
+        expected.append([f"{ours:.1f}", f"{paper:.1f}", f"{ours - paper:+.1f}"])
+    assert [row[2:] for row in table[1:5]] == expected and [row[2:] for row in table[5:9]] == expected
+    assert [row[0] for row in table[1:]] == ["visa"] * 4 + ["mean of 1"] * 4
+    settings = next(line for line in completed.stdout.splitlines() if line.startswith("settings"))
+    for named in ("image size 56 (released 518)", "features list 6 24 (released 24)",
+                  f"backbone {design_args[1]} (released ViT-L/14@336px)", "training batch size 4 (released 8)",
+                  "training epochs 1 (released 15)", "checkpoint epoch 1 (released 15)"):
+        assert named in settings
+    assert json.loads((tmp_path / "res" / "summary.json").read_text())["settings"] == settings
