@@ -436,7 +436,10 @@ def render_text(comparison: Comparison) -> str:
 
 
 def bars_figure(comparison: Comparison, metric: str) -> bytes | None:
-    """Bars of ours (with the standard deviation) against the source's values, one pair per dataset."""
+    """Bars of ours (with the standard deviation), the base runs' (when given) and the source's values, per dataset.
+
+    A missing value draws no bar.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -445,19 +448,20 @@ def bars_figure(comparison: Comparison, metric: str) -> bytes | None:
     rows = [row for row in comparison.rows if row["metric"] == metric]
     if not rows:
         return None
-    figure = Figure(figsize=(max(4.0, 0.7 * len(rows) + 1.5), 3.2), dpi=80, layout="constrained")
+    series = [("ours", "ours", "tab:blue"), *([("base", "base", "tab:orange")] if comparison.base else []),
+              ("paper", SOURCE_LABELS[comparison.source], "tab:grey")]
+    width = 0.8 / len(series)
+    figure = Figure(figsize=(max(4.0, 0.8 * len(rows) + 1.5), 3.4), dpi=80, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    positions = range(len(rows))
-    ours = [row["ours"] if row["ours"] is not None else 0.0 for row in rows]
-    errors = [row["std"] or 0.0 for row in rows]
-    axes.bar([p - 0.2 for p in positions], ours, width=0.4, yerr=errors, capsize=3, color="tab:blue", label="ours")
-    theirs = [row["paper"] if row["paper"] is not None else 0.0 for row in rows]
-    axes.bar([p + 0.2 for p in positions], theirs, width=0.4, color="tab:grey",
-             label=SOURCE_LABELS[comparison.source])
-    axes.set_xticks(list(positions), [row["dataset"] for row in rows], rotation=45, ha="right")
-    axes.set(ylabel="percent", ylim=(0, 100), title=metric)
-    axes.legend(fontsize="small", loc="lower right")
+    for offset, (key, label, colour) in enumerate(series):
+        kept = [(i, row) for i, row in enumerate(rows) if row[key] is not None]
+        errors = [row["std"] or 0.0 for _, row in kept] if key == "ours" else None
+        axes.bar([i - 0.4 + width * (offset + 0.5) for i, _ in kept], [row[key] for _, row in kept], width=width,
+                 yerr=errors, capsize=3, color=colour, label=label)
+    axes.set_xticks(range(len(rows)), [row["dataset"] for row in rows], rotation=45, ha="right")
+    axes.set(ylabel="percent", ylim=(0, 115), title=metric)
+    axes.legend(fontsize="small", loc="upper center", ncol=len(series))
     return figure_png(figure)
 
 

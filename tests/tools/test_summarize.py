@@ -220,6 +220,21 @@ def test_summary_json_and_report_page(tmp_path: Path, capsys: pytest.CaptureFixt
         assert image.format == "PNG" and image.width > 100
 
 
+@pytest.mark.slow  # a headless browser
+def test_report_page_renders_in_headless_chromium(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.pipeline.test_report import _PROBE, _chromium, _headless
+
+    browser = _chromium()
+    runs = [write_results(tmp_path / name, name, "image-level", {"image_auroc": 0.8, "image_ap": 0.7})
+            for name in ("headct", "brainmri")]
+    page_path = tmp_path / "summary.html"
+    run(capsys, "results", *map(str, runs), "--report", str(page_path))
+    probed = tmp_path / "probed.html"
+    probed.write_text(page_path.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    dom = _headless(browser, tmp_path, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()).stdout
+    assert '<table id="summary">' in dom and 'data-images="2"' in dom and 'data-broken="0"' in dom
+
+
 class _Page(HTMLParser):
     """Tables (id -> rows of cell texts) and image sources."""
 
