@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import html
 import json
-import logging
 import math
 import re
 import statistics
@@ -31,7 +30,6 @@ from tabulate import tabulate
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from pipeline.config import DEFAULT_BACKBONE
 
-logger = logging.getLogger("anomalyclip.reproduction")
 
 PAPER_FILE = Path(__file__).resolve().parent / "data" / "anomalyclip_paper_results.csv"
 SOURCES = ("paper", "released_log")
@@ -106,6 +104,7 @@ class Run:
         training: The prompt checkpoint's ``config`` (train.py's flags) and ``epoch``, or ``None``
             when unknown (the original's checkpoints, a moved or changed file).
         backbone_sha256: SHA-256 of the backbone the run used.
+        training_unknown: Why the training settings are not known (checkpoint gone or changed), else None.
     """
 
     folder: Path
@@ -114,6 +113,7 @@ class Run:
     config: Mapping[str, Any] = field(default_factory=dict)
     training: Mapping[str, Any] | None = None
     backbone_sha256: str | None = None
+    training_unknown: str | None = None
 
     @property
     def seed(self) -> int | None:
@@ -141,32 +141,33 @@ def load_run(folder: Path, read_checkpoint: bool = True) -> Run:
         raise AnomalyCLIPError(f"{path} is not a results.json written by test.py ({type(error).__name__}: "
                                f"{error}); run test.py again or leave that folder out") from None
     if read_checkpoint and checkpoint:
-        run = Run(run.folder, run.dataset, run.mean, run.config, training_settings(Path(checkpoint), expected_sha),
-                  run.backbone_sha256)
+        training, unknown = training_settings(Path(checkpoint), expected_sha)
+        run = Run(run.folder, run.dataset, run.mean, run.config, training, run.backbone_sha256, unknown)
     return run
 
 
-def training_settings(checkpoint: Path, expected_sha256: str | None) -> dict[str, Any] | None:
+def training_settings(checkpoint: Path, expected_sha256: str | None) -> tuple[dict[str, Any] | None, str | None]:
     """train.py's flags stored in ``checkpoint`` (plus ``"saved_epoch"``), if it is the file the run scored.
 
-    ``None`` when the file is gone, unreadable, changed since the run (another SHA-256) or holds no
-    config (the original's checkpoints).
+    Returns:
+        ``(settings, None)``; ``(None, None)`` for a checkpoint without a config (the original's, e.g. the
+        released ones); ``(None, why)`` when the file is gone, unreadable or changed since the run
+        (another SHA-256 than results.json records).
     """
     if not checkpoint.is_file():
-        return None
+        return None, f"{checkpoint} not found"
     from AnomalyCLIP_lib.pretrained import sha256_of
     from AnomalyCLIP_lib.safe_load import load_tensors
 
     if expected_sha256 and sha256_of(checkpoint) != expected_sha256:
-        logger.info("%s changed since the run scored it; its training settings are not shown", checkpoint)
-        return None
+        return None, f"{checkpoint} changed since the run"
     try:
         loaded = load_tensors(checkpoint, "prompt checkpoint")
     except AnomalyCLIPError:
-        return None
+        return None, f"{checkpoint} unreadable"
     if not isinstance(loaded, dict) or not isinstance(loaded.get("config"), dict):
-        return None
-    return {**loaded["config"], "saved_epoch": loaded.get("epoch")}
+        return None, None
+    return {**loaded["config"], "saved_epoch": loaded.get("epoch")}, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,11 +272,13 @@ def settings_line(runs: Sequence[Run]) -> tuple[str, list[dict]]:
                 where[difference].append(run.dataset)
     entries = [{"setting": d.setting, "value": d.value, "released": d.released,
                 "datasets": names} for d, names in where.items()]
+    unknown = list(dict.fromkeys(f"{run.dataset}: {run.training_unknown}" for run in runs if run.training_unknown))
+    note = f"; training settings not known ({'; '.join(unknown)})" if unknown else ""
     if not entries:
-        return "settings: the released protocol (nothing differs)", entries
+        return "settings: the released protocol (nothing differs)" + note, entries
     parts = [f"{e['setting']} {e['value']} (released {e['released']})"
              + ("" if len(e["datasets"]) == len(datasets) else f" on {', '.join(e['datasets'])}") for e in entries]
-    return "settings that differ from the released protocol: " + "; ".join(parts), entries
+    return "settings that differ from the released protocol: " + "; ".join(parts) + note, entries
 
 
 # --------------------------------------------------------------------------------------------

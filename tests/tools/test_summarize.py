@@ -187,8 +187,18 @@ def test_training_settings_come_from_the_checkpoint_the_run_scored(tmp_path: Pat
     line = lines_before_table(run(capsys, "results", str(run_dir)))[0]
     assert line == ("settings that differ from the released protocol: training batch size 16 (released 8); "
                     "training epochs 10 (released 15); checkpoint epoch 10 (released 15)")
-    # The file was replaced since the run: its settings are not the run's, so none are claimed.
+    # The file was replaced since the run: its settings are not the run's, so none are claimed, and the line says so.
     torch.save({"prompt_learner": {}, "epoch": 15, "config": {"batch_size": 32}}, checkpoint)
+    assert lines_before_table(run(capsys, "results", str(run_dir)))[0] == (
+        f"settings: the released protocol (nothing differs); training settings not known (mvtec: {checkpoint} "
+        "changed since the run)")
+    checkpoint.unlink()
+    assert lines_before_table(run(capsys, "results", str(run_dir)))[0].endswith(
+        f"training settings not known (mvtec: {checkpoint} not found)")
+    # A checkpoint without a config (the original's format, as the released ones): nothing to say.
+    torch.save({"prompt_learner": {}}, checkpoint)
+    run_dir = write_results(tmp_path / "released", "mvtec", "image-level", {"image_auroc": 0.9}, {},
+                            checkpoint_path=str(checkpoint), checkpoint_sha256=sha256_of(checkpoint))
     assert lines_before_table(run(capsys, "results", str(run_dir)))[0] == (
         "settings: the released protocol (nothing differs)")
 
