@@ -10,8 +10,7 @@
 #
 # With SEEDS, each training dataset's frozen image features are cached once, kept on disk in
 # CKPT_ROOT/feature_cache/<dataset> (train.py --keep_cache --cache_dir) and reused by every seed, so a
-# second seed costs only the prompt steps (the image forwards are nearly all of a run's time). The
-# cache stays for later seeds (7.2 GiB for MVTec AD, 9.0 GiB for VisA at the released 518 px and
+# second seed runs no image forward, only the prompt steps. The cache stays for later seeds (7.2 GiB for MVTec AD, 9.0 GiB for VisA at the released 518 px and
 # features 24; see README: Training from cached features); delete the folder when done. Not with
 # --no_cache or --cache_dir in EXTRA_ARGS (then those apply).
 #
