@@ -230,6 +230,24 @@ def _compare(table: Sequence[tuple[str, str, Any, Any]], values: Mapping[str, An
     return found
 
 
+def few_shot_text(config: Mapping[str, Any]) -> str | None:
+    """The few-shot setting of a run (``4 from the train normals; memory weight 0.5, layers 6 12 18 24, dpam``), or
+    ``None`` for a zero-shot run (no ``k_shot``/``reference_path`` in its config: results.json of before them)."""
+    k_shot = int(config.get("k_shot") or 0)
+    reference_path = config.get("reference_path")
+    if not k_shot and not reference_path:
+        return None
+    if reference_path:
+        source = f"from {reference_path}" if k_shot else f"all of {reference_path}"
+    else:
+        source = "from the test normals" if config.get("references_from_test") else "from the train normals"
+    memory = [f"{label} {_text(config[key])}" for label, key in (("memory weight", "memory_weight"),
+                                                                 ("layers", "memory_layers"),
+                                                                 ("stream", "memory_stream")) if key in config]
+    return " ".join(filter(None, [str(k_shot) if k_shot else None, source])) + (
+        f"; {', '.join(memory)}" if memory else "")
+
+
 def differences(run: Run) -> list[Difference]:
     """Every setting of ``run`` that differs from the released protocol (flags absent from its record count as
     the released ones: results.json files older than a flag). A backbone file whose SHA-256 is the registered
@@ -243,10 +261,9 @@ def differences(run: Run) -> list[Difference]:
         found.append(Difference("backbone", str(backbone), DEFAULT_BACKBONE))
     if config.get("classes"):
         found.append(Difference("classes", _text(config["classes"]), "all"))
-    k_shot = int(config.get("k_shot") or 0)
-    if k_shot:
-        reference = f" from {config['reference_path']}" if config.get("reference_path") else ""
-        found.append(Difference("k-shot", f"{k_shot}{reference}", "0 (zero-shot)"))
+    few_shot = few_shot_text(config)
+    if few_shot:
+        found.append(Difference("k-shot", few_shot, "0 (zero-shot)"))
     if config.get("tile_size") is not None:
         overlap = f", overlap {_text(config['tile_overlap'])}" if config.get("tile_overlap") is not None else ""
         found.append(Difference("tiling", f"{_text(config['tile_size'])} px{overlap}", "off"))

@@ -68,3 +68,11 @@ def test_a_results_json_without_the_new_flags_is_zero_shot_and_untiled() -> None
     assert reproduction.differences(old) == []
     zero = reproduction.Run(folder=None, dataset="visa", mean={}, config={"k_shot": 0, "tile_size": None})
     assert reproduction.differences(zero) == []
+
+
+def test_the_few_shot_setting_names_where_the_references_come_from() -> None:
+    assert reproduction.few_shot_text({"k_shot": 0, "reference_path": None}) is None
+    assert reproduction.few_shot_text({"k_shot": 4}) == "4 from the train normals"
+    assert reproduction.few_shot_text({"k_shot": 2, "references_from_test": True, "memory_weight": 0.3}) == (
+        "2 from the test normals; memory weight 0.3")
+    assert reproduction.few_shot_text({"k_shot": 0, "reference_path": "refs"}) == "all of refs"

@@ -160,7 +160,8 @@ def test_settings_that_differ_are_named_in_one_line(tmp_path: Path, capsys: pyte
     released = {"image_size": 518, "features_list": [24], "feature_map_layer": [0, 1, 2, 3], "sigma": 4.0,
                 "aupro": "cflow", "precision": "fp32", "backbone": "ViT-L/14@336px", "seed": 111}
     changed = {**released, "image_size": 336, "features_list": [6, 12, 18, 24], "sigma": 2.0, "aupro": "exact",
-               "precision": "fp16", "k_shot": 4, "reference_path": "refs/", "tile_size": 256, "tile_overlap": 0.25}
+               "precision": "fp16", "k_shot": 4, "reference_path": "refs/", "memory_weight": 0.5,
+               "memory_layers": [6, 24], "memory_stream": "dpam", "tile_size": 256, "tile_overlap": 0.25}
     plain = write_results(tmp_path / "visa", "visa", "image-level", {"image_auroc": 0.8}, released)
     other = write_results(tmp_path / "mvtec", "mvtec", "image-level", {"image_auroc": 0.8}, changed)
     assert lines_before_table(run(capsys, "results", str(plain)))[0] == (
@@ -169,7 +170,8 @@ def test_settings_that_differ_are_named_in_one_line(tmp_path: Path, capsys: pyte
     assert line == ("settings that differ from the released protocol: image size 336 (released 518) on mvtec; "
                     "features list 6 12 18 24 (released 24) on mvtec; sigma 2 (released 4) on mvtec; "
                     "AUPRO variant exact (released cflow) on mvtec; precision fp16 (released fp32) on mvtec; "
-                    "k-shot 4 from refs/ (released 0 (zero-shot)) on mvtec; "
+                    "k-shot 4 from refs/; memory weight 0.5, layers 6 24, stream dpam (released 0 (zero-shot)) "
+                    "on mvtec; "
                     "tiling 256 px, overlap 0.25 (released off) on mvtec")
 
 
