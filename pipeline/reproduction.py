@@ -263,7 +263,7 @@ def differences(run: Run) -> list[Difference]:
         found.append(Difference("classes", _text(config["classes"]), "all"))
     few_shot = few_shot_text(config)
     if few_shot:
-        found.append(Difference("k-shot", few_shot, "0 (zero-shot)"))
+        found.append(Difference("k-shot", few_shot, "0, zero-shot"))
     if config.get("tile_size") is not None:
         overlap = f", overlap {_text(config['tile_overlap'])}" if config.get("tile_overlap") is not None else ""
         found.append(Difference("tiling", f"{_text(config['tile_size'])} px{overlap}", "off"))

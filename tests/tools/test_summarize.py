@@ -170,7 +170,7 @@ def test_settings_that_differ_are_named_in_one_line(tmp_path: Path, capsys: pyte
     assert line == ("settings that differ from the released protocol: image size 336 (released 518) on mvtec; "
                     "features list 6 12 18 24 (released 24) on mvtec; sigma 2 (released 4) on mvtec; "
                     "AUPRO variant exact (released cflow) on mvtec; precision fp16 (released fp32) on mvtec; "
-                    "k-shot 4 from refs/; memory weight 0.5, layers 6 24, stream dpam (released 0 (zero-shot)) "
+                    "k-shot 4 from refs/; memory weight 0.5, layers 6 24, stream dpam (released 0, zero-shot) "
                     "on mvtec; "
                     "tiling 256 px, overlap 0.25 (released off) on mvtec")
 
