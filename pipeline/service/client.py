@@ -1,4 +1,4 @@
-"""A small stdlib client of the service (used by the tests and ``benchmarks/bench_serve.py``; fine for scripts).
+"""A small stdlib client of the service, and the service as a child process (tests, ``benchmarks/bench_serve.py``).
 
     from pipeline.service.client import Client
     client = Client("127.0.0.1", 8000, token=None)
@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -75,3 +82,79 @@ class Client:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (the OS's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+class ServiceProcess:
+    """``python serve.py ARGS`` as a child process on a free loopback port, ready when ``/health`` answers.
+
+    Used as a context manager: SIGTERM on exit (then SIGKILL after ``stop_timeout``).
+
+    Args:
+        args: serve.py's flags (no ``--host``/``--port``: chosen here).
+        log: File that gets the process's stdout and stderr.
+        python: The interpreter (a venv's, for the torch-free tests).
+        env: Extra environment variables.
+        serve_py: The script (default: the repository's ``serve.py``).
+    """
+
+    def __init__(self, args: Sequence[str], log: str | os.PathLike, python: str = sys.executable,
+                 env: dict[str, str] | None = None, serve_py: str | os.PathLike | None = None,
+                 start_timeout: float = 120.0, stop_timeout: float = 60.0) -> None:
+        self.port = free_port()
+        root = Path(__file__).resolve().parents[2]
+        script = serve_py or root / "serve.py"
+        self.log = Path(log)
+        self.stop_timeout = stop_timeout
+        environment = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen([python, str(script), *args, "--host", "127.0.0.1", "--port",
+                                             str(self.port)], stdout=out, stderr=subprocess.STDOUT, env=environment,
+                                            cwd=root)
+        self._wait_ready(start_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve.py exited with {self.process.returncode}: {self.output()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    pass
+                status, _, _ = Client("127.0.0.1", self.port, timeout=5).request("GET", "/health")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"serve.py did not answer /health within {timeout} s: {self.output()[-3000:]}")
+
+    def client(self, token: str | None = None, timeout: float = 60.0) -> Client:
+        return Client("127.0.0.1", self.port, token, timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, then wait (SIGKILL after ``stop_timeout``); the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> ServiceProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
