@@ -102,11 +102,13 @@ class ServiceProcess:
         python: The interpreter (a venv's, for the torch-free tests).
         env: Extra environment variables.
         serve_py: The script (default: the repository's ``serve.py``).
+        wait: Return once ``/health`` answers; ``False``: at once (call :meth:`wait_ready`), so that several
+            services start side by side.
     """
 
     def __init__(self, args: Sequence[str], log: str | os.PathLike, python: str = sys.executable,
                  env: dict[str, str] | None = None, serve_py: str | os.PathLike | None = None,
-                 start_timeout: float = 120.0, stop_timeout: float = 60.0) -> None:
+                 start_timeout: float = 120.0, stop_timeout: float = 60.0, wait: bool = True) -> None:
         self.port = free_port()
         root = Path(__file__).resolve().parents[2]
         script = serve_py or root / "serve.py"
@@ -117,9 +119,11 @@ class ServiceProcess:
             self.process = subprocess.Popen([python, str(script), *args, "--host", "127.0.0.1", "--port",
                                              str(self.port)], stdout=out, stderr=subprocess.STDOUT, env=environment,
                                             cwd=root)
-        self._wait_ready(start_timeout)
+        if wait:
+            self.wait_ready(start_timeout)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> ServiceProcess:
+        """Block until ``/health`` answers 200 (raises with the log's tail when the process exits or times out)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -129,7 +133,7 @@ class ServiceProcess:
                     pass
                 status, _, _ = Client("127.0.0.1", self.port, timeout=5).request("GET", "/health")
                 if status == 200:
-                    return
+                    return self
             except OSError:
                 pass
             time.sleep(0.1)

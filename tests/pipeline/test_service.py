@@ -74,23 +74,44 @@ def files(tiny_clip_state, tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(files):
-    """The service as test_one_example.py would judge: --thresholds FILE (writable), 1 MiB request limit."""
-    thresholds = files["root"] / "served_thresholds.json"
+def launched(files):
+    """Three services started side by side (each start imports torch and loads the model, ~10 s):
+
+    * ``main``: as test_one_example.py would judge: --thresholds FILE (writable), 1 MiB request limit;
+    * ``slow``: batches of 2 that wait 1 s for their second image, a queue of 2, and a token;
+    * ``sigterm``: batches of 2 waiting 1 s, for the SIGTERM test (which stops it).
+    """
+    root = files["root"]
+    thresholds = root / "served_thresholds.json"
     shutil.copy(files["thresholds"], thresholds)
-    args = [*files["design"], "--thresholds", str(thresholds), "--thresholds_file_writable", "--max_request_mb", "1",
-            "--max_batch", "8", "--max_wait_ms", "30"]
-    with ServiceProcess(args, files["root"] / "service.log", env=ENV) as process:
-        process.thresholds = thresholds
-        yield process
+    settings = {
+        "main": ["--thresholds", str(thresholds), "--thresholds_file_writable", "--max_request_mb", "1",
+                 "--max_batch", "8", "--max_wait_ms", "30"],
+        "slow": ["--max_batch", "2", "--max_wait_ms", "1000", "--max_queue", "2", "--token", TOKEN],
+        "sigterm": ["--max_batch", "2", "--max_wait_ms", "1000", "--grace_s", "20"]}
+    processes = {name: ServiceProcess([*files["design"], *args], root / f"{name}.log", env=ENV, wait=False)
+                 for name, args in settings.items()}
+    try:
+        for process in processes.values():
+            process.wait_ready()
+        processes["main"].thresholds = thresholds
+        yield processes
+    finally:
+        for process in processes.values():  # SIGTERM to all first: they drain side by side
+            if process.process.poll() is None:
+                process.process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            process.stop()
 
 
 @pytest.fixture(scope="module")
-def slow_service(files):
-    """Batches of 2 that wait 1.5 s for their second image, a queue of 2, and a token."""
-    args = [*files["design"], "--max_batch", "2", "--max_wait_ms", "1500", "--max_queue", "2", "--token", TOKEN]
-    with ServiceProcess(args, files["root"] / "slow_service.log", env=ENV) as process:
-        yield process
+def service(launched):
+    return launched["main"]
+
+
+@pytest.fixture(scope="module")
+def slow_service(launched):
+    return launched["slow"]
 
 
 def _part_files(files) -> list[tuple[str, bytes]]:
@@ -353,13 +374,13 @@ def test_token_is_required_and_compared(slow_service):
 
 
 def test_full_queue_is_503_with_retry_after(slow_service, files):
-    """--max_queue 2, batches of 2 waiting 1.5 s: one queued image plus a request of two is over the limit."""
+    """--max_queue 2, batches of 2 waiting 1 s: one queued image plus a request of two is over the limit."""
     first, second = slow_service.client(TOKEN), slow_service.client(TOKEN)
     parts = _part_files(files)
     answer = {}
     waiting = threading.Thread(target=lambda: answer.setdefault("first", first.predict(parts[:1])))
     waiting.start()
-    time.sleep(0.5)  # the first image waits in the queue for a second one
+    time.sleep(0.3)  # the first image waits in the queue for a second one
     body, content_type = multipart(parts[1:3])
     status, headers, data = second.request("POST", "/predict", body, {"Content-Type": content_type})
     _one_line_error(status, json.loads(data), 503, "queue_full")
@@ -375,8 +396,8 @@ def test_client_gone_while_queued_costs_no_forward_pass(slow_service, files):
     with socket.create_connection(("127.0.0.1", slow_service.port)) as raw:
         raw.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
                     f"{content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(0.4)  # queued, waiting 1.5 s for a second image
-    time.sleep(2.0)  # past the wait: the batch would have run
+        time.sleep(0.3)  # queued, waiting 1 s for a second image
+    time.sleep(1.2)  # past the wait: the batch would have run
     after = _metrics(client)
     assert _delta(after, before, 'anomalyclip_errors_total{kind="client_disconnected"}') == 1
     assert _delta(after, before, "anomalyclip_images_scored_total") == 0
@@ -385,28 +406,27 @@ def test_client_gone_while_queued_costs_no_forward_pass(slow_service, files):
     assert status == 200
 
 
-def test_sigterm_stops_taking_requests_finishes_in_flight_and_exits_0(files, tmp_path):
-    args = [*files["design"], "--max_batch", "2", "--max_wait_ms", "1500", "--grace_s", "20"]
-    with ServiceProcess(args, tmp_path / "service.log", env=ENV) as process:
-        answer = {}
-        client = process.client()
-        in_flight = threading.Thread(target=lambda: answer.setdefault("reply", client.predict(_part_files(files)[:1])))
-        in_flight.start()
-        time.sleep(0.4)  # the image waits 1.5 s in the batcher
-        process.process.send_signal(signal.SIGTERM)
-        refused = False
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline and not refused:
-            try:
-                socket.create_connection(("127.0.0.1", process.port), timeout=0.2).close()
-                time.sleep(0.05)
-            except OSError:
-                refused = True
-        assert refused and in_flight.is_alive()  # no longer listening while the request is still in flight
-        in_flight.join(30)
-        status, body = answer["reply"]
-        assert status == 200 and body["predictions"][0]["score"] is not None
-        assert process.process.wait(30) == 0
+def test_sigterm_stops_taking_requests_finishes_in_flight_and_exits_0(launched, files):
+    process = launched["sigterm"]
+    answer = {}
+    client = process.client()
+    in_flight = threading.Thread(target=lambda: answer.setdefault("reply", client.predict(_part_files(files)[:1])))
+    in_flight.start()
+    time.sleep(0.3)  # the image waits 1 s in the batcher
+    process.process.send_signal(signal.SIGTERM)
+    refused = False
+    deadline = time.monotonic() + 0.6
+    while time.monotonic() < deadline and not refused:
+        try:
+            socket.create_connection(("127.0.0.1", process.port), timeout=0.2).close()
+            time.sleep(0.05)
+        except OSError:
+            refused = True
+    assert refused and in_flight.is_alive()  # no longer listening while the request is still in flight
+    in_flight.join(30)
+    status, body = answer["reply"]
+    assert status == 200 and body["predictions"][0]["score"] is not None
+    assert process.process.wait(30) == 0
     assert "Traceback" not in process.output()
 
 
