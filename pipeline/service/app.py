@@ -33,7 +33,8 @@ from pipeline.service.model import RequestError, ServiceModel
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-PATHS = ("/", "/predict", "/health", "/model", "/metrics", "/thresholds", "/sample.png", "/static/app.js",
+PATHS = ("/", "/predict", "/health", "/model", "/metrics", "/thresholds", "/sample.png", "/sample-good.png",
+         "/static/app.js",
          "/static/style.css", "/docs", "/openapi.json")
 _DISCONNECTED = "anomalyclip.disconnected"
 Receive = Callable[[], Awaitable[dict]]
@@ -235,7 +236,11 @@ def create_app(model: ServiceModel, batcher: Batcher, metrics: Metrics, config: 
 
     @app.get("/sample.png", include_in_schema=False)
     async def sample() -> Response:
-        return Response(sample_png(), media_type="image/png")
+        return Response(sample_png(True), media_type="image/png")
+
+    @app.get("/sample-good.png", include_in_schema=False)
+    async def sample_good() -> Response:
+        return Response(sample_png(False), media_type="image/png")
 
     return Guard(app, metrics, config.max_request_bytes)
 
@@ -278,8 +283,9 @@ def _static(name: str) -> bytes:
 
 
 @cache
-def sample_png() -> bytes:
-    """A synthetic part with a scratch (pipeline.synthetic, seed 0): the demo image of ``/?try=/sample.png``."""
+def sample_png(defective: bool = True) -> bytes:
+    """A synthetic part (pipeline.synthetic, seed 0), with a scratch or without: the demo images of
+    ``/?try=/sample.png`` and ``/?try=/sample-good.png``."""
     import numpy as np
     from PIL import Image
 
@@ -287,7 +293,9 @@ def sample_png() -> bytes:
 
     rng = np.random.default_rng(0)
     size = (160, 160)
-    image, _ = add_defect(render_normal(class_style("weave", rng, size), rng, size), "scratch", rng)
+    image = render_normal(class_style("weave", rng, size), rng, size)
+    if defective:
+        image, _ = add_defect(image, "scratch", rng)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()

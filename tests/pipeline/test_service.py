@@ -473,3 +473,27 @@ def test_web_page_scores_an_image_in_headless_chromium(service, tmp_path):
     assert image.size == (E2E_IMAGE_SIZE, E2E_IMAGE_SIZE)
     assert '<div class="name">sample.png</div>' in card.group(2)
     assert "sample.png: " in re.search(r'<ol id="recent">(.*?)</ol>', dom, re.S).group(1)
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--thresholds_file_writable"], "error: --thresholds_file_writable rewrites --thresholds FILE: add --thresholds"),
+    (["--max_batch", "0"], "error: --max_batch 0 must be at least 1"),
+    (["--max_wait_ms", "-1"], "error: --max_wait_ms -1.0 must be a finite number >= 0"),
+    (["--port", "0"], "error: --port 0 must be in 1..65535"),
+    (["--token", " "], "error: --token is empty"),
+])
+def test_service_flag_errors_are_one_line(files, capsys, flags, line):
+    assert run_cli(service_config.parse_args, [*files["design"], *flags]) == 2
+    assert capsys.readouterr().err.strip().startswith(line)
+
+
+def test_port_in_use_is_one_line_before_the_model_loads(files, capsys):
+    from pipeline.service import server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert run_cli(server.main, [*files["design"], "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: cannot listen on 127.0.0.1:{port} (Address already in use)")

@@ -139,17 +139,20 @@ async function loadInfo() {
   }
 }
 
-// ?try=PATH: fetch an image of this site (the demo's /sample.png) and send it through upload().
+// ?try=PATH (repeatable): fetch images of this site (the demo's /sample.png, /sample-good.png) and send them
+// through upload(), as dropped files are (headless browsers cannot pick files in a dialog).
 async function tryParameter() {
-  const path = new URLSearchParams(location.search).get("try");
-  if (!path) return;
-  const url = new URL(path, location.href);
-  if (url.origin !== location.origin) { setStatus("error: ?try= takes a path on this site", true); return; }
-  const response = await fetch(url);
-  if (!response.ok) { setStatus("error: cannot fetch " + path + " (HTTP " + response.status + ")", true); return; }
-  const blob = await response.blob();
-  const name = url.pathname.split("/").pop() || "image";
-  await upload([new File([blob], name, {type: blob.type})]);
+  const paths = new URLSearchParams(location.search).getAll("try");
+  const files = [];
+  for (const path of paths) {
+    const url = new URL(path, location.href);
+    if (url.origin !== location.origin) { setStatus("error: ?try= takes a path on this site", true); return; }
+    const response = await fetch(url);
+    if (!response.ok) { setStatus("error: cannot fetch " + path + " (HTTP " + response.status + ")", true); return; }
+    const blob = await response.blob();
+    files.push(new File([blob], url.pathname.split("/").pop() || "image", {type: blob.type}));
+  }
+  await upload(files);
 }
 
 function wire() {
