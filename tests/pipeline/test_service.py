@@ -50,8 +50,7 @@ def _png(array: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def files(tiny_clip_state, tiny_model, tmp_path_factory):
-    """Backbone, random prompts, 4 good and 4 defective synthetic parts of several sizes, and thresholds
-    calibrated on the good ones by test_one_example.py (with their provenance)."""
+    """Backbone, random prompts, 4 good and 4 defective synthetic parts of several sizes."""
     root = tmp_path_factory.mktemp("service")
     torch.save(tiny_clip_state, root / "backbone.pt")
     save_prompt_checkpoint(random_prompt_learner(tiny_model), root / "prompts.pth")
@@ -67,10 +66,13 @@ def files(tiny_clip_state, tiny_model, tmp_path_factory):
         kind = ("scratch", "blob", "hole", "color_spot")[index]
         defective, _ = add_defect(render_normal(style, rng, size), kind, rng)
         (parts / f"part_{index}.png").write_bytes(_png(defective))
-    thresholds = root / "thresholds.json"
-    assert prediction.main(["--image_path", str(good), *design, "--calibrate", "--target_fpr", "0.3",
+    return {"root": root, "design": design, "parts": parts, "good": good}
+
+
+def _calibrate(files, thresholds: Path) -> None:
+    """Thresholds calibrated by test_one_example.py on the good parts (target FPR 0.3), with their provenance."""
+    assert prediction.main(["--image_path", str(files["good"]), *files["design"], "--calibrate", "--target_fpr", "0.3",
                             "--save_thresholds", str(thresholds), "--class_name", "weave"]) == 0
-    return {"root": root, "design": design, "parts": parts, "thresholds": thresholds}
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +85,18 @@ def launched(files):
     """
     root = files["root"]
     thresholds = root / "served_thresholds.json"
-    shutil.copy(files["thresholds"], thresholds)
     settings = {
         "main": ["--thresholds", str(thresholds), "--thresholds_file_writable", "--max_request_mb", "1",
                  "--max_batch", "8", "--max_wait_ms", "30"],
         "slow": ["--max_batch", "2", "--max_wait_ms", "1000", "--max_queue", "2", "--token", TOKEN],
         "sigterm": ["--max_batch", "2", "--max_wait_ms", "1000", "--grace_s", "20"]}
-    processes = {name: ServiceProcess([*files["design"], *args], root / f"{name}.log", env=ENV, wait=False)
-                 for name, args in settings.items()}
+    def launch(name: str) -> ServiceProcess:
+        return ServiceProcess([*files["design"], *settings[name]], root / f"{name}.log", env=ENV, wait=False)
+
+    processes = {name: launch(name) for name in ("slow", "sigterm")}
     try:
+        _calibrate(files, thresholds)  # while those two start
+        processes["main"] = launch("main")
         for process in processes.values():
             process.wait_ready()
         processes["main"].thresholds = thresholds
