@@ -101,9 +101,7 @@ class ServiceModel:
         """Open the scorer (no torch import with ``--runtime``) and check the thresholds, as test_one_example.py."""
         prediction = config.prediction
         exported = open_export(prediction)
-        decision = thresholds_in_force(prediction, exported)
-        for difference in decision.accepted:
-            logger.warning("--accept_thresholds: using thresholds made for other settings (%s)", difference)
+        decision = thresholds_in_force(prediction, exported)  # logs what --accept_thresholds let through
         scorer = exported if exported is not None else open_torch_scorer(prediction)
         return cls(config, scorer, exported, Thresholds(decision, _recorded_provenance(config, exported, decision)))
 
