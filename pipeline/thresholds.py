@@ -184,7 +184,7 @@ def select_thresholds(classes: dict[str, dict], class_name: str | None, source: 
 # The settings a threshold holds for, each with the flag that sets it (in the order an error lists them).
 PROVENANCE_FLAGS = {"checkpoint_sha256": "--checkpoint_path", "backbone_sha256": "--backbone",
                     "image_size": "--image_size", "sigma": "--sigma", "features_list": "--features_list",
-                    "feature_map_layer": "--feature_map_layer"}
+                    "feature_map_layer": "--feature_map_layer", "memory": "the few-shot memory"}
 ACCEPT_FLAG = "--accept_thresholds"
 
 
@@ -212,16 +212,32 @@ def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[
         return ["it records no settings (written by hand or by an older version)"]
     differing = []
     for name, flag in PROVENANCE_FLAGS.items():
-        theirs, ours = recorded.get(name), current[name]
+        theirs, ours = recorded.get(name), current.get(name)  # "memory": only where a memory scored
         if name == "features_list" and isinstance(theirs, list):
             theirs = sorted(theirs)
         if theirs == ours or (name == "sigma" and isinstance(theirs, (int, float)) and float(theirs) == ours):
             continue
-        if name.endswith("_sha256"):
+        if name == "memory":
+            differing.append(_memory_difference(theirs, ours))
+        elif name.endswith("_sha256"):
             differing.append(f"{flag} (another file than the thresholds were made with)")
         else:
             differing.append(f"{flag} {_shown(ours)} against the thresholds' {_shown(theirs)}")
     return differing
+
+
+def _memory_text(memory: object) -> str:
+    if not isinstance(memory, dict):
+        return "zero-shot (no memory)"
+    return f"a memory of {memory.get('k')} reference(s), weight {memory.get('weight')}"
+
+
+def _memory_difference(theirs: object, ours: object) -> str:
+    """The few-shot memory's part of a mismatch: zero-shot against few-shot, or another memory."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return (f"another few-shot memory ({_memory_text(ours)}, against the thresholds' {_memory_text(theirs)}; "
+                "other references or memory settings)")
+    return f"scores of {_memory_text(ours)} against the thresholds' {_memory_text(theirs)}"
 
 
 def check_provenance(classes: dict[str, dict], names: list[str], current: dict[str, object], source: str,
