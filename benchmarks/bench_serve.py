@@ -136,7 +136,7 @@ def run_mode(name: str, args: list[str], images: list[tuple[str, bytes]], option
     images_scored, passes = scored_after - scored_before, passes_after - passes_before
     growth = round(rss[-1][1] - rss[0][1], 1) if len(rss) > 1 and rss[0][1] and rss[-1][1] else None
     return {"mode": name, "requests": len(latencies) + len(errors), "ok": len(latencies), "errors": len(errors),
-            "first_errors": errors[:3], "seconds": round(wall, 2),
+            "first_errors": errors[:3], "seconds": round(wall, 4),
             "throughput_rps": round(len(latencies) / wall, 2) if wall else None,
             "p50_ms": _percentile(latencies, 50), "p95_ms": _percentile(latencies, 95),
             "p99_ms": _percentile(latencies, 99), "mean_batch": round(images_scored / passes, 2) if passes else None,

@@ -28,7 +28,7 @@ def test_bench_serve_runs_and_its_counts_add_up(capsys):
     result = summary["results"][0]
     assert result["mode"] == "batched" and result["requests"] == result["ok"] == 12 and result["errors"] == 0
     assert result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
-    assert abs(result["throughput_rps"] - 12 / result["seconds"]) <= 0.01 + 1e-9 * result["throughput_rps"]
+    assert abs(result["throughput_rps"] - 12 / result["seconds"]) <= 0.02 + 1e-3 * result["throughput_rps"]
     assert [done for done, _ in result["rss_mb"]] == list(range(1, 13))  # one sample per tenth (here: per request)
     assert 1 <= result["mean_batch"] <= 3  # at most one request per client in flight
     assert result["exit_status"] == 0  # stopped with SIGTERM, drained, exit 0
