@@ -254,7 +254,8 @@ class ServiceModel:
             "device": getattr(getattr(self.scorer, "device", None), "type", "cpu"),
             "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms,
                          "max_queue": self.config.max_queue},
-            "thresholds": self.thresholds_document(), "memory": None}
+            "thresholds": self.thresholds_document(),
+            "memory": self.provenance.get("memory")}  # an export's few-shot memory; serve.py has no --memory yet
 
 
 def thresholds_view(thresholds: Thresholds) -> dict[str, Any]:
