@@ -135,7 +135,8 @@ def scored_run_specs(flags: RunRecord) -> tuple[ModelSpec, ScoringSpec, RunRecor
     model, scoring = model_spec(flags), scoring_spec(flags)
     check_model_spec(model)
     check_sigma(scoring.sigma, model.image_size)
-    check_output_folder(flags.values["save_path"], "--save_path")
+    if "save_path" in flags.values:  # serve.py writes no outputs
+        check_output_folder(flags.values["save_path"], "--save_path")
     check_scoring_spec(scoring)
     if scoring.exported:
         return with_export_settings(model, scoring, flags)

@@ -141,15 +141,25 @@ def load_thresholds(path: str | os.PathLike) -> dict[str, dict]:
                                 "would be used: keep one",
         unreadable=lambda error: f"thresholds file {path} is not readable JSON ({error}): write it again",
         what="thresholds file")
+    return thresholds_classes(document, f"thresholds file {path}")
+
+
+def thresholds_classes(document: object, source: str) -> dict[str, dict]:
+    """The checked ``classes`` of a thresholds.json document already parsed (a file's, or a service request's).
+
+    Args:
+        document: The parsed JSON.
+        source: What the messages name (``thresholds file X``, ``the PUT /thresholds body``).
+    """
     classes = document.get("classes") if isinstance(document, dict) else None
     if not isinstance(classes, dict) or not classes:
-        raise AnomalyCLIPError(f"thresholds file {path} has no 'classes' mapping: it is not a thresholds.json")
+        raise AnomalyCLIPError(f"{source} has no 'classes' mapping: it is not a thresholds.json")
     version = document.get("version", THRESHOLDS_VERSION)
     if version != THRESHOLDS_VERSION or isinstance(version, bool):
-        raise AnomalyCLIPError(f"thresholds file {path} has version {version!r}, this code reads "
+        raise AnomalyCLIPError(f"{source} has version {version!r}, this code reads "
                                f"{THRESHOLDS_VERSION}: write it again with this version's test.py or "
                                "test_one_example.py --calibrate")
-    check_classes(classes, f"thresholds file {path}")
+    check_classes(classes, source)
     return classes
 
 
