@@ -433,7 +433,8 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> tuple[AnomalyDat
     """The dataset, its metric set and what scores it (the inference module, or an exported graph)."""
     scoring = config.scoring
     threads = config.model.threads
-    exported = ExportedScorer.load(scoring.model_dir, scoring.runtime, threads) if scoring.exported else None
+    exported = (ExportedScorer.load(scoring.model_dir, scoring.runtime, threads, scoring.precision)
+                if scoring.exported else None)
     dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
                              class_names=list(config.classes) if config.classes else None)
     metric_set = choose_metric_set(dataset, config.metrics)
@@ -546,6 +547,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
+        "precision": config.scoring.precision,
         "config": config.record.as_dict(),
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),

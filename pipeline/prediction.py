@@ -261,7 +261,8 @@ def open_export(config: PredictionConfig) -> ExportedScorer | None:
     """With ``--runtime``, the exported graph of ``--model`` loaded (``None`` on the torch path)."""
     if not config.scoring.exported:
         return None
-    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads)
+    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads,
+                               config.scoring.precision)
 
 
 def run_provenance(config: PredictionConfig, exported: ExportedScorer | None) -> dict[str, object]:
@@ -546,6 +547,7 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
         in_force["accepted_other_settings"] = list(decision.accepted)
     document = {"thresholds": in_force, "image_path": str(config.image_path),
                 "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
+                "runtime": config.scoring.runtime, "precision": config.scoring.precision,
                 "vis_scale": vis_scale(config, decision), "predictions": rows}
     csv_path = atomic_write_text(buffer.getvalue(), out / "predictions.csv")
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"

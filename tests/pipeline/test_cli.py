@@ -138,7 +138,7 @@ def test_half_precision_on_a_cpu_is_refused_before_any_data_or_model_loads(comma
 
     missing = tmp_path / "absent"  # neither a dataset, nor images, nor a checkpoint: none may be looked at first
     argv = {"test": (test_cli.main, ["--data_path", str(missing), "--checkpoint_path", str(missing / "c.pth"),
-                                     "--save_path", str(tmp_path / "out"), "--device", "cpu", "--precision", "bf16"]),
+                                     "--save_path", str(tmp_path / "out"), "--device", "cpu", "--precision", "fp16"]),
             "one": (prediction.main, ["--image_path", str(missing), "--checkpoint_path", str(missing / "c.pth"),
                                       "--save_path", str(tmp_path / "out"), "--precision", "fp16"])}
     main, flags = argv[command]
