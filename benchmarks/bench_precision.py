@@ -17,9 +17,11 @@ once quantised (``export.py``'s ``quantize_int8``), and scores a small synthetic
 For each: latency per image (median over the set, batch 1, after one untimed warm-up image
 whose time is reported as ``first_call_s``), the speed-up over torch fp32 of the same run, the
 largest and mean score and map differences from torch fp32, and image AUROC, pixel AUROC and
-AUPRO (cflow) on the set with their change from torch fp32. Random weights detect nothing, so
-the metrics themselves are near chance; their *change* shows how far a precision moves a
-ranking. The set is small (timing several seconds per image): read the metric changes as an
+AUPRO (cflow) on the set with their change from torch fp32. Beside them, ``kernels``: the
+fp32 and bf16 rates of the forward's matmul shapes and of its fused attention kernel, which
+explain the torch bf16 gain (``--kernels_only`` measures just these, in seconds). Random
+weights detect nothing, so the metrics themselves are near chance; their *change* shows how
+far a precision moves a ranking. The set is small (timing several seconds per image): read the metric changes as an
 order of magnitude, and verify on your own data with ``tools/check_precision.py``.
 
 Prints progress on stderr and ONE JSON line on stdout.
@@ -126,6 +128,40 @@ def labelled_set(args: argparse.Namespace, folder: Path):
     return batches, labels
 
 
+# --- why torch bf16 gains what it gains ---------------------------------------------------------------
+
+
+def kernel_rates(args: argparse.Namespace, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of the forward's two big kernels in fp32 and bf16 at this token count (median of ``repeats``).
+
+    ``matmul``: one block's four linear shapes (qkv, out, fc, proj) as ``torch.mm``; ``attention``:
+    ``scaled_dot_product_attention`` over all heads. bf16 tensors are made bf16 up front (no casts timed).
+    """
+    config = PRESETS[args.preset]
+    tokens = 1 + (args.image_size // config["vision_patch_size"]) ** 2
+    width, heads = config["vision_width"], config["vision_width"] // 64
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(width, 3 * width), (width, width), (width, 4 * width), (4 * width, width)]
+    rates: dict[str, float] = {}
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        operands = [(torch.randn(tokens, k, generator=generator).to(dtype),
+                     torch.randn(k, n, generator=generator).to(dtype)) for k, n in shapes]
+        query = torch.randn(1, heads, tokens, 64, generator=generator).to(dtype)
+        kernels = {"matmul": (lambda ops=operands: [torch.mm(a, b) for a, b in ops],
+                              sum(2 * tokens * k * n for k, n in shapes)),
+                   "attention": (lambda q=query: torch.nn.functional.scaled_dot_product_attention(q, q, q),
+                                 4 * heads * tokens * tokens * 64)}
+        for name, (kernel, flops) in kernels.items():
+            kernel()  # warm-up: oneDNN builds its kernels for a shape on first use
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                kernel()
+                times.append(time.perf_counter() - started)
+            rates[f"{name}_{dtype_name}_gflop_s"] = round(flops / statistics.median(times) / 1e9, 1)
+    return rates
+
+
 # --- the runs -------------------------------------------------------------------------------------
 
 
@@ -222,6 +258,10 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     started = time.perf_counter()
+    rates = kernel_rates(args)
+    if args.kernels_only:
+        return {"preset": args.preset, "image_size": args.image_size, "kernels": rates, "threads": threads,
+                "cpu": _cpu_name(), "load_average": [round(value, 2) for value in os.getloadavg()]}
     module = build_module(args)
     print("sensitivity:", file=sys.stderr, flush=True)
     sensitivity = {name: _g(value) for name, value in input_sensitivity(module.visual, args.image_size).items()}
@@ -246,7 +286,8 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     return {
         "preset": args.preset, "image_size": args.image_size, "batch": 1, "stand_in": "stable_state_dict",
         "sensitivity_1e-3": sensitivity, "sensitivity_1e-3_default_random_weights": chaotic,
-        "n_images": len(labels), "n_anomalous": int(labels.sum()), "runs": results, "export": export_info,
+        "n_images": len(labels), "n_anomalous": int(labels.sum()), "runs": results, "kernels": rates,
+        "export": export_info,
         "threads": threads, "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
         "load_average": [round(value, 2) for value in os.getloadavg()],
         "note": "random weights: metrics near chance; their change and the differences show what rounding moves",
@@ -267,6 +308,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                                 '"openvino bf16" (torch fp32 first: the reference)')
     parser.add_argument("--compare_chaotic", action="store_true",
                         help="also measure the default random weights' sensitivity (builds a second model)")
+    parser.add_argument("--kernels_only", action="store_true",
+                        help="only the fp32/bf16 rates of the matmul and attention kernels (seconds)")
     parser.add_argument("--workdir", default=None, help="folder for the exports and data (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

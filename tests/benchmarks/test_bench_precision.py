@@ -39,3 +39,6 @@ def test_quick_run_reports_each_precision(capsys, tmp_path):
     for name in ("image_auroc", "pixel_auroc", "aupro"):
         assert int8[f"delta_{name}"] == pytest.approx(int8[name] - reference[name], abs=1e-3)
     assert json.loads((tmp_path / "int8" / "anomalyclip.json").read_text())["quantization"]["precision"] == "int8"
+    assert set(result["kernels"]) == {f"{kernel}_{dtype}_gflop_s" for kernel in ("matmul", "attention")
+                                      for dtype in ("fp32", "bf16")}
+    assert all(rate > 0 for rate in result["kernels"].values())
