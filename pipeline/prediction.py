@@ -242,10 +242,12 @@ def _decision_from_export(config: PredictionConfig, scorer: ExportedScorer | Non
     if classes[class_name].get("image_threshold") is None:
         return None
     image_threshold, pixel_threshold = _checked_values(classes, class_name, source)
-    accepted = scorer.exported.manifest.get("thresholds_accepted") or []
-    if not accepted:  # accepted at export time: recorded there, not asked again
-        accepted = check_provenance(classes, [class_name], provenance, f"the thresholds in {source}",
-                                    config.accept_thresholds)
+    # What was accepted at export time is recorded there and not asked again; a difference the export did not
+    # have (another --precision than the export's) is.
+    at_export = scorer.exported.manifest.get("thresholds_accepted") or []
+    accepted = check_provenance(classes, [class_name], provenance, f"the thresholds in {source}", True)
+    if not set(accepted) <= set(at_export):
+        check_provenance(classes, [class_name], provenance, f"the thresholds in {source}", config.accept_thresholds)
     return Decision(image_threshold, pixel_threshold, source, class_name, tuple(accepted))
 
 

@@ -153,3 +153,25 @@ def test_thresholds_of_one_precision_are_refused_at_another(fp32_export, good_im
     accepted = _predict(good_images, fp32_export, "openvino", tmp_path / "accepted", "--precision", "bf16",
                         "--thresholds", str(calibrated), "--accept_thresholds")
     assert accepted["thresholds"]["accepted_other_settings"] == ["--precision bf16 against the thresholds' fp32"]
+
+
+@needs_bf16
+def test_thresholds_accepted_at_export_are_checked_again_at_another_precision(trained_checkpoint, design_args,
+                                                                              good_images, tmp_path, capsys):
+    """An export's stored thresholds were checked against fp32 maps: a bf16 run is a difference the export never had."""
+    calibrated = tmp_path / "sigma2.json"
+    assert run_cli(prediction.main, ["--image_path", str(good_images), "--checkpoint_path", str(trained_checkpoint),
+                                     *design_args, "--sigma", "2", "--calibrate", "--save_thresholds",
+                                     str(calibrated), "--save_path", str(tmp_path / "c")]) == 0
+    out = tmp_path / "export"
+    assert run_cli(export.main, ["--checkpoint_path", str(trained_checkpoint), *design_args, "--out", str(out),
+                                 "--thresholds", str(calibrated), "--accept_thresholds"]) == 0
+    sigma = "--sigma 4 against the thresholds' 2"
+    assert _predict(good_images, out, "openvino", tmp_path / "fp32")["thresholds"]["accepted_other_settings"] == [sigma]
+    base = ["--image_path", str(good_images), "--runtime", "openvino", "--model", str(out), "--precision", "bf16"]
+    capsys.readouterr()
+    assert run_cli(prediction.main, [*base, "--save_path", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and f"{sigma}; --precision bf16 against the thresholds' fp32" in error
+    found = _predict(good_images, out, "openvino", tmp_path / "bf16", "--precision", "bf16", "--accept_thresholds")
+    assert found["thresholds"]["accepted_other_settings"] == [sigma, "--precision bf16 against the thresholds' fp32"]
