@@ -6,7 +6,7 @@ Verdicts and masks for a folder, with thresholds from ``test.py`` or from a cali
         --thresholds thresholds.json --class_name bottle          # or: --threshold 0.5 --pixel_threshold 1.2
 
 Thresholds hold only for the maps they were chosen on: each class of a thresholds.json records the
-checkpoint and backbone SHA-256, image size, sigma, features list and feature-map layer it was
+checkpoint and backbone SHA-256, image size, sigma, features list, feature-map layer and precision it was
 made with, and a run with other settings is refused (``--accept_thresholds`` uses them anyway and
 records that it did in predictions.json).
 
@@ -127,7 +127,8 @@ def build_parser():
                         help="thresholds.json (from test.py or --calibrate) giving both thresholds")
     parser.add_argument(ACCEPT_FLAG, action="store_true",
                         help="use --thresholds (or an export's) made with other settings than this run's "
-                             "(checkpoint, backbone, image size, sigma, layers); recorded in predictions.json")
+                             "(checkpoint, backbone, image size, sigma, layers, precision); recorded in "
+                             "predictions.json")
     parser.add_argument("--class_name", default=None,
                         help="class of --thresholds to use (needed when it holds several); with --calibrate the "
                              "name to save under (default: the folder's name)")
