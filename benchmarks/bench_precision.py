@@ -241,6 +241,7 @@ def compare(found: dict[str, Any], reference: dict[str, Any], labels: np.ndarray
     found.update(set_metrics(labels, masks, scores, maps))
     if reference is found:
         found["map_scale"] = _g(float(np.abs(maps).max()))
+        found["score_range"] = [_g(float(scores.min())), _g(float(scores.max()))]  # what a score change is against
         return
     found["speedup"] = round(reference["latency_s"] / found["latency_s"], 2)
     found["max_score_diff"] = _g(float(np.abs(scores - reference["arrays"][0]).max()))
@@ -269,10 +270,11 @@ def benchmark(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                else None)
     batches, labels = labelled_set(args, folder)
     masks = np.concatenate([batch.masks for batch in batches])
-    export_info = write_exports(module, folder)
+    runs = configurations(args, folder)
+    export_info = write_exports(module, folder) if any(run["model"] for run in runs) else {}
     results: dict[str, Any] = {}
     reference: dict[str, Any] | None = None
-    for run in configurations(args, folder):
+    for run in runs:
         found = run_one(run, module, batches, threads)
         results[run["name"]] = found
         if "error" in found:
