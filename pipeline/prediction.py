@@ -39,6 +39,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -47,16 +48,23 @@ from tqdm import tqdm
 # (torch is imported by pipeline.loading, for the torch path alone).
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, unreadable_error, unreadable_headers
+from AnomalyCLIP_lib.pretrained import sha256_of
 from pipeline.atomic import atomic_write_text, locked_folder, staged_outputs
-from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
-                          add_sigma_arg, check_positive, cli_parser, parse_config, scored_run_specs)
+from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_memory_args, add_model_args, add_save_path_arg,
+                          add_scoring_args, add_sigma_arg, check_positive, cli_parser, memory_spec, parse_config,
+                          scored_run_specs)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
-from pipeline.engine import ExportedScorer, Scorer, file_batches, score_batches
+from pipeline.engine import ExportedScorer, Scorer, TorchScorer, file_batches, score_batches
+from pipeline.memory import MemorySpec, Reference, check_memory_fits, folder_references, load_memory_file, \
+    memory_info, memory_provenance, memory_record, save_memory_file
 from pipeline.naming import MASK_SUFFIX, OVERLAY_SUFFIX, output_path
 from pipeline.thresholds import (ACCEPT_FLAG, NormalTail, check_provenance, check_target_fpr, class_entry,
                                  load_thresholds, normal_fpr_threshold, provenance_record, save_thresholds,
                                  select_thresholds)
 from pipeline.visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
+
+if TYPE_CHECKING:
+    from AnomalyCLIP_lib.memory import PatchMemory
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +92,22 @@ class PredictionConfig:
     report: bool = False
     accept_thresholds: bool = False
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
+    memory: MemorySpec | None = None
+
+
+@dataclass
+class FewShot:
+    """The run's few-shot memory, as far as it is known before torch loads.
+
+    Attributes:
+        references: The ``--reference_path`` images (the memory is built from them when torch loads).
+        memory: The ``--memory`` file's memory (checked against the run), else ``None``.
+        record: The memory's provenance (:func:`pipeline.memory.memory_record`).
+    """
+
+    references: list[Reference] | None
+    memory: PatchMemory | None
+    record: dict[str, object] | None
 
 
 @dataclass(frozen=True)
@@ -120,21 +144,7 @@ def build_parser():
     add_save_path_arg(parser, "./results/single", "overlays, masks, predictions")
     add_model_args(parser)
     add_sigma_arg(parser)
-    parser.add_argument("--threshold", type=float, default=None, help="image threshold: 'anomalous' when score >= it")
-    parser.add_argument("--pixel_threshold", type=float, default=None,
-                        help="pixel threshold (with --threshold): the defect mask is map >= it")
-    parser.add_argument("--thresholds", default=None,
-                        help="thresholds.json (from test.py or --calibrate) giving both thresholds")
-    parser.add_argument(ACCEPT_FLAG, action="store_true",
-                        help="use --thresholds (or an export's) made with other settings than this run's "
-                             "(checkpoint, backbone, image size, sigma, layers, precision); recorded in "
-                             "predictions.json")
-    parser.add_argument("--class_name", default=None,
-                        help="class of --thresholds to use (needed when it holds several); with --calibrate the "
-                             "name to save under (default: the folder's name)")
-    parser.add_argument("--vis_scale", choices=VIS_SCALES, default=None,
-                        help="overlay colours: 'fixed' = map / (2 x pixel threshold), clipped (default when a pixel "
-                             "threshold is known); 'per_image' = the original's per-image min-max (default otherwise)")
+    add_threshold_args(parser, "; with --calibrate the name to save under (default: the folder's name)")
     parser.add_argument("--calibrate", action="store_true",
                         help="take every image as normal and choose thresholds at --target_fpr "
                              "(needs --save_thresholds)")
@@ -147,7 +157,27 @@ def build_parser():
                         help="write save_path/report.html: every image's overlay, highest score first, with verdicts")
     add_scoring_args(parser, "run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch",
                      "with --runtime: the folder export.py wrote (its design replaces the model flags)")
+    add_memory_args(parser, dataset=False)
     return parser
+
+
+def add_threshold_args(parser, class_name_help: str = "") -> None:
+    """The thresholds flags (test_one_example.py, serve.py): ``--threshold``, ``--pixel_threshold``,
+    ``--thresholds``, ``--accept_thresholds``, ``--class_name``, ``--vis_scale``."""
+    parser.add_argument("--threshold", type=float, default=None, help="image threshold: 'anomalous' when score >= it")
+    parser.add_argument("--pixel_threshold", type=float, default=None,
+                        help="pixel threshold (with --threshold): the defect mask is map >= it")
+    parser.add_argument("--thresholds", default=None,
+                        help="thresholds.json (from test.py or --calibrate) giving both thresholds")
+    parser.add_argument(ACCEPT_FLAG, action="store_true",
+                        help="use --thresholds (or an export's) made with other settings than this run's "
+                             "(checkpoint, backbone, image size, sigma, layers, precision, memory); recorded in "
+                             "predictions.json")
+    parser.add_argument("--class_name", default=None,
+                        help="class of --thresholds to use (needed when it holds several)" + class_name_help)
+    parser.add_argument("--vis_scale", choices=VIS_SCALES, default=None,
+                        help="overlay colours: 'fixed' = map / (2 x pixel threshold), clipped (default when a pixel "
+                             "threshold is known); 'per_image' = the original's per-image min-max (default otherwise)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PredictionConfig:
@@ -169,7 +199,17 @@ def _config(flags: RunRecord) -> PredictionConfig:
         pixel_threshold=values["pixel_threshold"], thresholds=values["thresholds"], class_name=values["class_name"],
         vis_scale=values["vis_scale"], calibrate=values["calibrate"], target_fpr=values["target_fpr"],
         save_thresholds=values["save_thresholds"], report=values["report"],
-        accept_thresholds=values["accept_thresholds"], record=flags)
+        accept_thresholds=values["accept_thresholds"], record=flags, memory=_checked_memory_spec(flags, scoring))
+
+
+def _checked_memory_spec(flags: RunRecord, scoring: ScoringSpec) -> MemorySpec | None:
+    spec = memory_spec(flags)
+    if not spec.active:
+        return None
+    if scoring.exported:
+        raise AnomalyCLIPError("with --runtime the memory is part of the export: run export.py --memory FILE (a "
+                               "memory written by --save_memory) and drop --reference_path/--memory here")
+    return spec
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -214,11 +254,26 @@ def _decision_from_file(config: PredictionConfig, provenance: dict[str, object])
     if config.threshold is not None or config.pixel_threshold is not None:
         raise AnomalyCLIPError("--thresholds gives both thresholds; drop --threshold/--pixel_threshold or --thresholds")
     classes = load_thresholds(config.thresholds)
-    class_name = _chosen_class(classes, config.class_name, config.thresholds)
-    image_threshold, pixel_threshold = _checked_values(classes, class_name, str(config.thresholds))
-    accepted = check_provenance(classes, [class_name], provenance, f"--thresholds {config.thresholds}",
-                                config.accept_thresholds)
-    return Decision(image_threshold, pixel_threshold, str(config.thresholds), class_name, tuple(accepted))
+    return decision_from_classes(classes, config.class_name, str(config.thresholds),
+                                 f"--thresholds {config.thresholds}", provenance, config.accept_thresholds)
+
+
+def decision_from_classes(classes: dict[str, dict], class_name: str | None, source: str, named: str,
+                          provenance: dict[str, object], accept: bool) -> Decision:
+    """The thresholds of ``class_name`` (or the only class) of checked ``classes``, their provenance checked.
+
+    Args:
+        classes: A thresholds.json's classes, checked (:func:`thresholds.thresholds_classes`).
+        class_name: ``--class_name`` (``None``: the only class).
+        source: Where they come from (the decision's ``source``; messages about the values name it).
+        named: How the provenance message names them (``--thresholds FILE``).
+        provenance: This run's :func:`run_provenance`.
+        accept: ``--accept_thresholds``: provenance differences are recorded, not refused.
+    """
+    class_name = _chosen_class(classes, class_name, source)
+    image_threshold, pixel_threshold = _checked_values(classes, class_name, source)
+    accepted = check_provenance(classes, [class_name], provenance, named, accept)
+    return Decision(image_threshold, pixel_threshold, source, class_name, tuple(accepted))
 
 
 def _decision_from_flags(config: PredictionConfig) -> Decision:
@@ -268,14 +323,49 @@ def open_export(config: PredictionConfig) -> ExportedScorer | None:
                                config.scoring.precision)
 
 
-def run_provenance(config: PredictionConfig, exported: ExportedScorer | None) -> dict[str, object]:
-    """This run's :func:`thresholds.provenance_record` (an export's recorded hashes, else the files')."""
+def run_provenance(config: PredictionConfig, exported: ExportedScorer | None,
+                   few_shot: FewShot | None = None) -> dict[str, object]:
+    """This run's :func:`thresholds.provenance_record` (an export's recorded hashes, else the files'),
+    with its few-shot memory where it has one (an export's, or ``few_shot``'s)."""
     manifest = exported.exported.manifest if exported is not None else None
-    return provenance_record(config.model, config.scoring, manifest)
+    provenance = provenance_record(config.model, config.scoring, manifest)
+    record = memory_in_force(exported, few_shot)
+    return provenance if record is None else {**provenance, "memory": record}
 
 
-def validate(config: PredictionConfig, exported: ExportedScorer | None = None) -> Decision:
+def memory_in_force(exported: ExportedScorer | None, few_shot: FewShot | None) -> dict[str, object] | None:
+    """The provenance record of the memory the run scores with: an export's, or ``few_shot``'s (``None``: zero-shot)."""
+    memory = exported.exported.manifest.get("memory") if exported is not None else None
+    if isinstance(memory, dict):
+        return memory.get("provenance")
+    return few_shot.record if few_shot is not None else None
+
+
+def few_shot(config: PredictionConfig) -> FewShot | None:
+    """The references (``--reference_path``) or the checked memory (``--memory``) of a torch run, else ``None``."""
+    spec = config.memory
+    if spec is None:
+        return None
+    if spec.reference_path:
+        references = folder_references(spec.reference_path)
+        if not references:
+            raise AnomalyCLIPError(f"--reference_path {spec.reference_path} holds no image "
+                                   f"({', '.join(IMAGE_EXTENSIONS)})")
+        return FewShot(references, None, memory_record([ref.to_dict() for ref in references], spec.settings))
+    from AnomalyCLIP_lib.pretrained import backbone_sha256
+    from AnomalyCLIP_lib.constants import DPAM_LAYER
+
+    memory = check_memory_fits(load_memory_file(spec.memory_file), f"--memory {spec.memory_file}",
+                               backbone_sha256(config.model.backbone), config.model.image_size, DPAM_LAYER, spec)
+    return FewShot(None, memory, memory_provenance(memory))
+
+
+def validate(config: PredictionConfig, exported: ExportedScorer | None = None,
+             memory: FewShot | None = None) -> Decision:
     """Check what the flags alone cannot show, before any image is scored; returns the thresholds in force.
+
+    Args:
+        memory: The run's few-shot memory (:func:`few_shot`), which the thresholds must have been made with.
 
     Raises one-line errors.
     """
@@ -288,23 +378,35 @@ def validate(config: PredictionConfig, exported: ExportedScorer | None = None) -
     for flag in ("target_fpr", "save_thresholds"):
         if getattr(config, flag) is not None:
             raise AnomalyCLIPError(f"--{flag} is used only with --calibrate")
+    return thresholds_in_force(config, exported, memory)
+
+
+def thresholds_in_force(config: PredictionConfig, exported: ExportedScorer | None = None,
+                        memory: FewShot | None = None) -> Decision:
+    """The thresholds the flags (``--thresholds``, ``--threshold``, an export's) give, checked against the run's
+    settings and few-shot ``memory`` (:func:`few_shot`); one-line errors."""
     if config.thresholds is not None:
-        decision = _decision_from_file(config, run_provenance(config, exported))
+        decision = _decision_from_file(config, run_provenance(config, exported, memory))
     elif config.threshold is None and config.pixel_threshold is None and exported is not None and \
-            (stored := _decision_from_export(config, exported, run_provenance(config, exported))):
+            (stored := _decision_from_export(config, exported, run_provenance(config, exported, memory))):
         decision = stored
     else:
         decision = _decision_from_flags(config)
     if config.accept_thresholds and not decision.accepted and decision.source in (None, "--threshold"):
         raise AnomalyCLIPError(f"{ACCEPT_FLAG} goes with --thresholds FILE (or an export's thresholds); drop it")
+    check_colour_scale(config, decision)
+    for difference in decision.accepted:
+        logger.warning("%s: using thresholds made for other settings (%s)", ACCEPT_FLAG, difference)
+    return decision
+
+
+def check_colour_scale(config: PredictionConfig, decision: Decision) -> None:
+    """``--vis_scale`` can draw with the thresholds of ``decision`` (the fixed scale needs a positive pixel one)."""
     if config.vis_scale == "fixed" and decision.pixel_threshold is None:
         raise AnomalyCLIPError("--vis_scale fixed needs a pixel threshold (--pixel_threshold or --thresholds)")
     if decision.pixel_threshold is not None and decision.pixel_threshold <= 0 and config.vis_scale != "per_image":
         raise AnomalyCLIPError(f"pixel threshold {decision.pixel_threshold} is not positive: the fixed colour scale "
                                "cannot use it; add --vis_scale per_image")
-    for difference in decision.accepted:
-        logger.warning("%s: using thresholds made for other settings (%s)", ACCEPT_FLAG, difference)
-    return decision
 
 
 # --- inputs and output names --------------------------------------------------------------------
@@ -425,24 +527,50 @@ def relative_name(file: Path, image_path: str | Path) -> Path:
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def open_torch_scorer(config: PredictionConfig) -> Scorer:
-    """The torch inference module of the run (the reference path; imports torch)."""
+def open_torch_scorer(config: PredictionConfig, memory: FewShot | None = None) -> Scorer:
+    """The torch inference module of the run (the reference path; imports torch), with its few-shot memory.
+
+    A memory from ``--reference_path`` is built here (and written to ``--save_memory``).
+    """
     from pipeline.loading import configure_threads, open_scorer, resolve_device
     from utils import setup_seed
 
     setup_seed(config.model.seed)
     configure_threads(config.model.threads)
-    return open_scorer(config.model, config.scoring, resolve_device(config.model.device))
+    scorer = open_scorer(config.model, config.scoring, resolve_device(config.model.device))
+    if memory is None:
+        return scorer
+    assert isinstance(scorer, TorchScorer) and config.memory is not None
+    patch_memory = memory.memory if memory.memory is not None else _built_memory(config, scorer, memory)
+    return TorchScorer(scorer.inference.with_memory(patch_memory), scorer.device)
 
 
-def scored_files(config: PredictionConfig, files: Sequence[Path], scorer: Scorer | None
-                 ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
+def _built_memory(config: PredictionConfig, scorer: TorchScorer, memory: FewShot) -> PatchMemory:
+    from AnomalyCLIP_lib.pretrained import backbone_sha256
+    from pipeline.memory import build_class_memory
+
+    spec = config.memory
+    assert spec is not None and memory.references is not None
+    name = Path(spec.reference_path).resolve().name or "default"
+    checkpoint = sha256_of(config.scoring.checkpoint_path) if config.scoring.checkpoint_path else None
+    info = memory_info(name, config.model.backbone, backbone_sha256(config.model.backbone), config.model.image_size,
+                       scorer.inference.config.dpam_layer, checkpoint)
+    built = build_class_memory(scorer.inference, memory.references, spec.settings, config.loader.batch_size, info)
+    if spec.save_memory:
+        written = save_memory_file(built, spec.save_memory)
+        logger.info("memory of %d reference(s) -> %s", len(memory.references), written)
+    return built
+
+
+def scored_files(config: PredictionConfig, files: Sequence[Path], scorer: Scorer | None,
+                 memory: FewShot | None = None) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
     """``(file, (width, height), score, map)`` per image, in order, through the engine's one loop.
 
     Args:
         scorer: The exported graph, or ``None`` for the torch path (loaded here, after the files are listed).
+        memory: The torch path's few-shot memory (:func:`few_shot`).
     """
-    scorer = scorer if scorer is not None else open_torch_scorer(config)
+    scorer = scorer if scorer is not None else open_torch_scorer(config, memory)
     for scored in score_batches(scorer, file_batches(files, scorer, config.loader.batch_size)):
         for one in scored:
             yield files[one.index], one.size, one.score, one.anomaly_map
@@ -451,6 +579,20 @@ def scored_files(config: PredictionConfig, files: Sequence[Path], scorer: Scorer
 def vis_scale(config: PredictionConfig, decision: Decision) -> str:
     """``--vis_scale``, else ``fixed`` where a pixel threshold is known and ``per_image`` otherwise."""
     return config.vis_scale or ("per_image" if decision.pixel_threshold is None else "fixed")
+
+
+def judge(score: float, anomaly_map: np.ndarray, size: tuple[int, int], decision: Decision
+          ) -> tuple[str | None, np.ndarray | None]:
+    """``(verdict, defect mask)`` of one image under ``decision``; each ``None`` without its threshold.
+
+    The verdict is ``anomalous`` when ``score >= image threshold``; the mask (boolean, the image's own
+    ``size = (width, height)``) is the map resized bilinearly, ``>= pixel threshold``.
+    """
+    verdict = None
+    if decision.image_threshold is not None:
+        verdict = "anomalous" if score >= decision.image_threshold else "normal"
+    mask = None if decision.pixel_threshold is None else defect_mask(anomaly_map, decision.pixel_threshold, size)
+    return verdict, mask
 
 
 def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndarray, decision: Decision,
@@ -465,11 +607,8 @@ def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndar
     out = save_path if staging is None else staging
     relative = relative_name(file, config.image_path)
     prediction = Prediction(file, score)
-    mask = None
-    if decision.image_threshold is not None:
-        prediction.verdict = "anomalous" if score >= decision.image_threshold else "normal"
-    if decision.pixel_threshold is not None:
-        mask = defect_mask(anomaly_map, decision.pixel_threshold, size)
+    prediction.verdict, mask = judge(score, anomaly_map, size, decision)
+    if mask is not None:
         prediction.defect_pixels = int(mask.sum())
         written = save_mask(mask, output_path(out, relative, MASK_SUFFIX))
         prediction.mask = save_path / written.relative_to(out)
@@ -495,17 +634,19 @@ def tsv_field(text: str) -> str:
 
 
 def score_images(config: PredictionConfig, decision: Decision | None = None,
-                 exported: ExportedScorer | None = None, staging: Path | None = None) -> list[Prediction]:
+                 exported: ExportedScorer | None = None, staging: Path | None = None,
+                 memory: FewShot | None = None) -> list[Prediction]:
     """Score every image, write its overlay (and mask), print its line; returns the predictions in order.
 
-    ``staging``: see :func:`decide`.
+    ``staging``: see :func:`decide`; ``memory``: see :func:`scored_files`.
     """
     if decision is None:
         exported = exported if exported is not None else open_export(config)
-        decision = validate(config, exported)
+        memory = memory if memory is not None else few_shot(config)
+        decision = validate(config, exported, memory)
     files = image_files(config.image_path, exclude=config.save_path)
     predictions = []
-    for file, size, score, anomaly_map in scored_files(config, files, exported):
+    for file, size, score, anomaly_map in scored_files(config, files, exported, memory):
         predictions.append(decide(file, size, score, anomaly_map, decision, config, staging))
         print_line(predictions[-1])
     return predictions
@@ -531,8 +672,10 @@ def _csv_cell(value: object) -> object:
 
 
 def write_predictions(predictions: Sequence[Prediction], decision: Decision, config: PredictionConfig,
-                      staging: Path | None = None) -> tuple[Path, Path]:
+                      staging: Path | None = None, memory: dict[str, object] | None = None) -> tuple[Path, Path]:
     """Write ``predictions.csv`` and ``predictions.json`` into ``--save_path`` (or ``staging``) atomically.
+
+    ``memory``: the few-shot memory the scores were made with (its provenance record), recorded as ``memory``.
 
     Returns:
         Their paths.
@@ -551,7 +694,7 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
     document = {"thresholds": in_force, "image_path": str(config.image_path),
                 "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
                 "runtime": config.scoring.runtime, "precision": config.scoring.precision,
-                "vis_scale": vis_scale(config, decision), "predictions": rows}
+                "vis_scale": vis_scale(config, decision), "memory": memory, "predictions": rows}
     csv_path = atomic_write_text(buffer.getvalue(), out / "predictions.csv")
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"
     json_path = atomic_write_text(json_text, out / "predictions.json")
@@ -580,14 +723,20 @@ def existing_thresholds(path: str | Path) -> dict[str, dict]:
                                "file name, so that the file is not replaced") from None
 
 
-def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None) -> dict[str, object]:
-    """Take every image as normal; write and return the ``normal_fpr`` class entry (with its provenance)."""
+def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None,
+              memory: FewShot | None = None) -> dict[str, object]:
+    """Take every image as normal; write and return the ``normal_fpr`` class entry (with its provenance).
+
+    With a few-shot memory, an image that is one of the memory's references is scored leave-one-out
+    (against the memory of the others): a reference scored against itself would look better than
+    any new good part.
+    """
     target_fpr = DEFAULT_TARGET_FPR if config.target_fpr is None else config.target_fpr
     files = image_files(config.image_path, exclude=config.save_path)
     pixel_tail = NormalTail(len(files) * config.model.image_size**2, target_fpr)
     pending: list[np.ndarray] = []
     scores = []
-    for file, _, score, anomaly_map in scored_files(config, files, exported):
+    for file, _, score, anomaly_map in _calibration_scores(config, files, exported, memory):
         scores.append(score)
         pending.append(anomaly_map)
         if len(pending) * anomaly_map.size >= pixel_tail.allowed + 1:  # amortised: each value partitioned O(1) times
@@ -601,7 +750,7 @@ def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None) 
     entry = class_entry(image_threshold, pixel_tail.threshold(), "normal_fpr", target_fpr=target_fpr,
                         n_images=len(files), n_pixels=pixel_tail.total, image_size=config.model.image_size,
                         sigma=config.scoring.sigma, checkpoint_path=str(config.scoring.checkpoint_path),
-                        provenance=run_provenance(config, exported))
+                        provenance=run_provenance(config, exported, memory))
     classes = existing_thresholds(config.save_thresholds)
     if classes:
         logger.info("%s class %s in %s; its other classes (%s) are kept", "replacing" if name in classes else "adding",
@@ -613,20 +762,46 @@ def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None) 
     return entry
 
 
+def _calibration_scores(config: PredictionConfig, files: Sequence[Path], exported: ExportedScorer | None,
+                        memory: FewShot | None) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
+    """:func:`scored_files`, with the memory's own references scored leave-one-out."""
+    if memory is None:
+        yield from scored_files(config, files, exported)
+        return
+    scorer = open_torch_scorer(config, memory)
+    assert isinstance(scorer, TorchScorer) and scorer.inference.memory is not None
+    full_memory = scorer.inference.memory
+    positions = {ref["sha256"]: position for position, ref in enumerate(full_memory.info.get("references") or [])}
+    file_positions = [positions.get(sha256_of(file)) for file in files]
+    others = [file for file, position in zip(files, file_positions) if position is None]
+    yield from scored_files(config, others, scorer)
+    left_out = [(file, position) for file, position in zip(files, file_positions) if position is not None]
+    if left_out and full_memory.reference_count < 2:
+        raise AnomalyCLIPError(f"--calibrate: {left_out[0][0]} is the memory's only reference, and a reference "
+                               "is scored against the others (leave-one-out); give at least 2 references, or "
+                               "calibrate on good images that are not references")
+    if left_out:
+        logger.info("%d of the images are references of the memory: scored leave-one-out", len(left_out))
+    for file, position in left_out:
+        single = TorchScorer(scorer.inference.with_memory(full_memory.without_reference(position)), scorer.device)
+        yield from scored_files(config, [file], single)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = parse_args(argv)
     exported = open_export(config)
-    decision = validate(config, exported)
+    memory = few_shot(config)
+    decision = validate(config, exported, memory)
     if config.calibrate:
         with locked_folder(Path(config.save_thresholds).parent, "--save_thresholds's folder"):
-            calibrate(config, exported)
+            calibrate(config, exported, memory)
         return 0
     # Written under a staging folder and swapped in as one: the folder holds this run's files or the last one's.
     with locked_folder(config.save_path, "--save_path"), staged_outputs(config.save_path, EARLIER_OUTPUTS) as stage:
-        predictions = score_images(config, decision, exported, stage.staging)
-        write_predictions(predictions, decision, config, stage.staging)
+        predictions = score_images(config, decision, exported, stage.staging, memory)
+        write_predictions(predictions, decision, config, stage.staging, memory_in_force(exported, memory))
         if config.report:
             write_report(config, predictions, decision, stage.staging)
         stage.commit()

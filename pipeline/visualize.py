@@ -86,8 +86,14 @@ def overlay(image_path: str | os.PathLike, anomaly_map: np.ndarray, alpha: float
         pixel_threshold: The pixel threshold of the ``fixed`` scale.
         mask: Optional defect mask at any size; its contours are drawn on top.
     """
+    return overlay_image(load_image(image_path), anomaly_map, alpha, scale, pixel_threshold, mask)
+
+
+def overlay_image(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, scale: str = "per_image",
+                  pixel_threshold: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+    """:func:`overlay` of an image already decoded (as :func:`AnomalyCLIP_lib.images.load_image` reads it)."""
     side = anomaly_map.shape[-1]
-    image = np.asarray(load_image(image_path).convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.float64)
+    image = np.asarray(image.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.float64)
     heat = cv2.applyColorMap((colour_scale(anomaly_map, scale, pixel_threshold) * 255).astype(np.uint8),
                              cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
@@ -119,5 +125,9 @@ def save_overlay(image_path: str | os.PathLike, anomaly_map: np.ndarray, out_pat
 
 def save_mask(mask: np.ndarray, out_path: str | os.PathLike) -> Path:
     """Write a boolean mask as a grey PNG, 255 where defective and 0 elsewhere (atomically)."""
-    return atomic_write_bytes(encode_png(np.where(mask, 255, 0).astype(np.uint8), rgb=False), Path(out_path),
-                              durable=False)
+    return atomic_write_bytes(mask_png(mask), Path(out_path), durable=False)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A boolean mask as grey PNG bytes, 255 where defective and 0 elsewhere (the mask files' content)."""
+    return encode_png(np.where(mask, 255, 0).astype(np.uint8), rgb=False)
