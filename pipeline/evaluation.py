@@ -42,13 +42,14 @@ import torch
 import metrics
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
-from pipeline import distributed, report, thresholds
+from pipeline import distributed, report, thresholds, tiling
 from pipeline.atomic import StagedOutputs, atomic_write_texts, naming_errors, remove_leftovers
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
-                          add_sigma_arg, check_loader_spec, cli_parser, loader_spec, parse_config, scored_run_specs)
-from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, replaced
+                          add_sigma_arg, add_tiling_args, check_loader_spec, cli_parser, loader_spec, parse_config,
+                          scored_run_specs, tiling_spec)
+from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, TilingSpec, replaced
 from pipeline.dump import DumpWriter
-from pipeline.engine import Batch, ExportedScorer, ScoredImage, Scorer, dataset_batches, score_batches
+from pipeline.engine import Batch, ExportedScorer, ScoredImage, Scorer, score_batches
 from pipeline.loading import configure_threads, open_scorer, resolve_device, resolve_num_workers
 from pipeline.naming import OVERLAY_SUFFIX, VIS_FOLDER, output_path, relative_to_root
 from pipeline.visualize import save_overlay
@@ -99,6 +100,7 @@ class EvaluationConfig:
     threshold_method: str = "f1"
     target_fpr: float = 0.01
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
+    tiling: TilingSpec = TilingSpec()
 
 
 def build_parser():
@@ -113,7 +115,8 @@ def build_parser():
     add_sigma_arg(parser)
     parser.add_argument("--aupro", choices=metrics.AUPRO_MODES, default="cflow",
                         help="cflow: the released variant (default); exact: MVTec AD's official definition")
-    add_loader_args(parser, "images per forward pass")
+    add_loader_args(parser, "images (with --tile_size: views) per forward pass")
+    add_tiling_args(parser)
     add_scoring_args(parser, "score through an exported graph (export.py) with ONNX Runtime or OpenVINO",
                      "with --runtime: the folder export.py wrote")
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
@@ -156,7 +159,7 @@ def _config(flags: RunRecord) -> EvaluationConfig:
     return EvaluationConfig(data_path=values["data_path"], dataset=values["dataset"], model=model, loader=loader,
                             scoring=scoring, outputs=outputs, classes=classes, metrics=values["metrics"],
                             aupro=values["aupro"], threshold_method=values["threshold_method"],
-                            target_fpr=values["target_fpr"], record=flags)
+                            target_fpr=values["target_fpr"], record=flags, tiling=tiling_spec(flags))
 
 
 @dataclass
@@ -435,7 +438,8 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> tuple[AnomalyDat
     threads = config.model.threads
     exported = ExportedScorer.load(scoring.model_dir, scoring.runtime, threads) if scoring.exported else None
     dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
-                             class_names=list(config.classes) if config.classes else None)
+                             class_names=list(config.classes) if config.classes else None,
+                             transform=tiling.keep_image if config.tiling.enabled else None)
     metric_set = choose_metric_set(dataset, config.metrics)
     if config.threshold_method == "normal_fpr" and not dataset.any_normal:
         raise AnomalyCLIPError(f"--threshold_method normal_fpr needs normal images and {dataset.root} has none; "
@@ -495,8 +499,9 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     try:
         shard = world.shard(len(dataset))
         on_image = (lambda r: _save_vis(r, dataset, staging)) if outputs.vis else None
-        batches = dataset_batches(dataset, shard, config.loader, device, progress=world.is_main)
-        results = image_results(scorer, dataset, batches, on_image)
+        view_scorer, batches = tiling.dataset_stream(scorer, dataset, shard, config.loader, device, config.tiling,
+                                                     progress=world.is_main)
+        results = image_results(view_scorer, dataset, batches, on_image)
         rounds = world.rounds(len(dataset), config.loader.batch_size)
         for local, error in distributed.lockstep(world, results, rounds):
             local = local or []
@@ -529,7 +534,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     logger.info("\n%s", table)
     mean = metrics.mean_over_classes(per_class, columns + list(EXTRA_COLUMNS))
     manifest = scorer.exported.manifest if isinstance(scorer, ExportedScorer) else None
-    provenance = thresholds.provenance_record(config.model, config.scoring, manifest)
+    provenance = thresholds.provenance_record(config.model, config.scoring, manifest, config.tiling)
     summary = {
         "dataset": config.dataset,
         "data_path": str(config.data_path),
@@ -547,6 +552,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
         "config": config.record.as_dict(),
+        "tiling": tiling.tiling_record(config.tiling, config.model.image_size),
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),
         "table": table,

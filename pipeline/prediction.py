@@ -48,10 +48,12 @@ from tqdm import tqdm
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, unreadable_error, unreadable_headers
 from pipeline.atomic import atomic_write_text, locked_folder, staged_outputs
+from pipeline import tiling
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
-                          add_sigma_arg, check_positive, cli_parser, parse_config, scored_run_specs)
-from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
-from pipeline.engine import ExportedScorer, Scorer, file_batches, score_batches
+                          add_sigma_arg, add_tiling_args, check_positive, cli_parser, parse_config, scored_run_specs,
+                          tiling_spec)
+from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, TilingSpec
+from pipeline.engine import ExportedScorer, Scorer
 from pipeline.naming import MASK_SUFFIX, OVERLAY_SUFFIX, output_path
 from pipeline.thresholds import (ACCEPT_FLAG, NormalTail, check_provenance, check_target_fpr, class_entry,
                                  load_thresholds, normal_fpr_threshold, provenance_record, save_thresholds,
@@ -84,6 +86,7 @@ class PredictionConfig:
     report: bool = False
     accept_thresholds: bool = False
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
+    tiling: TilingSpec = TilingSpec()
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,7 @@ class Prediction:
     verdict: str | None = None
     defect_pixels: int | None = None
     mask: Path | None = None
+    tiles: dict | None = None  # the tile grid (tiled runs; None: scored whole)
 
 
 def build_parser():
@@ -141,7 +145,8 @@ def build_parser():
                         help=f"with --calibrate: fraction of good images / pixels allowed to be flagged "
                              f"(default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--save_thresholds", default=None, help="with --calibrate: the thresholds.json to write")
-    add_loader_args(parser, "images per forward pass", workers=False)
+    add_loader_args(parser, "images (with --tile_size: views) per forward pass", workers=False)
+    add_tiling_args(parser)
     parser.add_argument("--report", action="store_true",
                         help="write save_path/report.html: every image's overlay, highest score first, with verdicts")
     add_scoring_args(parser, "run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch",
@@ -168,7 +173,7 @@ def _config(flags: RunRecord) -> PredictionConfig:
         pixel_threshold=values["pixel_threshold"], thresholds=values["thresholds"], class_name=values["class_name"],
         vis_scale=values["vis_scale"], calibrate=values["calibrate"], target_fpr=values["target_fpr"],
         save_thresholds=values["save_thresholds"], report=values["report"],
-        accept_thresholds=values["accept_thresholds"], record=flags)
+        accept_thresholds=values["accept_thresholds"], record=flags, tiling=tiling_spec(flags))
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -267,7 +272,7 @@ def open_export(config: PredictionConfig) -> ExportedScorer | None:
 def run_provenance(config: PredictionConfig, exported: ExportedScorer | None) -> dict[str, object]:
     """This run's :func:`thresholds.provenance_record` (an export's recorded hashes, else the files')."""
     manifest = exported.exported.manifest if exported is not None else None
-    return provenance_record(config.model, config.scoring, manifest)
+    return provenance_record(config.model, config.scoring, manifest, config.tiling)
 
 
 def validate(config: PredictionConfig, exported: ExportedScorer | None = None) -> Decision:
@@ -439,7 +444,7 @@ def scored_files(config: PredictionConfig, files: Sequence[Path], scorer: Scorer
         scorer: The exported graph, or ``None`` for the torch path (loaded here, after the files are listed).
     """
     scorer = scorer if scorer is not None else open_torch_scorer(config)
-    for scored in score_batches(scorer, file_batches(files, scorer, config.loader.batch_size)):
+    for scored in tiling.scored_files(scorer, files, config.loader.batch_size, config.tiling):
         for one in scored:
             yield files[one.index], one.size, one.score, one.anomaly_map
 
@@ -461,6 +466,8 @@ def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndar
     out = save_path if staging is None else staging
     relative = relative_name(file, config.image_path)
     prediction = Prediction(file, score)
+    grid = tiling.tile_grid(size, config.tiling)
+    prediction.tiles = None if grid is None else grid.record()
     mask = None
     if decision.image_threshold is not None:
         prediction.verdict = "anomalous" if score >= decision.image_threshold else "normal"
@@ -540,6 +547,8 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
     writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows([{key: _csv_cell(value) for key, value in row.items()} for row in rows])
+    if config.tiling.enabled:  # each image's tile grid (null: scored whole), in the JSON rows only
+        rows = [{**row, "tiles": p.tiles} for row, p in zip(rows, predictions)]
     in_force = {"image_threshold": decision.image_threshold, "pixel_threshold": decision.pixel_threshold,
                 "source": decision.source, "class_name": decision.class_name, "rule": "value >= threshold"}
     if decision.accepted:
@@ -547,6 +556,8 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
     document = {"thresholds": in_force, "image_path": str(config.image_path),
                 "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
                 "vis_scale": vis_scale(config, decision), "predictions": rows}
+    if config.tiling.enabled:
+        document["tiling"] = tiling.tiling_record(config.tiling)
     csv_path = atomic_write_text(buffer.getvalue(), out / "predictions.csv")
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"
     json_path = atomic_write_text(json_text, out / "predictions.json")
@@ -579,18 +590,18 @@ def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None) 
     """Take every image as normal; write and return the ``normal_fpr`` class entry (with its provenance)."""
     target_fpr = DEFAULT_TARGET_FPR if config.target_fpr is None else config.target_fpr
     files = image_files(config.image_path, exclude=config.save_path)
-    pixel_tail = NormalTail(len(files) * config.model.image_size**2, target_fpr)
+    pixel_tail = NormalTail(tiling.total_map_pixels(files, config.tiling, config.model.image_size), target_fpr)
     pending: list[np.ndarray] = []
     scores = []
     for file, _, score, anomaly_map in scored_files(config, files, exported):
         scores.append(score)
         pending.append(anomaly_map)
-        if len(pending) * anomaly_map.size >= pixel_tail.allowed + 1:  # amortised: each value partitioned O(1) times
-            pixel_tail.update(np.stack(pending))
+        if sum(m.size for m in pending) >= pixel_tail.allowed + 1:  # amortised: each value partitioned O(1) times
+            pixel_tail.update(np.concatenate([m.ravel() for m in pending]))  # maps of any size (tiled: native)
             pending.clear()
         tqdm.write(f"{file}\t{score:.4f}")
     if pending:
-        pixel_tail.update(np.stack(pending))
+        pixel_tail.update(np.concatenate([m.ravel() for m in pending]))
     image_threshold = normal_fpr_threshold(np.asarray(scores, dtype=np.float32), target_fpr)
     name = calibration_class_name(config)
     entry = class_entry(image_threshold, pixel_tail.threshold(), "normal_fpr", target_fpr=target_fpr,
