@@ -317,3 +317,47 @@ def test_decompression_bomb_stays_refused_when_tiled(trained_checkpoint, design_
     assert run_cli(prediction.main, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "more pixels than Pillow decodes safely" in err and "bomb.png" in err
+
+
+# --- test.py -------------------------------------------------------------------------------------
+
+
+def _evaluate(data_root, save_path, checkpoint, design_args, *extra):
+    from pipeline import evaluation
+
+    return run_cli(evaluation.main, ["--data_path", str(data_root), "--save_path", str(save_path), "--checkpoint_path",
+                                     str(checkpoint), "--batch_size", "4", "--num_workers", "0",
+                                     "--dump", str(save_path / "dump.npz"), *design_args, *extra])
+
+
+def test_test_py_tiled_evaluates_at_the_masks_grid(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
+    """test.py --tile_size: each map is the image's stitched native map resized to S x S (the masks' grid, recorded),
+    the same map test_one_example.py stitches; thresholds record the tiling."""
+    target = synthetic_datasets[1]  # 64 x 48 images: a grid of 3 x 2 tiles of 32 px
+    out = tmp_path / "tiled"
+    assert _evaluate(target, out, trained_checkpoint, design_args, "--tile_size", "32") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tiling"]["metrics_resolution"] == [E2E_IMAGE_SIZE, E2E_IMAGE_SIZE]
+    assert results["tiling"]["tile_size"] == 32 and results["config"]["tile_size"] == 32
+    dump = np.load(out / "dump.npz")
+    assert dump["maps"].shape[1:] == (E2E_IMAGE_SIZE, E2E_IMAGE_SIZE) and dump["maps"].dtype == np.float32
+    files = [target / path for path in dump["img_paths"][:2]]
+    for number, (_, size, score, native) in enumerate(_scored(files, trained_checkpoint, design_args,
+                                                              "--tile_size", "32")):
+        assert size == (64, 48) and native.shape == (48, 64)
+        assert dump["scores"][number] == pytest.approx(score, abs=1e-5)
+        expected = np.asarray(Image.fromarray(native).resize((E2E_IMAGE_SIZE,) * 2, Image.BILINEAR), np.float32)
+        np.testing.assert_allclose(dump["maps"][number], expected, atol=1e-5)
+    provenance = next(iter(json.loads((out / "thresholds.json").read_text())["classes"].values()))["provenance"]
+    assert provenance["tile_size"] == 32 and provenance["tile_overlap"] == 0.25
+
+
+def test_test_py_with_tiles_larger_than_every_image_equals_untiled(synthetic_datasets, trained_checkpoint,
+                                                                   design_args, tmp_path):
+    target = synthetic_datasets[1]
+    assert _evaluate(target, tmp_path / "plain", trained_checkpoint, design_args) == 0
+    assert _evaluate(target, tmp_path / "whole", trained_checkpoint, design_args, "--tile_size", "64") == 0
+    plain, whole = np.load(tmp_path / "plain" / "dump.npz"), np.load(tmp_path / "whole" / "dump.npz")
+    for key in ("scores", "maps", "masks"):
+        assert np.array_equal(plain[key], whole[key]), key
+    assert (tmp_path / "plain" / "scores.csv").read_bytes() == (tmp_path / "whole" / "scores.csv").read_bytes()
