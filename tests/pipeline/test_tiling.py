@@ -361,3 +361,12 @@ def test_test_py_with_tiles_larger_than_every_image_equals_untiled(synthetic_dat
     for key in ("scores", "maps", "masks"):
         assert np.array_equal(plain[key], whole[key]), key
     assert (tmp_path / "plain" / "scores.csv").read_bytes() == (tmp_path / "whole" / "scores.csv").read_bytes()
+
+
+def test_test_py_refuses_bad_tiling_flags_in_one_line(synthetic_datasets, trained_checkpoint, design_args, tmp_path,
+                                                      capsys):
+    assert _evaluate(synthetic_datasets[1], tmp_path / "out", trained_checkpoint, design_args,
+                     "--tile_size", "8") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--tile_size 8 is smaller than the model's patch size (14 pixels)" in err
+    assert not (tmp_path / "out" / "results.json").exists()
