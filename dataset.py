@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
@@ -166,6 +166,8 @@ class AnomalyDataset(Dataset):
         split: ``"test"`` (zero-shot evaluation, and training on an auxiliary dataset) or
             ``"train"``.
         class_names: Keep only these classes (kept in meta.json order); ``None`` keeps all.
+        exclude: meta.json paths (``img_path``) of items to leave out (few-shot references drawn
+            from the test split are never evaluated).
         transform: PIL image -> tensor; default :func:`AnomalyCLIP_lib.transform.image_transform`.
         target_transform: 0/255 ``'L'`` mask -> tensor before the threshold; default
             :func:`AnomalyCLIP_lib.transform.mask_transform`. Its output is always thresholded
@@ -187,7 +189,8 @@ class AnomalyDataset(Dataset):
 
     def __init__(self, root: str, image_size: int = 518, split: str = "test", class_names: list[str] | None = None,
                  transform: Callable[[Image.Image], torch.Tensor] | None = None,
-                 target_transform: Callable[[Image.Image], torch.Tensor] | None = None) -> None:
+                 target_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+                 exclude: Collection[str] = ()) -> None:
         self.root = str(root)
         self.image_size = image_size
         self.split = split
@@ -201,7 +204,10 @@ class AnomalyDataset(Dataset):
             if not isinstance(classes[cls_name], list):
                 self._malformed(f"its class '{cls_name}' is not a list of entries")
             for entry in classes[cls_name]:
-                self.items.append(self._checked(entry, cls_name))
+                item = self._checked(entry, cls_name)
+                if item["img_path"] in exclude:
+                    continue
+                self.items.append(item)
                 self._cls_ids.append(cls_id)
         self._files = [self._resolve(item) for item in self.items]
         self._check_files_exist()

@@ -36,6 +36,7 @@ from torch import nn
 from . import scoring
 from .errors import AnomalyCLIPError
 from .constants import DPAM_LAYER
+from .memory import MemorySettings, PatchMemory
 from .model import CLIP, VisionTransformer, normalize_layers
 from .precision import PRECISIONS, autocast
 
@@ -119,11 +120,14 @@ class AnomalyCLIPInference(nn.Module):
         visual: The vision tower (``model.visual``), used as it is (shared, never changed).
         text_features: ``(1, 2, D)`` normalised text features (:func:`scoring.text_features`).
         config: The scoring settings.
+        memory: A few-shot memory of normal patches (:mod:`AnomalyCLIP_lib.memory`), fused into the
+            scores and maps; ``None``: zero-shot, exactly as without this argument.
     """
 
     text_features: torch.Tensor
 
-    def __init__(self, visual: VisionTransformer, text_features: torch.Tensor, config: ScoringConfig) -> None:
+    def __init__(self, visual: VisionTransformer, text_features: torch.Tensor, config: ScoringConfig,
+                 memory: PatchMemory | None = None) -> None:
         super().__init__()
         if text_features.ndim != 3 or text_features.shape[:2] != (1, 2):
             raise AnomalyCLIPError(f"text features must be (1, 2, D); got {tuple(text_features.shape)}")
@@ -132,9 +136,15 @@ class AnomalyCLIPInference(nn.Module):
         if config.image_size % visual.patch_size:
             raise AnomalyCLIPError(f"image_size {config.image_size} must be a multiple of the patch size "
                                    f"{visual.patch_size} (e.g. 518 for ViT-L/14)")
+        if memory is not None:
+            memory.settings.check_layers(visual.num_layers)
+            if memory.width != text_features.shape[-1]:
+                raise AnomalyCLIPError(f"the memory holds {memory.width}-dim tokens and this backbone gives "
+                                       f"{text_features.shape[-1]}: it was built with another backbone")
         self.visual = visual
         self.register_buffer("text_features", text_features.detach().float().clone())
         self._config = config
+        self.memory = memory.to(text_features.device) if memory is not None else None
 
     @property
     def config(self) -> ScoringConfig:
@@ -179,11 +189,46 @@ class AnomalyCLIPInference(nn.Module):
         self._check(images)
         cfg = self._config
         exporting = is_exporting()
+        if self.memory is not None:
+            return self._few_shot(images, exporting)
         with self._precision_context(images.device, exporting):
             scores, maps = scoring.raw_predict(self.visual, self.text_features, images, cfg.features_list,
                                                cfg.dpam_layer, cfg.feature_map_layer, batched=exporting,
                                                reference_arithmetic=cfg.reference_arithmetic)
         return scores, self._smooth(maps.float(), exporting)
+
+    def _few_shot(self, images: torch.Tensor, exporting: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-shot scores and maps fused with the memory's (:mod:`AnomalyCLIP_lib.memory`)."""
+        cfg, memory = self._config, self.memory
+        assert memory is not None
+        settings = memory.settings
+        with self._precision_context(images.device, exporting):
+            embedding, tokens, memory_tokens = scoring.encode_tokens(
+                self.visual, images, cfg.features_list, cfg.dpam_layer, batched=exporting,
+                reference_arithmetic=cfg.reference_arithmetic, memory_layers=settings.layers,
+                memory_stream=settings.stream)
+            scores, maps = scoring.zero_shot(embedding, tokens, self.text_features, cfg.image_size,
+                                             cfg.feature_map_layer)
+        memory_maps = memory.distance_maps(memory_tokens, cfg.image_size)  # float32, outside any autocast
+        zero_shot_maps, memory_maps = self._smooth(torch.cat([maps.float(), memory_maps]), exporting).chunk(2)
+        weight, summed_layers = settings.weight, len(cfg.features_list) - cfg.feature_map_layer
+        fused_scores = (1 - weight) * scores + weight * memory_maps.amax(dim=(-2, -1))
+        return fused_scores, (1 - weight) * zero_shot_maps + (weight * summed_layers) * memory_maps
+
+    def reference_tokens(self, images: torch.Tensor, settings: MemorySettings) -> list[torch.Tensor]:
+        """The tokens a memory holds of ``images``: ``(B, 1 + P, D)`` per layer of ``settings.layers``, float32."""
+        self._check(images)
+        settings.check_layers(self.visual.num_layers)
+        cfg = self._config
+        with torch.inference_mode(), self._precision_context(images.device, False):
+            _, _, tokens = scoring.encode_tokens(self.visual, images.to(self.device), cfg.features_list,
+                                                 cfg.dpam_layer, reference_arithmetic=cfg.reference_arithmetic,
+                                                 memory_layers=settings.layers, memory_stream=settings.stream)
+        return [layer.float().cpu() for layer in tokens]
+
+    def with_memory(self, memory: PatchMemory | None) -> AnomalyCLIPInference:
+        """This module (sharing the tower and text features) scoring with ``memory`` (``None``: zero-shot)."""
+        return AnomalyCLIPInference(self.visual, self.text_features, self._config, memory).eval()
 
     def predict(self, images: torch.Tensor) -> scoring.AnomalyPrediction:
         """``forward`` without gradients on the module's device; results on the CPU (as ``scoring.predict``)."""
@@ -198,7 +243,7 @@ class AnomalyCLIPInference(nn.Module):
         mode is an argument of the forward, not a state of the tower).
         """
         config = dataclasses.replace(self._config, reference_arithmetic=False, precision="fp32", smoothing="torch")
-        return AnomalyCLIPInference(self.visual, self.text_features, config).eval()
+        return AnomalyCLIPInference(self.visual, self.text_features, config, self.memory).eval()
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self._config.to_dict().items())

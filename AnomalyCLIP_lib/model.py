@@ -103,6 +103,7 @@ class VisionTransformer(nn.Module):
         features_list: Sequence[int] = (24,),
         dpam_layer: int | None = DPAM_LAYER,
         reference_arithmetic: bool = False,
+        plain_layers: Sequence[int] = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image embedding and per-layer patch tokens (method §3).
 
@@ -123,6 +124,8 @@ class VisionTransformer(nn.Module):
                 bit-identical to the original's on the same CPU kernels. Off by default: the fused
                 attention kernel and the class-token-only last block are faster and differ only by
                 fp32 rounding (~1e-6).
+            plain_layers: Layers whose plain-stream (original CLIP) tokens to return as well, after
+                those of ``features_list`` (the few-shot memory's ``plain`` tokens).
 
         Returns:
             ``(image_embedding (B, D), [patch_tokens (B, 1 + g*g, D) per layer])``. The image
@@ -131,24 +134,32 @@ class VisionTransformer(nn.Module):
             (the plain stream before the first DPAM block). Nothing is normalised.
         """
         layers = normalize_layers(features_list, self.num_layers)
+        plain = normalize_layers(plain_layers, self.num_layers) if plain_layers else []
         first_dpam = self._first_dpam_layer(dpam_layer)
         if images.device.type == "cpu" and images.ndim == 4 and len(images) > 1 and not reference_arithmetic:
-            parts = [self._encode(image[None], layers, first_dpam) for image in images]
+            parts = [self._encode(image[None], layers, first_dpam, plain_layers=plain) for image in images]
             return torch.cat([p[0] for p in parts]), [torch.cat(t) for t in zip(*(p[1] for p in parts))]
-        return self._encode(images, layers, first_dpam, reference_arithmetic)
+        return self._encode(images, layers, first_dpam, reference_arithmetic, plain)
 
     def _encode(
-        self, images: torch.Tensor, layers: list[int], first_dpam: int, reference_arithmetic: bool = False
+        self, images: torch.Tensor, layers: list[int], first_dpam: int, reference_arithmetic: bool = False,
+        plain_layers: Sequence[int] = (),
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """:meth:`encode` of a batch in one pass, with validated ``layers`` and first DPAM block."""
+        """:meth:`encode` of a batch in one pass, with validated ``layers`` and first DPAM block.
+
+        ``plain_layers`` (validated too): the plain (original CLIP) stream's tokens at these layers are
+        returned after those of ``layers`` (the few-shot memory's ``plain`` tokens); the DPAM stream
+        still stops at the deepest of ``layers``.
+        """
         num_layers = self.num_layers
         deepest_requested = layers[-1]
         x_ori = self.embed(images)
         x_dpam: torch.Tensor | None = None
         collected: list[torch.Tensor] = []
+        plain: list[torch.Tensor] = []
         for number, block in enumerate(self.transformer.resblocks, start=1):
             dpam_here = first_dpam <= number <= deepest_requested
-            needs_full_ori = number < num_layers or (number in layers and not dpam_here)
+            needs_full_ori = number < num_layers or (number in layers and not dpam_here) or number in plain_layers
             query_tokens = None if needs_full_ori or reference_arithmetic else 1
             if dpam_here:
                 x_ori, x_dpam = block.forward_dpam(
@@ -158,9 +169,11 @@ class VisionTransformer(nn.Module):
                 x_ori = block(x_ori, query_tokens=query_tokens)
             if number in layers:
                 collected.append(x_dpam if dpam_here else x_ori)
+            if number in plain_layers:
+                plain.append(x_ori)
 
         image_embedding = x_ori[:, 0] @ self.proj
-        patch_tokens = [self.ln_post(tokens) @ self.proj for tokens in collected]
+        patch_tokens = [self.ln_post(tokens) @ self.proj for tokens in collected + plain]
         return image_embedding, patch_tokens
 
     def _first_dpam_layer(self, dpam_layer: int | None) -> int:

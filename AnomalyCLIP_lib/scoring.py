@@ -196,16 +196,53 @@ def raw_predict(
         reference_arithmetic: The released code's attention arithmetic; see :meth:`VisionTransformer.encode`.
         Others: see :func:`predict`.
     """
-    if batched:
-        layers = normalize_layers(features_list, visual.num_layers)
-        image_embedding, patch_tokens = visual._encode(images, layers, visual._first_dpam_layer(dpam_layer),
-                                                       reference_arithmetic)
-    else:
-        image_embedding, patch_tokens = visual.encode(images, features_list, dpam_layer, reference_arithmetic)
+    image_embedding, patch_tokens, _ = encode_tokens(visual, images, features_list, dpam_layer, batched,
+                                                     reference_arithmetic)
+    return zero_shot(image_embedding, patch_tokens, text_feats, images.shape[-1], feature_map_layer)
+
+
+def zero_shot(image_embedding: torch.Tensor, patch_tokens: Sequence[torch.Tensor], text_feats: torch.Tensor,
+              image_size: int, feature_map_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(B,)`` and UNFILTERED maps ``(B, S, S)`` of encoded images against the text features."""
     scores = image_logits(image_embedding.float(), text_feats).softmax(-1)[:, 1]
-    maps = anomaly_map(similarity_maps([t.float() for t in patch_tokens], text_feats, images.shape[-1],
-                                       feature_map_layer))
+    maps = anomaly_map(similarity_maps([t.float() for t in patch_tokens], text_feats, image_size, feature_map_layer))
     return scores.float(), maps
+
+
+def encode_tokens(
+    visual: VisionTransformer,
+    images: torch.Tensor,
+    features_list: Sequence[int],
+    dpam_layer: int | None,
+    batched: bool = False,
+    reference_arithmetic: bool = False,
+    memory_layers: Sequence[int] = (),
+    memory_stream: str = "dpam",
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One pass of the vision tower for the zero-shot maps and, optionally, a few-shot memory.
+
+    Args:
+        memory_layers: Layers whose tokens the memory compares (``()``: none).
+        memory_stream: ``dpam``: those layers' tokens of the stream the maps use; ``plain``: the
+            original CLIP stream's.
+        Others: see :func:`raw_predict`.
+
+    Returns:
+        ``(image_embedding, [tokens per features_list layer], [tokens per memory layer])``.
+    """
+    layers = normalize_layers(features_list, visual.num_layers)
+    memory = sorted({int(layer) for layer in memory_layers})
+    dpam_extra = [layer for layer in memory if layer not in layers] if memory_stream == "dpam" else []
+    requested = sorted(set(layers) | set(dpam_extra))
+    plain = memory if memory_stream == "plain" else []
+    if batched:
+        embedding, tokens = visual._encode(images, requested, visual._first_dpam_layer(dpam_layer),
+                                           reference_arithmetic, plain)
+    else:
+        embedding, tokens = visual.encode(images, requested, dpam_layer, reference_arithmetic, plain)
+    by_layer = dict(zip(requested, tokens[: len(requested)]))
+    memory_tokens = tokens[len(requested):] if plain else [by_layer[layer] for layer in memory]
+    return embedding, [by_layer[layer] for layer in layers], memory_tokens
 
 
 def predict(

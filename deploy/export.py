@@ -13,7 +13,9 @@ included); the batch axis is dynamic. The text features are constants inside the
 text tower is not exported. The manifest holds the image size, the normalisation, the scoring
 settings, the prompt design, SHA-256s of the checkpoint, of the backbone and of every graph
 file (the runtime refuses a graph file that differs), and the content of ``--thresholds FILE``
-when given. :mod:`deploy.runtime` runs the export without torch.
+when given. ``--memory FILE`` (a few-shot memory, ``test_one_example.py --save_memory``) puts
+the memory's banks into the graph as constants; the manifest then records the memory (file,
+class, references, settings) and thresholds are checked against it. :mod:`deploy.runtime` runs the export without torch.
 
 The graph always computes with the default settings (fp32, the torch Gaussian filter in
 float32, the default attention arithmetic): ``--reference_arithmetic`` is a property of the
@@ -35,9 +37,12 @@ from typing import Any
 
 import torch
 
+from AnomalyCLIP_lib.constants import DPAM_LAYER
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference
-from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
+from AnomalyCLIP_lib.memory import PatchMemory
+from AnomalyCLIP_lib.memory_config import MemorySettings
+from AnomalyCLIP_lib.pretrained import PRETRAINED, backbone_sha256, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, files_sha256, manifest_document
 from pipeline import thresholds
@@ -46,6 +51,7 @@ from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, che
                           check_sigma, checked, cli_parser, model_spec, parse_flags)
 from pipeline.config import ModelSpec, RunRecord, ScoringSpec
 from pipeline.loading import configure_threads, load_model_and_prompts, scoring_config
+from pipeline.memory import MemorySpec, check_memory_fits, check_memory_spec, load_memory_file, memory_provenance
 
 logger = logging.getLogger("anomalyclip.export")
 
@@ -66,6 +72,7 @@ class ExportConfig:
     accept_thresholds: bool = False
     opset: int = MIN_OPSET
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
+    memory: MemorySpec | None = None
 
     @property
     def scoring(self) -> ScoringSpec:
@@ -85,6 +92,10 @@ def build_parser():
                         help="store --thresholds made with other settings than this export's (recorded in the "
                              "manifest)")
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    parser.add_argument("--memory", default=None, metavar="FILE",
+                        help="a few-shot memory (test_one_example.py --save_memory) to put into the graph")
+    parser.add_argument("--memory_weight", type=float, default=None,
+                        help="with --memory: the fusion weight (default: the memory's own)")
     return parser
 
 
@@ -108,9 +119,43 @@ def _config(flags: RunRecord) -> ExportConfig:
                                "wherever its runtime does); drop --device")
     if values["accept_thresholds"] and not values["thresholds"]:
         raise AnomalyCLIPError(f"{thresholds.ACCEPT_FLAG} goes with --thresholds FILE; drop it")
+    memory = _memory_spec(values["memory"], values["memory_weight"])
     return ExportConfig(checkpoint_path=values["checkpoint_path"], out=values["out"], model=model,
                         sigma=float(values["sigma"]), format=values["format"], thresholds=values["thresholds"],
-                        accept_thresholds=values["accept_thresholds"], opset=values["opset"], record=flags)
+                        accept_thresholds=values["accept_thresholds"], opset=values["opset"], record=flags,
+                        memory=memory)
+
+
+def _memory_spec(memory_file: str | None, weight: float | None) -> MemorySpec | None:
+    if memory_file is None:
+        if weight is not None:
+            raise AnomalyCLIPError("--memory_weight goes with --memory FILE; drop it")
+        return None
+    settings = MemorySettings() if weight is None else MemorySettings(weight=weight)
+    spec = MemorySpec(memory_file=memory_file, settings=settings,
+                      given=frozenset() if weight is None else frozenset({"weight"}))
+    check_memory_spec(spec)
+    return spec
+
+
+def load_memory(config: ExportConfig) -> PatchMemory | None:
+    """``--memory``'s memory, checked against the export's backbone and image size (``None`` without one)."""
+    if config.memory is None:
+        return None
+    file = config.memory.memory_file
+    memory = load_memory_file(file)
+    return check_memory_fits(memory, f"--memory {file}", backbone_sha256(config.model.backbone),
+                             config.model.image_size, DPAM_LAYER, config.memory)
+
+
+def memory_manifest(config: ExportConfig, memory: PatchMemory | None) -> dict[str, Any] | None:
+    """The manifest's ``memory``: the file, its class and references, settings and the provenance thresholds need."""
+    if memory is None or config.memory is None:
+        return None
+    return {"file": str(config.memory.memory_file), "file_sha256": sha256_of(config.memory.memory_file),
+            "class_name": memory.info.get("class_name"), "k": memory.reference_count,
+            "rows_per_layer": memory.rows, **memory.settings.to_dict(),
+            "references": memory.info.get("references"), "provenance": memory_provenance(memory)}
 
 
 def read_thresholds(path: str | os.PathLike | None) -> Any:
@@ -215,25 +260,31 @@ def build_manifest(config: ExportConfig, module: AnomalyCLIPInference, files: li
 def export(config: ExportConfig) -> Path:
     """Export as ``config`` asks; returns the manifest's path."""
     stored = read_thresholds(config.thresholds)
+    memory = load_memory(config)
     accepted: list[str] = []
     if stored is not None:
         classes = stored["classes"]  # checked by read_thresholds (load_thresholds)
         current = thresholds.provenance_record(config.model, config.scoring)
+        if memory is not None:
+            current = {**current, "memory": memory_provenance(memory)}
         accepted = thresholds.check_provenance(classes, list(classes), current, f"--thresholds {config.thresholds}",
                                                config.accept_thresholds)
     with locked_folder(config.out, "--out") as out:  # parse_args refused an --out that is a file or under one
-        return _export(config, out, stored, accepted)
+        return _export(config, out, stored, accepted, memory)
 
 
-def _export(config: ExportConfig, out: Path, stored: dict[str, object] | None, accepted: list[str]) -> Path:
+def _export(config: ExportConfig, out: Path, stored: dict[str, object] | None, accepted: list[str],
+            memory: PatchMemory | None = None) -> Path:
     torch.manual_seed(config.model.seed)
     configure_threads(config.model.threads)
     # The CLIs' one loading path: flag and backbone checks, --trust_backbone, safe checkpoint reads.
     model, prompt_learner, _ = load_model_and_prompts(config.model, torch.device("cpu"), config.checkpoint_path)
-    module = AnomalyCLIPInference.from_model(model, prompt_learner,
-                                             scoring_config(config.model, config.scoring)).export_copy()
+    module = AnomalyCLIPInference.from_model(model, prompt_learner, scoring_config(config.model, config.scoring))
+    module = module.with_memory(memory).export_copy()
     files = write_graph(module, out, config.format, config.opset)
     manifest = build_manifest(config, module, files, stored)
+    if memory is not None:
+        manifest["memory"] = memory_manifest(config, memory)
     if accepted:
         manifest["thresholds_accepted"] = accepted
     return atomic_write_text(json.dumps(manifest, indent=2) + "\n", out / MANIFEST_NAME)

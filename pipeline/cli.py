@@ -257,6 +257,57 @@ def add_scoring_args(parser: argparse.ArgumentParser, runtime_help: str, model_h
     parser.add_argument("--model", default=None, help=model_help)
 
 
+def add_memory_args(parser: argparse.ArgumentParser, dataset: bool) -> None:
+    """The few-shot memory's flags (:mod:`pipeline.memory`): test.py (``dataset``) or test_one_example.py."""
+    from AnomalyCLIP_lib.memory_config import DEFAULT_MEMORY_LAYERS, DEFAULT_MEMORY_WEIGHT, MEMORY_STREAMS
+
+    group = parser.add_argument_group("few-shot reference images (a memory of normal patches; no training)")
+    if dataset:
+        group.add_argument("--k_shot", type=int, default=0,
+                           help="normal reference images per class, drawn with --seed from the train split "
+                                "(or from --reference_path); 0: zero-shot (default)")
+        group.add_argument("--reference_path", default=None, metavar="DIR",
+                           help="normal reference images in DIR/<class>/ (all of them, or --k_shot drawn)")
+        group.add_argument("--references_from_test", action="store_true",
+                           help="draw the --k_shot references from the test normals and leave them out of the "
+                                "evaluation (datasets without train normals)")
+    else:
+        group.add_argument("--reference_path", default=None, metavar="DIR",
+                           help="a folder of normal images of the part: builds the memory")
+        group.add_argument("--memory", default=None, metavar="FILE", help="a memory written by --save_memory")
+        group.add_argument("--save_memory", default=None, metavar="FILE",
+                           help="write the memory built from --reference_path (.npz, no pickle)")
+    group.add_argument("--memory_layers", type=int, nargs="+", default=list(DEFAULT_MEMORY_LAYERS),
+                       help="vision layers whose patch tokens the memory holds (default 6 12 18 24)")
+    group.add_argument("--memory_stream", choices=MEMORY_STREAMS, default="dpam",
+                       help="dpam: the tokens the zero-shot maps use (default); plain: the original CLIP stream's")
+    group.add_argument("--memory_weight", type=float, default=DEFAULT_MEMORY_WEIGHT,
+                       help="w in map = (1-w) zero-shot + w memory, score = (1-w) zero-shot + w max(memory map) "
+                            f"(default {DEFAULT_MEMORY_WEIGHT})")
+
+
+def memory_spec(flags: RunRecord):
+    """The run's :class:`pipeline.memory.MemorySpec`, checked (``None`` for commands without the flags)."""
+    from AnomalyCLIP_lib.memory_config import MemorySettings
+    from pipeline.memory import MemorySpec, check_memory_spec
+
+    values = flags.values
+    if "memory_layers" not in values:
+        return None
+    if not math.isfinite(values["memory_weight"]):
+        raise AnomalyCLIPError(f"--memory_weight {values['memory_weight']} is not a finite number")
+    settings = MemorySettings(layers=tuple(values["memory_layers"]), stream=values["memory_stream"],
+                              weight=values["memory_weight"])
+    given = frozenset(name for name, flag in (("layers", "memory_layers"), ("stream", "memory_stream"),
+                                               ("weight", "memory_weight")) if flag in flags.given)
+    spec = MemorySpec(k_shot=values.get("k_shot", 0), reference_path=values.get("reference_path"),
+                      references_from_test=values.get("references_from_test", False),
+                      memory_file=values.get("memory"), save_memory=values.get("save_memory"),
+                      settings=settings, given=given)
+    check_memory_spec(spec)
+    return spec
+
+
 def with_export_settings(model: ModelSpec, scoring: ScoringSpec, flags: RunRecord
                          ) -> tuple[ModelSpec, ScoringSpec, RunRecord]:
     """The settings of a run on the exported graph of ``--model``: its design replaces the model flags.

@@ -42,12 +42,15 @@ class Batch:
         images: ``(B, 3, S, S)`` float32, a torch tensor or a numpy array (as the scorer stacks them).
         sizes: ``(width, height)`` of each original image, where known.
         masks: ``(B, S, S)`` uint8 ground-truth masks (evaluation), else ``None``.
+        classes: The class of each row (a dataset's items), else ``None``: what picks each row's
+            memory under a :class:`PerClassScorer`.
     """
 
     indices: list[int]
     images: Any
     sizes: list[tuple[int, int]] | None = None
     masks: np.ndarray | None = None
+    classes: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,10 +144,57 @@ class ExportedScorer:
         return self.exported.predict(images)
 
 
+class PerClassScorer:
+    """One scorer per class (few-shot: each class's memory on one shared tower); rows go to their class's.
+
+    Args:
+        scorers: ``{class: scorer}``, all with the same preprocessing.
+    """
+
+    def __init__(self, scorers: dict[str, Scorer]) -> None:
+        if not scorers:
+            raise ValueError("PerClassScorer needs at least one class")
+        self.scorers = scorers
+        self._first = next(iter(scorers.values()))
+        self.image_size = self._first.image_size
+
+    def preprocess(self, image: Image.Image) -> Any:
+        return self._first.preprocess(image)
+
+    def stack(self, rows: Sequence[Any]) -> Any:
+        return self._first.stack(rows)
+
+    def predict_rows(self, images: Any, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and maps of a batch whose rows belong to ``classes`` (each class's rows in one call)."""
+        scores = np.empty(len(classes), dtype=np.float32)
+        maps: np.ndarray | None = None
+        for name in dict.fromkeys(classes):
+            rows = [row for row, row_class in enumerate(classes) if row_class == name]
+            if name not in self.scorers:
+                raise KeyError(f"no memory for class {name!r}")
+            class_scores, class_maps = self.scorers[name].predict(images[rows])
+            if maps is None:
+                maps = np.empty((len(classes), *class_maps.shape[1:]), dtype=np.float32)
+            scores[rows], maps[rows] = class_scores, class_maps
+        assert maps is not None
+        return scores, maps
+
+    def predict(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.scorers) != 1:
+            raise ValueError("a PerClassScorer of several classes scores batches that name their rows' classes")
+        return self._first.predict(images)
+
+
+def _predict(scorer: Scorer, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(scorer, PerClassScorer) and batch.classes is not None:
+        return scorer.predict_rows(batch.images, batch.classes)
+    return scorer.predict(batch.images)
+
+
 def score_batches(scorer: Scorer, batches: Iterable[Batch]) -> Iterator[list[ScoredImage]]:
     """THE loop: every batch through ``scorer``; one list of :class:`ScoredImage` per batch, in batch order."""
     for batch in batches:
-        scores, maps = scorer.predict(batch.images)
+        scores, maps = _predict(scorer, batch)
         if len(scores) != len(batch.indices):
             raise RuntimeError(f"the scorer returned {len(scores)} results for a batch of {len(batch.indices)}")
         yield [ScoredImage(index=index, score=float(scores[row]), anomaly_map=maps[row],
@@ -187,4 +237,4 @@ def dataset_batches(dataset: AnomalyDataset, indices: Sequence[int], loader: Loa
     with loader_batches(data_loader) as batches:
         for batch in tqdm(batches, total=len(data_loader), desc="scoring", unit="batch", disable=not progress):
             yield Batch(indices=[int(index) for index in batch["index"]], images=batch["img"],
-                        masks=batch["img_mask"][:, 0].numpy().astype(np.uint8))
+                        masks=batch["img_mask"][:, 0].numpy().astype(np.uint8), classes=list(batch["cls_name"]))

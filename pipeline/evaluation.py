@@ -44,13 +44,15 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
 from pipeline import distributed, report, thresholds, tiling
 from pipeline.atomic import StagedOutputs, atomic_write_texts, naming_errors, remove_leftovers
-from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
-                          add_sigma_arg, add_tiling_args, check_loader_spec, cli_parser, loader_spec, parse_config,
-                          scored_run_specs, tiling_spec)
+from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_memory_args, add_model_args, add_save_path_arg,
+                          add_scoring_args, add_sigma_arg, add_tiling_args, check_loader_spec, cli_parser, loader_spec,
+                          memory_spec, parse_config, scored_run_specs, tiling_spec)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, TilingSpec, replaced
 from pipeline.dump import DumpWriter
-from pipeline.engine import Batch, ExportedScorer, ScoredImage, Scorer, score_batches
+from pipeline.engine import Batch, ExportedScorer, PerClassScorer, ScoredImage, Scorer, TorchScorer, score_batches
 from pipeline.loading import configure_threads, open_scorer, resolve_device, resolve_num_workers
+from pipeline.memory import MemorySpec, Reference, dataset_references, memory_info, \
+    memory_provenance
 from pipeline.naming import OVERLAY_SUFFIX, VIS_FOLDER, output_path, relative_to_root
 from pipeline.visualize import save_overlay
 from utils import get_logger, project_version, setup_seed
@@ -100,6 +102,7 @@ class EvaluationConfig:
     threshold_method: str = "f1"
     target_fpr: float = 0.01
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
+    memory: MemorySpec | None = None
     tiling: TilingSpec = TilingSpec()
 
 
@@ -132,6 +135,7 @@ def build_parser():
     parser.add_argument("--report", action="store_true", help="write save_path/report.html (curves, galleries)")
     parser.add_argument("--report_k", type=int, default=5,
                         help="report: highest-scored normal and lowest-scored anomalous images per class (default 5)")
+    add_memory_args(parser, dataset=True)
     return parser
 
 
@@ -152,6 +156,11 @@ def _config(flags: RunRecord) -> EvaluationConfig:
         raise AnomalyCLIPError(f"--dump {values['dump']} is a folder; give a file name, e.g. "
                                f"{Path(values['dump']) / 'dump.npz'}")
     thresholds.check_target_fpr(values["target_fpr"])
+    memory = memory_spec(flags)
+    if memory.active and scoring.exported:
+        raise AnomalyCLIPError("few-shot evaluation (--k_shot, --reference_path) builds one memory per class with "
+                               "torch; drop --runtime, or export one class's memory (export.py --memory FILE) and "
+                               "score that class with test_one_example.py --runtime")
     outputs = EvaluationOutputs(save_path=values["save_path"], vis=values["vis"], dump=values["dump"],
                                 extra_metrics=values["extra_metrics"], report=values["report"],
                                 report_k=values["report_k"])
@@ -159,7 +168,8 @@ def _config(flags: RunRecord) -> EvaluationConfig:
     return EvaluationConfig(data_path=values["data_path"], dataset=values["dataset"], model=model, loader=loader,
                             scoring=scoring, outputs=outputs, classes=classes, metrics=values["metrics"],
                             aupro=values["aupro"], threshold_method=values["threshold_method"],
-                            target_fpr=values["target_fpr"], record=flags, tiling=tiling_spec(flags))
+                            target_fpr=values["target_fpr"], record=flags,
+                            memory=memory if memory.active else None, tiling=tiling_spec(flags))
 
 
 @dataclass
@@ -432,19 +442,76 @@ def evaluate(config: EvaluationConfig) -> dict[str, object] | None:
         distributed.finish(world)
 
 
-def _prepare(config: EvaluationConfig, device: torch.device) -> tuple[AnomalyDataset, str, Scorer]:
-    """The dataset, its metric set and what scores it (the inference module, or an exported graph)."""
+@dataclass
+class Prepared:
+    """What a run scores and with what: the dataset, its metric set, the scorer, the few-shot references."""
+
+    dataset: AnomalyDataset
+    metric_set: str
+    scorer: Scorer
+    references: dict[str, list[Reference]] | None = None
+
+
+def _prepare(config: EvaluationConfig, device: torch.device) -> Prepared:
+    """The dataset, its metric set and what scores it (the inference module, or an exported graph).
+
+    With few-shot references drawn from the test split, those images are left out of the dataset.
+    """
     scoring = config.scoring
     threads = config.model.threads
     exported = ExportedScorer.load(scoring.model_dir, scoring.runtime, threads) if scoring.exported else None
+    transform = tiling.keep_image if config.tiling.enabled else None  # tiled: views are cut when scored
     dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
-                             class_names=list(config.classes) if config.classes else None,
-                             transform=tiling.keep_image if config.tiling.enabled else None)
+                             class_names=list(config.classes) if config.classes else None, transform=transform)
+    references = None
+    if config.memory is not None:
+        references = dataset_references(config.data_path, dataset.class_names, config.memory, config.model.seed,
+                                        config.model.image_size)
+        if config.memory.references_from_test:
+            drawn = {ref.name for refs in references.values() for ref in refs}
+            dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
+                                     class_names=dataset.class_names, exclude=drawn, transform=transform)
+    if exported is not None and exported.exported.manifest.get("memory") and len(dataset.class_names) > 1:
+        memory = exported.exported.manifest["memory"]
+        raise AnomalyCLIPError(f"{scoring.model_dir} holds the few-shot memory of one class "
+                               f"({memory.get('class_name')}) and {dataset.root} has {len(dataset.class_names)}: "
+                               "evaluate that class alone (--classes NAME)")
     metric_set = choose_metric_set(dataset, config.metrics)
     if config.threshold_method == "normal_fpr" and not dataset.any_normal:
         raise AnomalyCLIPError(f"--threshold_method normal_fpr needs normal images and {dataset.root} has none; "
                                "use --threshold_method f1")
-    return dataset, metric_set, exported or open_scorer(config.model, scoring, device)
+    return Prepared(dataset, metric_set, exported or open_scorer(config.model, scoring, device), references)
+
+
+def _few_shot_scorer(config: EvaluationConfig, world: distributed.World, prepared: Prepared,
+                     provenance: dict[str, object]) -> tuple[PerClassScorer, dict[str, dict]]:
+    """One memory per class, each built once (by the rank that owns the class) and shared with every rank.
+
+    Returns:
+        The per-class scorer and each class's memory provenance.
+    """
+    assert config.memory is not None and prepared.references is not None and isinstance(prepared.scorer, TorchScorer)
+    torch_scorer = prepared.scorer
+    names = list(prepared.references)
+    info = {"backbone": config.model.backbone, "backbone_sha256": provenance["backbone_sha256"],
+            "image_size": config.model.image_size, "dpam_layer": torch_scorer.inference.config.dpam_layer,
+            "checkpoint_sha256": provenance["checkpoint_sha256"]}
+
+    def build_owned() -> dict[str, dict[str, np.ndarray]]:
+        return {name: tiling.class_memory(torch_scorer.inference, prepared.references[name], config.memory.settings,
+                                          config.loader.batch_size, memory_info(name, **info), config.tiling,
+                                          progress=world.is_main).to_arrays()
+                for position, name in enumerate(names) if position % world.size == world.rank}
+
+    built = distributed.together(world, build_owned)
+    parts = distributed.broadcast_from_main(world, distributed.gather_to_main(world, built))
+    arrays = {name: memory for part in parts for name, memory in part.items()}
+    from AnomalyCLIP_lib.memory import PatchMemory
+
+    memories = {name: PatchMemory.from_arrays(arrays[name], f"the memory of {name}") for name in names}
+    scorers = {name: TorchScorer(torch_scorer.inference.with_memory(memory), torch_scorer.device)
+               for name, memory in memories.items()}
+    return PerClassScorer(scorers), {name: memory_provenance(memory) for name, memory in memories.items()}
 
 
 def _evaluate(config: EvaluationConfig, world: distributed.World, device: torch.device) -> dict[str, object] | None:
@@ -479,8 +546,16 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     """The run, writing its files under ``stage.staging``; rank 0 commits them as one at the end."""
     outputs = config.outputs
     staging = stage.staging
-    dataset, metric_set, scorer = distributed.together(world, lambda: _prepare(config, device))
+    prepared = distributed.together(world, lambda: _prepare(config, device))
+    dataset, metric_set, scorer = prepared.dataset, prepared.metric_set, prepared.scorer
     columns = metrics.metric_columns(metric_set)
+    manifest = scorer.exported.manifest if isinstance(scorer, ExportedScorer) else None
+    provenance = thresholds.provenance_record(config.model, config.scoring, manifest, config.tiling)
+    memories: dict[str, dict] = {}
+    if manifest is not None and manifest.get("memory"):  # an export holding one class's memory
+        memories = {name: manifest["memory"]["provenance"] for name in dataset.class_names}
+    if prepared.references is not None:
+        scorer, memories = _few_shot_scorer(config, world, prepared, provenance)
 
     expected = {name: sum(item["cls_name"] == name for item in dataset.items) for name in dataset.class_names}
     owners = {name: position % world.size for position, name in enumerate(dataset.class_names)}
@@ -533,8 +608,6 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     table = metrics.format_results_table(per_class, table_columns)
     logger.info("\n%s", table)
     mean = metrics.mean_over_classes(per_class, columns + list(EXTRA_COLUMNS))
-    manifest = scorer.exported.manifest if isinstance(scorer, ExportedScorer) else None
-    provenance = thresholds.provenance_record(config.model, config.scoring, manifest, config.tiling)
     summary = {
         "dataset": config.dataset,
         "data_path": str(config.data_path),
@@ -548,6 +621,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "per_defect_type": {name: {kind: _json_numbers(values) for kind, values in outcome.per_type.items()}
                             for name, outcome in outcomes.items()},
         "n_images": len(dataset),
+        **_few_shot_summary(config, prepared.references),
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
@@ -558,7 +632,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "table": table,
     }
     score_rows.sort(key=lambda r: r.index)
-    entries = {name: {**outcome.threshold_entry, "provenance": provenance}
+    entries = {name: {**outcome.threshold_entry, "provenance": _with_memory(provenance, memories.get(name))}
                for name, outcome in outcomes.items()}
     # Together: a failure (a full disk) leaves all the old files or all the new ones.
     atomic_write_texts({staging / "results.json": json.dumps(summary, indent=2) + "\n",
@@ -572,6 +646,25 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     if outputs.report:
         logger.info("report: %s", stage.folder / "report.html")
     return summary
+
+
+def _few_shot_summary(config: EvaluationConfig, references: dict[str, list[Reference]] | None) -> dict[str, object]:
+    """results.json's ``few_shot`` part: where the references came from, and each one (path, SHA-256)."""
+    if config.memory is None or references is None:
+        return {}
+    spec = config.memory
+    source = "reference_path" if spec.reference_path else "test" if spec.references_from_test else "train"
+    counts = {name: len(refs) for name, refs in references.items()}
+    return {"few_shot": {
+        "k_shot": spec.k_shot, "seed": config.model.seed, "source": source, **spec.settings.to_dict(),
+        "references_per_class": counts,
+        "references_left_out_of_evaluation": sum(counts.values()) if spec.references_from_test else 0,
+        "references": {name: [ref.to_dict() for ref in refs] for name, refs in references.items()}}}
+
+
+def _with_memory(provenance: dict[str, object], memory: dict | None) -> dict[str, object]:
+    """A class's provenance: the run's, plus its memory where it has one (zero-shot files stay as they were)."""
+    return provenance if memory is None else {**provenance, "memory": memory}
 
 
 def _model_hashes(scoring: ScoringSpec, provenance: dict[str, object]) -> dict[str, object]:

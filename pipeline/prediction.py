@@ -39,6 +39,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
@@ -47,18 +48,24 @@ from tqdm import tqdm
 # (torch is imported by pipeline.loading, for the torch path alone).
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, unreadable_error, unreadable_headers
+from AnomalyCLIP_lib.pretrained import sha256_of
 from pipeline.atomic import atomic_write_text, locked_folder, staged_outputs
 from pipeline import tiling
-from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_model_args, add_save_path_arg, add_scoring_args,
-                          add_sigma_arg, add_tiling_args, check_positive, cli_parser, parse_config, scored_run_specs,
-                          tiling_spec)
+from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_memory_args, add_model_args, add_save_path_arg,
+                          add_scoring_args, add_sigma_arg, add_tiling_args, check_positive, cli_parser, memory_spec,
+                          parse_config, scored_run_specs, tiling_spec)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, TilingSpec
-from pipeline.engine import ExportedScorer, Scorer
+from pipeline.engine import ExportedScorer, Scorer, TorchScorer
+from pipeline.memory import MemorySpec, Reference, check_memory_fits, folder_references, load_memory_file, \
+    memory_info, memory_provenance, memory_record, save_memory_file
 from pipeline.naming import MASK_SUFFIX, OVERLAY_SUFFIX, output_path
 from pipeline.thresholds import (ACCEPT_FLAG, NormalTail, check_provenance, check_target_fpr, class_entry,
                                  load_thresholds, normal_fpr_threshold, provenance_record, save_thresholds,
                                  select_thresholds)
 from pipeline.visualize import VIS_SCALES, defect_mask, save_mask, save_overlay
+
+if TYPE_CHECKING:
+    from AnomalyCLIP_lib.memory import PatchMemory
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +93,23 @@ class PredictionConfig:
     report: bool = False
     accept_thresholds: bool = False
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
+    memory: MemorySpec | None = None
     tiling: TilingSpec = TilingSpec()
+
+
+@dataclass
+class FewShot:
+    """The run's few-shot memory, as far as it is known before torch loads.
+
+    Attributes:
+        references: The ``--reference_path`` images (the memory is built from them when torch loads).
+        memory: The ``--memory`` file's memory (checked against the run), else ``None``.
+        record: The memory's provenance (:func:`pipeline.memory.memory_record`).
+    """
+
+    references: list[Reference] | None
+    memory: PatchMemory | None
+    record: dict[str, object] | None
 
 
 @dataclass(frozen=True)
@@ -151,6 +174,7 @@ def build_parser():
                         help="write save_path/report.html: every image's overlay, highest score first, with verdicts")
     add_scoring_args(parser, "run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch",
                      "with --runtime: the folder export.py wrote (its design replaces the model flags)")
+    add_memory_args(parser, dataset=False)
     return parser
 
 
@@ -173,7 +197,18 @@ def _config(flags: RunRecord) -> PredictionConfig:
         pixel_threshold=values["pixel_threshold"], thresholds=values["thresholds"], class_name=values["class_name"],
         vis_scale=values["vis_scale"], calibrate=values["calibrate"], target_fpr=values["target_fpr"],
         save_thresholds=values["save_thresholds"], report=values["report"],
-        accept_thresholds=values["accept_thresholds"], record=flags, tiling=tiling_spec(flags))
+        accept_thresholds=values["accept_thresholds"], record=flags, memory=_checked_memory_spec(flags, scoring),
+        tiling=tiling_spec(flags))
+
+
+def _checked_memory_spec(flags: RunRecord, scoring: ScoringSpec) -> MemorySpec | None:
+    spec = memory_spec(flags)
+    if not spec.active:
+        return None
+    if scoring.exported:
+        raise AnomalyCLIPError("with --runtime the memory is part of the export: run export.py --memory FILE (a "
+                               "memory written by --save_memory) and drop --reference_path/--memory here")
+    return spec
 
 
 # --- validation ---------------------------------------------------------------------------------
@@ -269,14 +304,50 @@ def open_export(config: PredictionConfig) -> ExportedScorer | None:
     return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads)
 
 
-def run_provenance(config: PredictionConfig, exported: ExportedScorer | None) -> dict[str, object]:
-    """This run's :func:`thresholds.provenance_record` (an export's recorded hashes, else the files')."""
+def run_provenance(config: PredictionConfig, exported: ExportedScorer | None,
+                   few_shot: FewShot | None = None) -> dict[str, object]:
+    """This run's :func:`thresholds.provenance_record` (an export's recorded hashes, else the files'),
+    with its few-shot memory where it has one (an export's, or ``few_shot``'s)."""
     manifest = exported.exported.manifest if exported is not None else None
-    return provenance_record(config.model, config.scoring, manifest, config.tiling)
+    provenance = provenance_record(config.model, config.scoring, manifest, config.tiling)
+    record = memory_in_force(exported, few_shot)
+    return provenance if record is None else {**provenance, "memory": record}
 
 
-def validate(config: PredictionConfig, exported: ExportedScorer | None = None) -> Decision:
+def memory_in_force(exported: ExportedScorer | None, few_shot: FewShot | None) -> dict[str, object] | None:
+    """The provenance record of the memory the run scores with: an export's, or ``few_shot``'s (``None``: zero-shot)."""
+    memory = exported.exported.manifest.get("memory") if exported is not None else None
+    if isinstance(memory, dict):
+        return memory.get("provenance")
+    return few_shot.record if few_shot is not None else None
+
+
+def few_shot(config: PredictionConfig) -> FewShot | None:
+    """The references (``--reference_path``) or the checked memory (``--memory``) of a torch run, else ``None``."""
+    spec = config.memory
+    if spec is None:
+        return None
+    if spec.reference_path:
+        references = folder_references(spec.reference_path)
+        if not references:
+            raise AnomalyCLIPError(f"--reference_path {spec.reference_path} holds no image "
+                                   f"({', '.join(IMAGE_EXTENSIONS)})")
+        return FewShot(references, None, memory_record([ref.to_dict() for ref in references], spec.settings))
+    from AnomalyCLIP_lib.pretrained import backbone_sha256
+    from AnomalyCLIP_lib.constants import DPAM_LAYER
+
+    memory = check_memory_fits(load_memory_file(spec.memory_file), f"--memory {spec.memory_file}",
+                               backbone_sha256(config.model.backbone), config.model.image_size, DPAM_LAYER, spec)
+    tiling.check_memory_tiling(memory, config.tiling, f"--memory {spec.memory_file}")
+    return FewShot(None, memory, memory_provenance(memory))
+
+
+def validate(config: PredictionConfig, exported: ExportedScorer | None = None,
+             memory: FewShot | None = None) -> Decision:
     """Check what the flags alone cannot show, before any image is scored; returns the thresholds in force.
+
+    Args:
+        memory: The run's few-shot memory (:func:`few_shot`), which the thresholds must have been made with.
 
     Raises one-line errors.
     """
@@ -290,9 +361,9 @@ def validate(config: PredictionConfig, exported: ExportedScorer | None = None) -
         if getattr(config, flag) is not None:
             raise AnomalyCLIPError(f"--{flag} is used only with --calibrate")
     if config.thresholds is not None:
-        decision = _decision_from_file(config, run_provenance(config, exported))
+        decision = _decision_from_file(config, run_provenance(config, exported, memory))
     elif config.threshold is None and config.pixel_threshold is None and exported is not None and \
-            (stored := _decision_from_export(config, exported, run_provenance(config, exported))):
+            (stored := _decision_from_export(config, exported, run_provenance(config, exported, memory))):
         decision = stored
     else:
         decision = _decision_from_flags(config)
@@ -426,24 +497,50 @@ def relative_name(file: Path, image_path: str | Path) -> Path:
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def open_torch_scorer(config: PredictionConfig) -> Scorer:
-    """The torch inference module of the run (the reference path; imports torch)."""
+def open_torch_scorer(config: PredictionConfig, memory: FewShot | None = None) -> Scorer:
+    """The torch inference module of the run (the reference path; imports torch), with its few-shot memory.
+
+    A memory from ``--reference_path`` is built here (and written to ``--save_memory``).
+    """
     from pipeline.loading import configure_threads, open_scorer, resolve_device
     from utils import setup_seed
 
     setup_seed(config.model.seed)
     configure_threads(config.model.threads)
-    return open_scorer(config.model, config.scoring, resolve_device(config.model.device))
+    scorer = open_scorer(config.model, config.scoring, resolve_device(config.model.device))
+    if memory is None:
+        return scorer
+    assert isinstance(scorer, TorchScorer) and config.memory is not None
+    patch_memory = memory.memory if memory.memory is not None else _built_memory(config, scorer, memory)
+    return TorchScorer(scorer.inference.with_memory(patch_memory), scorer.device)
 
 
-def scored_files(config: PredictionConfig, files: Sequence[Path], scorer: Scorer | None
-                 ) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
+def _built_memory(config: PredictionConfig, scorer: TorchScorer, memory: FewShot) -> PatchMemory:
+    from AnomalyCLIP_lib.pretrained import backbone_sha256
+
+    spec = config.memory
+    assert spec is not None and memory.references is not None
+    name = Path(spec.reference_path).resolve().name or "default"
+    checkpoint = sha256_of(config.scoring.checkpoint_path) if config.scoring.checkpoint_path else None
+    info = memory_info(name, config.model.backbone, backbone_sha256(config.model.backbone), config.model.image_size,
+                       scorer.inference.config.dpam_layer, checkpoint)
+    built = tiling.class_memory(scorer.inference, memory.references, spec.settings, config.loader.batch_size, info,
+                                config.tiling)
+    if spec.save_memory:
+        written = save_memory_file(built, spec.save_memory)
+        logger.info("memory of %d reference(s) -> %s", len(memory.references), written)
+    return built
+
+
+def scored_files(config: PredictionConfig, files: Sequence[Path], scorer: Scorer | None,
+                 memory: FewShot | None = None) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
     """``(file, (width, height), score, map)`` per image, in order, through the engine's one loop.
 
     Args:
         scorer: The exported graph, or ``None`` for the torch path (loaded here, after the files are listed).
+        memory: The torch path's few-shot memory (:func:`few_shot`).
     """
-    scorer = scorer if scorer is not None else open_torch_scorer(config)
+    scorer = scorer if scorer is not None else open_torch_scorer(config, memory)
     for scored in tiling.scored_files(scorer, files, config.loader.batch_size, config.tiling):
         for one in scored:
             yield files[one.index], one.size, one.score, one.anomaly_map
@@ -498,17 +595,19 @@ def tsv_field(text: str) -> str:
 
 
 def score_images(config: PredictionConfig, decision: Decision | None = None,
-                 exported: ExportedScorer | None = None, staging: Path | None = None) -> list[Prediction]:
+                 exported: ExportedScorer | None = None, staging: Path | None = None,
+                 memory: FewShot | None = None) -> list[Prediction]:
     """Score every image, write its overlay (and mask), print its line; returns the predictions in order.
 
-    ``staging``: see :func:`decide`.
+    ``staging``: see :func:`decide`; ``memory``: see :func:`scored_files`.
     """
     if decision is None:
         exported = exported if exported is not None else open_export(config)
-        decision = validate(config, exported)
+        memory = memory if memory is not None else few_shot(config)
+        decision = validate(config, exported, memory)
     files = image_files(config.image_path, exclude=config.save_path)
     predictions = []
-    for file, size, score, anomaly_map in scored_files(config, files, exported):
+    for file, size, score, anomaly_map in scored_files(config, files, exported, memory):
         predictions.append(decide(file, size, score, anomaly_map, decision, config, staging))
         print_line(predictions[-1])
     return predictions
@@ -534,8 +633,10 @@ def _csv_cell(value: object) -> object:
 
 
 def write_predictions(predictions: Sequence[Prediction], decision: Decision, config: PredictionConfig,
-                      staging: Path | None = None) -> tuple[Path, Path]:
+                      staging: Path | None = None, memory: dict[str, object] | None = None) -> tuple[Path, Path]:
     """Write ``predictions.csv`` and ``predictions.json`` into ``--save_path`` (or ``staging``) atomically.
+
+    ``memory``: the few-shot memory the scores were made with (its provenance record), recorded as ``memory``.
 
     Returns:
         Their paths.
@@ -555,7 +656,7 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
         in_force["accepted_other_settings"] = list(decision.accepted)
     document = {"thresholds": in_force, "image_path": str(config.image_path),
                 "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
-                "vis_scale": vis_scale(config, decision), "predictions": rows}
+                "vis_scale": vis_scale(config, decision), "memory": memory, "predictions": rows}
     if config.tiling.enabled:
         document["tiling"] = tiling.tiling_record(config.tiling)
     csv_path = atomic_write_text(buffer.getvalue(), out / "predictions.csv")
@@ -586,14 +687,20 @@ def existing_thresholds(path: str | Path) -> dict[str, dict]:
                                "file name, so that the file is not replaced") from None
 
 
-def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None) -> dict[str, object]:
-    """Take every image as normal; write and return the ``normal_fpr`` class entry (with its provenance)."""
+def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None,
+              memory: FewShot | None = None) -> dict[str, object]:
+    """Take every image as normal; write and return the ``normal_fpr`` class entry (with its provenance).
+
+    With a few-shot memory, an image that is one of the memory's references is scored leave-one-out
+    (against the memory of the others): a reference scored against itself would look better than
+    any new good part.
+    """
     target_fpr = DEFAULT_TARGET_FPR if config.target_fpr is None else config.target_fpr
     files = image_files(config.image_path, exclude=config.save_path)
     pixel_tail = NormalTail(tiling.total_map_pixels(files, config.tiling, config.model.image_size), target_fpr)
     pending: list[np.ndarray] = []
     scores = []
-    for file, _, score, anomaly_map in scored_files(config, files, exported):
+    for file, _, score, anomaly_map in _calibration_scores(config, files, exported, memory):
         scores.append(score)
         pending.append(anomaly_map)
         if sum(m.size for m in pending) >= pixel_tail.allowed + 1:  # amortised: each value partitioned O(1) times
@@ -607,7 +714,7 @@ def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None) 
     entry = class_entry(image_threshold, pixel_tail.threshold(), "normal_fpr", target_fpr=target_fpr,
                         n_images=len(files), n_pixels=pixel_tail.total, image_size=config.model.image_size,
                         sigma=config.scoring.sigma, checkpoint_path=str(config.scoring.checkpoint_path),
-                        provenance=run_provenance(config, exported))
+                        provenance=run_provenance(config, exported, memory))
     classes = existing_thresholds(config.save_thresholds)
     if classes:
         logger.info("%s class %s in %s; its other classes (%s) are kept", "replacing" if name in classes else "adding",
@@ -619,20 +726,46 @@ def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None) 
     return entry
 
 
+def _calibration_scores(config: PredictionConfig, files: Sequence[Path], exported: ExportedScorer | None,
+                        memory: FewShot | None) -> Iterator[tuple[Path, tuple[int, int], float, np.ndarray]]:
+    """:func:`scored_files`, with the memory's own references scored leave-one-out."""
+    if memory is None:
+        yield from scored_files(config, files, exported)
+        return
+    scorer = open_torch_scorer(config, memory)
+    assert isinstance(scorer, TorchScorer) and scorer.inference.memory is not None
+    full_memory = scorer.inference.memory
+    positions = {ref["sha256"]: position for position, ref in enumerate(full_memory.info.get("references") or [])}
+    file_positions = [positions.get(sha256_of(file)) for file in files]
+    others = [file for file, position in zip(files, file_positions) if position is None]
+    yield from scored_files(config, others, scorer)
+    left_out = [(file, position) for file, position in zip(files, file_positions) if position is not None]
+    if left_out and full_memory.reference_count < 2:
+        raise AnomalyCLIPError(f"--calibrate: {left_out[0][0]} is the memory's only reference, and a reference "
+                               "is scored against the others (leave-one-out); give at least 2 references, or "
+                               "calibrate on good images that are not references")
+    if left_out:
+        logger.info("%d of the images are references of the memory: scored leave-one-out", len(left_out))
+    for file, position in left_out:
+        single = TorchScorer(scorer.inference.with_memory(full_memory.without_reference(position)), scorer.device)
+        yield from scored_files(config, [file], single)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = parse_args(argv)
     exported = open_export(config)
-    decision = validate(config, exported)
+    memory = few_shot(config)
+    decision = validate(config, exported, memory)
     if config.calibrate:
         with locked_folder(Path(config.save_thresholds).parent, "--save_thresholds's folder"):
-            calibrate(config, exported)
+            calibrate(config, exported, memory)
         return 0
     # Written under a staging folder and swapped in as one: the folder holds this run's files or the last one's.
     with locked_folder(config.save_path, "--save_path"), staged_outputs(config.save_path, EARLIER_OUTPUTS) as stage:
-        predictions = score_images(config, decision, exported, stage.staging)
-        write_predictions(predictions, decision, config, stage.staging)
+        predictions = score_images(config, decision, exported, stage.staging, memory)
+        write_predictions(predictions, decision, config, stage.staging, memory_in_force(exported, memory))
         if config.report:
             write_report(config, predictions, decision, stage.staging)
         stage.commit()

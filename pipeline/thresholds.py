@@ -174,8 +174,8 @@ def select_thresholds(classes: dict[str, dict], class_name: str | None, source: 
 # The settings a threshold holds for, each with the flag that sets it (in the order an error lists them).
 PROVENANCE_FLAGS = {"checkpoint_sha256": "--checkpoint_path", "backbone_sha256": "--backbone",
                     "image_size": "--image_size", "sigma": "--sigma", "features_list": "--features_list",
-                    "feature_map_layer": "--feature_map_layer",
-                    # recorded only by tiled runs (pipeline.tiling.provenance_fields): absent = untiled
+                    "feature_map_layer": "--feature_map_layer", "memory": "the few-shot memory",
+                    # recorded only by tiled runs (thresholds.tiling_fields): absent = untiled
                     "tile_size": "--tile_size", "tile_overlap": "--tile_overlap"}
 ACCEPT_FLAG = "--accept_thresholds"
 
@@ -201,7 +201,7 @@ def provenance_record(model: ModelSpec, scoring: ScoringSpec, manifest: dict | N
 
 
 def tiling_fields(tiling: TilingSpec | None) -> dict[str, object]:
-    """The tiling part of a provenance record (:func:`pipeline.tiling.provenance_fields`; empty when untiled)."""
+    """The tiling part of a provenance record (empty when untiled, so untiled records stay as they were)."""
     if tiling is None or not tiling.enabled:
         return {}
     return {"tile_size": int(tiling.tile_size), "tile_overlap": float(tiling.tile_overlap)}
@@ -213,17 +213,33 @@ def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[
         return ["it records no settings (written by hand or by an older version)"]
     differing = []
     for name, flag in PROVENANCE_FLAGS.items():
-        theirs, ours = recorded.get(name), current.get(name)
+        theirs, ours = recorded.get(name), current.get(name)  # "memory": only where a memory scored
         if name == "features_list" and isinstance(theirs, list):
             theirs = sorted(theirs)
         numeric = name in ("sigma", "tile_overlap") and isinstance(theirs, (int, float)) and ours is not None
         if theirs == ours or (numeric and float(theirs) == ours):
             continue
-        if name.endswith("_sha256"):
+        if name == "memory":
+            differing.append(_memory_difference(theirs, ours))
+        elif name.endswith("_sha256"):
             differing.append(f"{flag} (another file than the thresholds were made with)")
         else:
             differing.append(f"{flag} {_shown(ours)} against the thresholds' {_shown(theirs)}")
     return differing
+
+
+def _memory_text(memory: object) -> str:
+    if not isinstance(memory, dict):
+        return "zero-shot (no memory)"
+    return f"a memory of {memory.get('k')} reference(s), weight {memory.get('weight')}"
+
+
+def _memory_difference(theirs: object, ours: object) -> str:
+    """The few-shot memory's part of a mismatch: zero-shot against few-shot, or another memory."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return (f"another few-shot memory ({_memory_text(ours)}, against the thresholds' {_memory_text(theirs)}; "
+                "other references or memory settings)")
+    return f"scores of {_memory_text(ours)} against the thresholds' {_memory_text(theirs)}"
 
 
 def check_provenance(classes: dict[str, dict], names: list[str], current: dict[str, object], source: str,

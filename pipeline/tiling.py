@@ -47,15 +47,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from AnomalyCLIP_lib.images import read_image
+from AnomalyCLIP_lib.images import load_image, read_image
 from pipeline.config import TilingSpec
-from pipeline.engine import Batch, ScoredImage, Scorer, file_batches, score_batches
+from pipeline.engine import Batch, PerClassScorer, ScoredImage, Scorer, file_batches, score_batches
 
 if TYPE_CHECKING:
     import torch
 
+    from AnomalyCLIP_lib.inference import AnomalyCLIPInference
+    from AnomalyCLIP_lib.memory import PatchMemory
+    from AnomalyCLIP_lib.memory_config import MemorySettings
     from dataset import AnomalyDataset
     from pipeline.config import LoaderSpec
+    from pipeline.memory import Reference
 
 # The smallest tile: one patch of ViT-L/14, the backbones' layout (a loaded model's own patch size is checked too).
 MIN_TILE_SIZE = 14
@@ -294,11 +298,14 @@ class TiledScorer:
         """The decoded image itself: its views are cut and preprocessed in :meth:`predict`."""
         return image
 
-    def stack(self, rows: Sequence[Image.Image]) -> list[Image.Image]:
-        return list(rows)
+    def stack(self, rows: Sequence[Image.Image]) -> np.ndarray:
+        """The images as a 1-d object array (a :class:`~pipeline.engine.PerClassScorer` picks rows of it)."""
+        stacked = np.empty(len(rows), dtype=object)
+        stacked[:] = list(rows)
+        return stacked
 
-    def predict(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Scores ``(B,)`` and one map per image (see ``out_size``)."""
+    def predict(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | list[np.ndarray]]:
+        """Scores ``(B,)`` and one map per image: a ``(B, H, W)`` array with ``out_size``, else a list."""
         pending = [_Pending(tile_grid(image.size, self.spec)) for image in images]
         total = sum(1 + (p.grid.count if p.grid is not None else 0) for p in pending)
         tiled = any(p.grid is not None for p in pending)
@@ -309,8 +316,9 @@ class TiledScorer:
                 for (position, view), score, view_map in zip(keys, scores, maps):
                     pending[position].add(view, score, view_map)
                 bar.update(len(keys))
-        return (np.array([p.score for p in pending], dtype=np.float32),
-                [p.result(self.out_size) for p in pending])
+        maps = [p.result(self.out_size) for p in pending]
+        scores = np.array([p.score for p in pending], dtype=np.float32)
+        return scores, (np.stack(maps) if self.out_size is not None and maps else maps)
 
     def _chunks(self, images: Sequence[Image.Image]) -> Iterator[tuple[list[tuple[int, int]], list[Any]]]:
         """``((image position, view number), preprocessed view)`` in chunks of ``batch_size``, made lazily."""
@@ -366,7 +374,8 @@ def image_batches(dataset: AnomalyDataset, indices: Sequence[int], loader: Loade
         for items in tqdm(batches, total=len(data_loader), desc="scoring", unit="batch", disable=not progress):
             yield Batch(indices=[int(item["index"]) for item in items], images=[item["img"] for item in items],
                         sizes=[item["img"].size for item in items],
-                        masks=np.stack([item["img_mask"][0].numpy().astype(np.uint8) for item in items]))
+                        masks=np.stack([item["img_mask"][0].numpy().astype(np.uint8) for item in items]),
+                        classes=[item["cls_name"] for item in items])
 
 
 def dataset_stream(scorer: Scorer, dataset: AnomalyDataset, indices: Sequence[int], loader: LoaderSpec,
@@ -378,8 +387,84 @@ def dataset_stream(scorer: Scorer, dataset: AnomalyDataset, indices: Sequence[in
 
         return scorer, dataset_batches(dataset, indices, loader, device, progress)
     size = scorer.image_size
-    tiled = TiledScorer(scorer, spec, loader.batch_size, out_size=(size, size), progress=progress)
-    return tiled, image_batches(dataset, indices, loader, progress)
+
+    def tiled(inner: Scorer) -> TiledScorer:
+        return TiledScorer(inner, spec, loader.batch_size, out_size=(size, size), progress=progress)
+
+    if isinstance(scorer, PerClassScorer):  # few-shot: each class's memory scores that class's tiles
+        return PerClassScorer({name: tiled(inner) for name, inner in scorer.scorers.items()}), \
+            image_batches(dataset, indices, loader, progress)
+    return tiled(scorer), image_batches(dataset, indices, loader, progress)
+
+
+# --- few-shot memory from tiles --------------------------------------------------------------------
+
+
+def class_memory(inference: AnomalyCLIPInference, references: Sequence[Reference], settings: MemorySettings,
+                 batch_size: int, info: dict[str, Any], spec: TilingSpec, progress: bool = True) -> PatchMemory:
+    """A class's memory for a run with tiling ``spec``: :func:`build_tiled_memory`, or untiled the usual one."""
+    if not spec.enabled:
+        from pipeline.memory import build_class_memory
+
+        return build_class_memory(inference, references, settings, batch_size, info, progress=progress)
+    return build_tiled_memory(inference, references, settings, batch_size, info, spec, progress)
+
+
+def build_tiled_memory(inference: AnomalyCLIPInference, references: Sequence[Reference], settings: MemorySettings,
+                       batch_size: int, info: dict[str, Any], spec: TilingSpec, progress: bool = True) -> PatchMemory:
+    """A class's memory from its references cut as test images are: the global view and every tile.
+
+    The patches of tiles are at the scale a tiled test image's tiles show them. Each reference's
+    views stay together (one reference = the patches of all its views), so the leave-one-out
+    normalisation and calibration leave a whole reference out; references must therefore give
+    the same number of views (images of one size, as from one camera).
+
+    Raises:
+        AnomalyCLIPError: References with different grids (named), or none.
+    """
+    import torch
+
+    from AnomalyCLIP_lib.memory import PatchMemory, leave_one_out_scales, normalized
+    from AnomalyCLIP_lib.transform import image_transform
+
+    if not references:
+        raise AnomalyCLIPError(f"class {info.get('class_name')!r} has no reference image")
+    transform = image_transform(inference.config.image_size)
+    per_reference: list[list[torch.Tensor]] = []  # per reference: (1, V * P, D) unit tokens per layer
+    counts: dict[int, str] = {}
+    with tqdm(total=len(references), desc=f"memory {info.get('class_name', '')} (tiled)".strip(), unit="image",
+              disable=None if progress else True) as bar:
+        for reference in references:
+            views = [transform(view) for view in image_views(load_image(reference.file), spec)]
+            counts.setdefault(len(views), reference.file)
+            chunks = [inference.reference_tokens(torch.stack(views[start:start + batch_size]), settings)
+                      for start in range(0, len(views), batch_size)]
+            per_reference.append([normalized(torch.cat(layer)).reshape(1, -1, int(layer[0].shape[-1]))
+                                  for layer in zip(*chunks)])
+            bar.update(1)
+    if len(counts) > 1:
+        shown = "; ".join(f"{file}: {count} views" for count, file in counts.items())
+        raise AnomalyCLIPError(f"the references of class {info.get('class_name')!r} are cut into different tile grids "
+                               f"({shown}): a tiled memory needs references of one size; give references of the "
+                               "test images' size")
+    unit = [torch.cat(layer) for layer in zip(*per_reference)]  # (K, V * P, D) per layer
+    record = {**info, "k": len(references), "references": [ref.to_dict() for ref in references],
+              "tiling": {"tile_size": spec.tile_size, "tile_overlap": spec.tile_overlap}}
+    return PatchMemory([tokens.reshape(-1, tokens.shape[-1]) for tokens in unit], leave_one_out_scales(unit), settings,
+                       record)
+
+
+def check_memory_tiling(memory: PatchMemory, spec: TilingSpec, source: str) -> None:
+    """Refuse a memory file built with other tiling than the run's (its patches are at another scale)."""
+    recorded = memory.info.get("tiling")
+    ours = {"tile_size": spec.tile_size, "tile_overlap": spec.tile_overlap} if spec.enabled else None
+    if recorded != ours:
+        def shown(value: dict | None) -> str:
+            return f"--tile_size {value['tile_size']} --tile_overlap {value['tile_overlap']}" if value else "untiled"
+
+        raise AnomalyCLIPError(f"{source} was built {shown(recorded)} and this run is {shown(ours)}: its patches are "
+                               "at another scale; build it again with this run's tiling (--reference_path DIR "
+                               "--save_memory FILE)")
 
 
 # --- records -------------------------------------------------------------------------------------
