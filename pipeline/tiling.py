@@ -299,10 +299,7 @@ class TiledScorer:
         return image
 
     def stack(self, rows: Sequence[Image.Image]) -> np.ndarray:
-        """The images as a 1-d object array (a :class:`~pipeline.engine.PerClassScorer` picks rows of it)."""
-        stacked = np.empty(len(rows), dtype=object)
-        stacked[:] = list(rows)
-        return stacked
+        return image_array(rows)
 
     def predict(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | list[np.ndarray]]:
         """Scores ``(B,)`` and one map per image: a ``(B, H, W)`` array with ``out_size``, else a list."""
@@ -335,6 +332,13 @@ class TiledScorer:
                     keys, rows = [], []
         if rows:
             yield keys, rows
+
+
+def image_array(images: Sequence[Image.Image]) -> np.ndarray:
+    """Decoded images as a 1-d object array: a batch a :class:`~pipeline.engine.PerClassScorer` picks rows of."""
+    stacked = np.empty(len(images), dtype=object)
+    stacked[:] = list(images)
+    return stacked
 
 
 # --- the engine's batch sources ------------------------------------------------------------------
@@ -372,7 +376,8 @@ def image_batches(dataset: AnomalyDataset, indices: Sequence[int], loader: Loade
                              num_workers=loader.num_workers or 0, collate_fn=_as_list)
     with loader_batches(data_loader) as batches:
         for items in tqdm(batches, total=len(data_loader), desc="scoring", unit="batch", disable=not progress):
-            yield Batch(indices=[int(item["index"]) for item in items], images=[item["img"] for item in items],
+            images = image_array([item["img"] for item in items])
+            yield Batch(indices=[int(item["index"]) for item in items], images=images,
                         sizes=[item["img"].size for item in items],
                         masks=np.stack([item["img_mask"][0].numpy().astype(np.uint8) for item in items]),
                         classes=[item["cls_name"] for item in items])

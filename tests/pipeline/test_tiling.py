@@ -370,3 +370,96 @@ def test_test_py_refuses_bad_tiling_flags_in_one_line(synthetic_datasets, traine
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--tile_size 8 is smaller than the model's patch size (14 pixels)" in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+# --- few-shot memory -----------------------------------------------------------------------------
+
+
+def test_tiled_memory_holds_each_references_views_together(trained_checkpoint, design_args, tmp_path):
+    """The memory of tiled references: per reference, the unit patch tokens of its global view then its tiles, in
+    order, each view's tokens as the module gives them alone."""
+    import torch
+
+    from AnomalyCLIP_lib.memory_config import MemorySettings
+    from AnomalyCLIP_lib.transform import image_transform
+    from pipeline.loading import inference_module
+    from pipeline.memory import Reference
+
+    rng = np.random.default_rng(6)
+    references = []
+    for number in range(2):
+        path = tmp_path / f"ref{number}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 90, 3), dtype=np.uint8)).save(path)
+        references.append(Reference(str(path), path.name, f"{number:064d}"))
+    config = prediction.parse_args(["--image_path", str(references[0].file), "--checkpoint_path",
+                                    str(trained_checkpoint), *design_args])
+    module = inference_module(config.model, config.scoring, torch.device("cpu"))
+    settings = MemorySettings(layers=(12, 24))
+    spec = TilingSpec(32)
+    memory = tiling.build_tiled_memory(module, references, settings, 3, {"class_name": "parts"}, spec,
+                                       progress=False)
+    grid = tiling.tile_grid((90, 48), spec)
+    patches = (E2E_IMAGE_SIZE // 14) ** 2
+    assert memory.rows == 2 * (1 + grid.count) * patches and memory.reference_count == 2
+    assert memory.info["tiling"] == {"tile_size": 32, "tile_overlap": 0.25}
+    transform = image_transform(E2E_IMAGE_SIZE)
+    image = Image.open(references[1].file)
+    views = [image] + [image.crop(box) for box in grid.boxes()]
+    expected = []
+    for view in views:  # one view at a time, class token dropped, unit length
+        tokens = module.reference_tokens(transform(view)[None], settings)[1][0, 1:]
+        expected.append(tokens / tokens.norm(dim=-1, keepdim=True))
+    second = memory.banks[1][(1 + grid.count) * patches:]
+    torch.testing.assert_close(second, torch.cat(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_references_of_different_sizes_are_refused_for_a_tiled_memory(trained_checkpoint, design_args, tmp_path,
+                                                                       capsys):
+    references = tmp_path / "refs"
+    references.mkdir()
+    Image.fromarray(np.zeros((48, 90, 3), np.uint8)).save(references / "a.png")
+    Image.fromarray(np.zeros((48, 200, 3), np.uint8)).save(references / "b.png")
+    image = tmp_path / "part.png"
+    Image.fromarray(np.zeros((48, 90, 3), np.uint8)).save(image)
+    argv = ["--image_path", str(image), "--checkpoint_path", str(trained_checkpoint), "--reference_path",
+            str(references), "--tile_size", "32", "--save_path", str(tmp_path / "out"), *design_args]
+    assert run_cli(prediction.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "are cut into different tile grids" in err
+    assert "a.png: 9 views" in err and "b.png: 17 views" in err  # 1 + 4 x 2 and 1 + 8 x 2 tiles of 32 px
+
+
+def test_tiled_memory_file_is_refused_on_an_untiled_run(trained_checkpoint, design_args, tmp_path, capsys):
+    references = tmp_path / "refs"
+    references.mkdir()
+    rng = np.random.default_rng(7)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(60, 200, (48, 90, 3), dtype=np.uint8)).save(references / name)
+    image = tmp_path / "part.png"
+    Image.fromarray(rng.integers(60, 200, (48, 90, 3), dtype=np.uint8)).save(image)
+    common = ["--image_path", str(image), "--checkpoint_path", str(trained_checkpoint), *design_args]
+    saved = tmp_path / "memory.npz"
+    assert run_cli(prediction.main, [*common, "--reference_path", str(references), "--save_memory", str(saved),
+                                     "--tile_size", "32", "--save_path", str(tmp_path / "tiled")]) == 0
+    assert run_cli(prediction.main, [*common, "--memory", str(saved), "--tile_size", "32",
+                                     "--save_path", str(tmp_path / "again")]) == 0
+    capsys.readouterr()
+    assert run_cli(prediction.main, [*common, "--memory", str(saved), "--save_path", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was built --tile_size 32 --tile_overlap 0.25 and this run is untiled" in err
+
+
+def test_test_py_few_shot_tiled(synthetic_datasets, trained_checkpoint, design_args, tmp_path):
+    """test.py --k_shot 2 --tile_size 32: each class's tiles scored against that class's tiled memory; the same
+    scores as scoring each class's files with its memory by hand."""
+    out = tmp_path / "fewshot"
+    assert _evaluate(synthetic_datasets[1], out, trained_checkpoint, design_args, "--k_shot", "2",
+                     "--tile_size", "32") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tiling"]["tile_size"] == 32
+    provenance = next(iter(json.loads((out / "thresholds.json").read_text())["classes"].values()))["provenance"]
+    assert provenance["tile_size"] == 32 and provenance["memory"]["k"] == 2
+    plain = tmp_path / "plain"
+    assert _evaluate(synthetic_datasets[1], plain, trained_checkpoint, design_args, "--k_shot", "2") == 0
+    tiled_scores = np.load(out / "dump.npz")["scores"]
+    assert not np.allclose(tiled_scores, np.load(plain / "dump.npz")["scores"])  # the tiles changed the scores
