@@ -108,10 +108,13 @@ class TilingSpec:
     Attributes:
         tile_size: Side of a tile in pixels of the original image; ``None``: off (every image scored whole).
         tile_overlap: Fraction of a tile that neighbouring tiles share, at least (the grid spreads any slack).
+        metrics_resolution: test.py: the side of the square grid maps and masks are compared on;
+            ``None``: ``--image_size`` (the grid of an untiled run).
     """
 
     tile_size: int | None = None
     tile_overlap: float = DEFAULT_TILE_OVERLAP
+    metrics_resolution: int | None = None
 
     @property
     def enabled(self) -> bool:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import metrics
+from AnomalyCLIP_lib.transform import mask_transform
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
 from pipeline import distributed, report, thresholds, tiling
@@ -119,7 +120,7 @@ def build_parser():
     parser.add_argument("--aupro", choices=metrics.AUPRO_MODES, default="cflow",
                         help="cflow: the released variant (default); exact: MVTec AD's official definition")
     add_loader_args(parser, "images (with --tile_size: views) per forward pass")
-    add_tiling_args(parser)
+    add_tiling_args(parser, metrics=True)
     add_scoring_args(parser, "score through an exported graph (export.py) with ONNX Runtime or OpenVINO",
                      "with --runtime: the folder export.py wrote")
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
@@ -460,9 +461,12 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> Prepared:
     scoring = config.scoring
     threads = config.model.threads
     exported = ExportedScorer.load(scoring.model_dir, scoring.runtime, threads) if scoring.exported else None
-    transform = tiling.keep_image if config.tiling.enabled else None  # tiled: views are cut when scored
+    # Tiled: views are cut when scored, and masks are compared with the maps on the --metrics_resolution grid.
+    transform = tiling.keep_image if config.tiling.enabled else None
+    target_transform = mask_transform(tiling.metrics_size(config.tiling, config.model.image_size))
     dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
-                             class_names=list(config.classes) if config.classes else None, transform=transform)
+                             class_names=list(config.classes) if config.classes else None, transform=transform,
+                             target_transform=target_transform)
     references = None
     if config.memory is not None:
         references = dataset_references(config.data_path, dataset.class_names, config.memory, config.model.seed,
@@ -470,7 +474,8 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> Prepared:
         if config.memory.references_from_test:
             drawn = {ref.name for refs in references.values() for ref in refs}
             dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
-                                     class_names=dataset.class_names, exclude=drawn, transform=transform)
+                                     class_names=dataset.class_names, exclude=drawn, transform=transform,
+                                     target_transform=target_transform)
     if exported is not None and exported.exported.manifest.get("memory") and len(dataset.class_names) > 1:
         memory = exported.exported.manifest["memory"]
         raise AnomalyCLIPError(f"{scoring.model_dir} holds the few-shot memory of one class "
@@ -569,7 +574,8 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     dump = None
     if dump_path is not None and world.is_main:
         with naming_errors(dump_path):  # a full disk names the dump, not where it is staged
-            dump = DumpWriter(stage.beside(dump_path), len(dataset), config.model.image_size)
+            dump = DumpWriter(stage.beside(dump_path), len(dataset),
+                              tiling.metrics_size(config.tiling, config.model.image_size))
     scored_here = 0
     try:
         shard = world.shard(len(dataset))
@@ -626,7 +632,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
         "config": config.record.as_dict(),
-        "tiling": tiling.tiling_record(config.tiling, config.model.image_size),
+        "tiling": tiling.tiling_record(config.tiling, tiling.metrics_size(config.tiling, config.model.image_size)),
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),
         "table": table,

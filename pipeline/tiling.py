@@ -386,12 +386,12 @@ def image_batches(dataset: AnomalyDataset, indices: Sequence[int], loader: Loade
 def dataset_stream(scorer: Scorer, dataset: AnomalyDataset, indices: Sequence[int], loader: LoaderSpec,
                    device: torch.device, spec: TilingSpec, progress: bool = True) -> tuple[Scorer, Iterator[Batch]]:
     """What scores a dataset shard and its batches: ``scorer`` and the engine's batches, or, tiled, a
-    :class:`TiledScorer` whose maps are resized to S x S (the masks' grid) and the decoded images."""
+    :class:`TiledScorer` whose maps are resized to the masks' grid (:func:`metrics_size`) and the decoded images."""
     if not spec.enabled:
         from pipeline.engine import dataset_batches
 
         return scorer, dataset_batches(dataset, indices, loader, device, progress)
-    size = scorer.image_size
+    size = metrics_size(spec, scorer.image_size)
 
     def tiled(inner: Scorer) -> TiledScorer:
         return TiledScorer(inner, spec, loader.batch_size, out_size=(size, size), progress=progress)
@@ -470,6 +470,11 @@ def check_memory_tiling(memory: PatchMemory, spec: TilingSpec, source: str) -> N
         raise AnomalyCLIPError(f"{source} was built {shown(recorded)} and this run is {shown(ours)}: its patches are "
                                "at another scale; build it again with this run's tiling (--reference_path DIR "
                                "--save_memory FILE)")
+
+
+def metrics_size(spec: TilingSpec, image_size: int) -> int:
+    """The side of the grid test.py compares maps and masks on: ``--metrics_resolution``, else ``--image_size``."""
+    return spec.metrics_resolution if spec.enabled and spec.metrics_resolution else image_size
 
 
 # --- records -------------------------------------------------------------------------------------

@@ -463,3 +463,30 @@ def test_test_py_few_shot_tiled(synthetic_datasets, trained_checkpoint, design_a
     assert _evaluate(synthetic_datasets[1], plain, trained_checkpoint, design_args, "--k_shot", "2") == 0
     tiled_scores = np.load(out / "dump.npz")["scores"]
     assert not np.allclose(tiled_scores, np.load(plain / "dump.npz")["scores"])  # the tiles changed the scores
+
+
+def test_test_py_metrics_resolution(synthetic_datasets, trained_checkpoint, design_args, tmp_path, capsys):
+    """--metrics_resolution 96: maps are the stitched native maps resized to 96 x 96 and masks the ground truth
+    resized to the same grid (recorded); without --tile_size the flag is one line."""
+    target = synthetic_datasets[1]
+    out = tmp_path / "fine"
+    assert _evaluate(target, out, trained_checkpoint, design_args, "--tile_size", "32",
+                     "--metrics_resolution", "96") == 0
+    assert json.loads((out / "results.json").read_text())["tiling"]["metrics_resolution"] == [96, 96]
+    dump = np.load(out / "dump.npz")
+    assert dump["maps"].shape[1:] == (96, 96) and dump["masks"].shape[1:] == (96, 96)
+    meta = json.loads((target / "meta.json").read_text())
+    items = {item["img_path"]: item for cls in meta["test"].values() for item in cls}
+    number = next(i for i, path in enumerate(dump["img_paths"]) if items[str(path)]["anomaly"] == 1)
+    item = items[str(dump["img_paths"][number])]
+    with Image.open(target / item["mask_path"]) as mask:  # bilinear to 96 x 96, then > 0.5, as the masks' transform
+        resized = np.asarray(mask.convert("L").resize((96, 96), Image.BILINEAR), np.float32) / 255 > 0.5
+    assert np.array_equal(dump["masks"][number], resized.astype(np.uint8))
+    (_, _, score, native), = _scored([target / item["img_path"]], trained_checkpoint, design_args,
+                                     "--tile_size", "32")
+    expected = np.asarray(Image.fromarray(native).resize((96, 96), Image.BILINEAR), np.float32)
+    np.testing.assert_allclose(dump["maps"][number], expected, atol=1e-5)
+    capsys.readouterr()
+    assert _evaluate(target, tmp_path / "bad", trained_checkpoint, design_args, "--metrics_resolution", "96") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--metrics_resolution goes with --tile_size N" in err
