@@ -39,3 +39,14 @@ def test_the_reference_parser_finds_both_forms():
     sample = "x `UE::test_a[b]` and `tests/pipeline/test_cli.py::test_c`"
     assert _named_tests(sample) == [("tests/test_user_errors.py", "test_a"), ("tests/pipeline/test_cli.py", "test_c")]
     assert Path(ALIASES["UE"]).name == "test_user_errors.py"
+
+
+def test_no_merge_conflict_markers_are_left():
+    """A merge's ``<<<<<<<``/``=======``/``>>>>>>>`` lines left in a document or source file (one sat in the README)."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "*.md", "*.py", "*.sh", "*.txt", "*.ini", "*.toml"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    marker = re.compile(r"^(<{7} |={7}$|>{7} )", re.M)
+    found = [file for file in files if marker.search((REPO_ROOT / file).read_text(encoding="utf-8", errors="replace"))]
+    assert not found, f"merge-conflict markers in {found}"

@@ -187,3 +187,15 @@ def test_bench_synthetic_dataset_fails_over_the_limit(capsys):
     assert bench.main(["--size", "16", "--n-train", "1", "--n-test-good", "1", "--n-test-defect", "1",
                        "--repeats", "1", "--limit-s", "0"]) == 1
     assert not _json_line(capsys)["within_limit"]
+
+
+def test_bench_memory_quick_runs_and_sizes_the_banks(capsys):
+    """K references of P patches at 4 layers of width D: K * P * D * 4 float32 values per memory."""
+    bench = _load("bench_memory")
+    assert bench.main(["--quick", "--shots", "1", "2", "--repeats", "1", "--threads", "1"]) == 0
+    result = _json_line(capsys)
+    patches, width, layers = (56 // 14) ** 2, TINY["embed_dim"], 4
+    for k in (1, 2):
+        assert result["per_k"][str(k)]["memory_mb"] == round(k * patches * width * layers * 4 / 2**20, 4)
+        assert result["per_k"][str(k)]["latency_s"] > 0
+    assert result["zero_shot"]["latency_s"] > 0
