@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+# As the entry scripts do: OpenMP threads that spin on a busy CPU collapse (see bench_busy_cpu.py); read when torch
+# loads, and inherited by the cost part's worker processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
