@@ -249,11 +249,25 @@ class _Pending:
 
     def __init__(self, grid: TileGrid | None) -> None:
         self.grid = grid
+        self.views = 1 + (grid.count if grid is not None else 0)
         self.stitcher = Stitcher(grid) if grid is not None else None
         self.score = -math.inf
         self.global_map: np.ndarray | None = None
+        self.final: np.ndarray | None = None
+        self.added = 0
+
+    @property
+    def complete(self) -> bool:
+        """Every view scored, and not finished yet."""
+        return self.added == self.views and self.final is None
+
+    def finish(self, out_size: tuple[int, int] | None) -> None:
+        """The image's map (:meth:`result`), kept in ``final``; the stitcher and the global map are let go."""
+        self.final = self.result(out_size)
+        self.stitcher = self.global_map = None
 
     def add(self, view: int, score: float, view_map: np.ndarray) -> None:
+        self.added += 1
         self.score = max(self.score, float(score))
         if view == 0:
             self.global_map = np.array(view_map, dtype=np.float32)
@@ -313,7 +327,10 @@ class TiledScorer:
                 for (position, view), score, view_map in zip(keys, scores, maps):
                     pending[position].add(view, score, view_map)
                 bar.update(len(keys))
-        maps = [p.result(self.out_size) for p in pending]
+                for position in {position for position, _ in keys}:
+                    if pending[position].complete:  # finished now: its native sum is released (resized to out_size)
+                        pending[position].finish(self.out_size)
+        maps = [p.final for p in pending]
         scores = np.array([p.score for p in pending], dtype=np.float32)
         return scores, (np.stack(maps) if self.out_size is not None and maps else maps)
 
