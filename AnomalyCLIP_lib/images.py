@@ -9,6 +9,7 @@ read goes through :func:`read_image`, which raises :class:`UnreadableImageError`
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from collections.abc import Iterable
@@ -67,14 +68,16 @@ def unreadable_error(what: str, path: str | Path, reason: str, missing: bool = F
     return error
 
 
-def read_image(path: str | Path, what: str = "image file", decode: bool = True) -> Image.Image:
+def read_image(path: str | Path, what: str = "image file", decode: bool = True, data: bytes | None = None
+               ) -> Image.Image:
     """Open ``path`` with Pillow: the one place where Pillow's read errors become ours.
 
     Args:
-        path: The file.
+        path: The file (with ``data``: only the name the messages give, e.g. an upload's file name).
         what: How the error names the file (``"image file"``, ``"mask file"``).
         decode: Decode every pixel (a file cut inside its pixel data is found only then); ``False``
             reads the header alone (a few kilobytes): size and mode are known, the pixels are not.
+        data: The file's bytes, already in memory (an upload to the service); ``path`` is not opened.
 
     Returns:
         The image, its file closed (decoded unless ``decode`` is False).
@@ -86,7 +89,7 @@ def read_image(path: str | Path, what: str = "image file", decode: bool = True) 
         with warnings.catch_warnings():
             # Pillow's warning names no file and takes two raw lines: one line of ours instead (_warn_if_large).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(path if data is None else io.BytesIO(data))
         with image:
             if decode:
                 _warn_if_large(image, path, what)  # once a file, when decoded (not at the header check too)
@@ -138,11 +141,12 @@ def _stretch_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.rint((values - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, data: bytes | None = None) -> Image.Image:
     """Read an image file as the preprocessing expects it.
 
     Args:
-        path: The image file.
+        path: The image file (with ``data``: the name the messages give).
+        data: The file's bytes, already in memory (see :func:`read_image`).
 
     Returns:
         The decoded PIL image in its stored mode for 8-bit files (untouched, so results match
@@ -152,7 +156,7 @@ def load_image(path: str | Path) -> Image.Image:
     Raises:
         AnomalyCLIPError: The file is missing or cannot be decoded.
     """
-    image = read_image(path, "image file")
+    image = read_image(path, "image file", data=data)
     if image.mode in _HIGH_BIT_MODES:
         return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L")
     return image

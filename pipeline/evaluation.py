@@ -460,7 +460,8 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> Prepared:
     """
     scoring = config.scoring
     threads = config.model.threads
-    exported = ExportedScorer.load(scoring.model_dir, scoring.runtime, threads) if scoring.exported else None
+    exported = (ExportedScorer.load(scoring.model_dir, scoring.runtime, threads, scoring.precision)
+                if scoring.exported else None)
     # Tiled: views are cut when scored, and masks are compared with the maps on the --metrics_resolution grid.
     transform = tiling.keep_image if config.tiling.enabled else None
     target_transform = mask_transform(tiling.metrics_size(config.tiling, config.model.image_size))
@@ -631,6 +632,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
+        "precision": config.scoring.precision,
         "config": config.record.as_dict(),
         "tiling": tiling.tiling_record(config.tiling, tiling.metrics_size(config.tiling, config.model.image_size)),
         "versions": _versions(),

@@ -6,7 +6,7 @@ Verdicts and masks for a folder, with thresholds from ``test.py`` or from a cali
         --thresholds thresholds.json --class_name bottle          # or: --threshold 0.5 --pixel_threshold 1.2
 
 Thresholds hold only for the maps they were chosen on: each class of a thresholds.json records the
-checkpoint and backbone SHA-256, image size, sigma, features list and feature-map layer it was
+checkpoint and backbone SHA-256, image size, sigma, features list, feature-map layer and precision it was
 made with, and a run with other settings is refused (``--accept_thresholds`` uses them anyway and
 records that it did in predictions.json).
 
@@ -147,20 +147,7 @@ def build_parser():
     add_save_path_arg(parser, "./results/single", "overlays, masks, predictions")
     add_model_args(parser)
     add_sigma_arg(parser)
-    parser.add_argument("--threshold", type=float, default=None, help="image threshold: 'anomalous' when score >= it")
-    parser.add_argument("--pixel_threshold", type=float, default=None,
-                        help="pixel threshold (with --threshold): the defect mask is map >= it")
-    parser.add_argument("--thresholds", default=None,
-                        help="thresholds.json (from test.py or --calibrate) giving both thresholds")
-    parser.add_argument(ACCEPT_FLAG, action="store_true",
-                        help="use --thresholds (or an export's) made with other settings than this run's "
-                             "(checkpoint, backbone, image size, sigma, layers); recorded in predictions.json")
-    parser.add_argument("--class_name", default=None,
-                        help="class of --thresholds to use (needed when it holds several); with --calibrate the "
-                             "name to save under (default: the folder's name)")
-    parser.add_argument("--vis_scale", choices=VIS_SCALES, default=None,
-                        help="overlay colours: 'fixed' = map / (2 x pixel threshold), clipped (default when a pixel "
-                             "threshold is known); 'per_image' = the original's per-image min-max (default otherwise)")
+    add_threshold_args(parser, "; with --calibrate the name to save under (default: the folder's name)")
     parser.add_argument("--calibrate", action="store_true",
                         help="take every image as normal and choose thresholds at --target_fpr "
                              "(needs --save_thresholds)")
@@ -176,6 +163,25 @@ def build_parser():
                      "with --runtime: the folder export.py wrote (its design replaces the model flags)")
     add_memory_args(parser, dataset=False)
     return parser
+
+
+def add_threshold_args(parser, class_name_help: str = "") -> None:
+    """The thresholds flags (test_one_example.py, serve.py): ``--threshold``, ``--pixel_threshold``,
+    ``--thresholds``, ``--accept_thresholds``, ``--class_name``, ``--vis_scale``."""
+    parser.add_argument("--threshold", type=float, default=None, help="image threshold: 'anomalous' when score >= it")
+    parser.add_argument("--pixel_threshold", type=float, default=None,
+                        help="pixel threshold (with --threshold): the defect mask is map >= it")
+    parser.add_argument("--thresholds", default=None,
+                        help="thresholds.json (from test.py or --calibrate) giving both thresholds")
+    parser.add_argument(ACCEPT_FLAG, action="store_true",
+                        help="use --thresholds (or an export's) made with other settings than this run's "
+                             "(checkpoint, backbone, image size, sigma, layers, precision, memory); recorded in "
+                             "predictions.json")
+    parser.add_argument("--class_name", default=None,
+                        help="class of --thresholds to use (needed when it holds several)" + class_name_help)
+    parser.add_argument("--vis_scale", choices=VIS_SCALES, default=None,
+                        help="overlay colours: 'fixed' = map / (2 x pixel threshold), clipped (default when a pixel "
+                             "threshold is known); 'per_image' = the original's per-image min-max (default otherwise)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> PredictionConfig:
@@ -253,11 +259,26 @@ def _decision_from_file(config: PredictionConfig, provenance: dict[str, object])
     if config.threshold is not None or config.pixel_threshold is not None:
         raise AnomalyCLIPError("--thresholds gives both thresholds; drop --threshold/--pixel_threshold or --thresholds")
     classes = load_thresholds(config.thresholds)
-    class_name = _chosen_class(classes, config.class_name, config.thresholds)
-    image_threshold, pixel_threshold = _checked_values(classes, class_name, str(config.thresholds))
-    accepted = check_provenance(classes, [class_name], provenance, f"--thresholds {config.thresholds}",
-                                config.accept_thresholds)
-    return Decision(image_threshold, pixel_threshold, str(config.thresholds), class_name, tuple(accepted))
+    return decision_from_classes(classes, config.class_name, str(config.thresholds),
+                                 f"--thresholds {config.thresholds}", provenance, config.accept_thresholds)
+
+
+def decision_from_classes(classes: dict[str, dict], class_name: str | None, source: str, named: str,
+                          provenance: dict[str, object], accept: bool) -> Decision:
+    """The thresholds of ``class_name`` (or the only class) of checked ``classes``, their provenance checked.
+
+    Args:
+        classes: A thresholds.json's classes, checked (:func:`thresholds.thresholds_classes`).
+        class_name: ``--class_name`` (``None``: the only class).
+        source: Where they come from (the decision's ``source``; messages about the values name it).
+        named: How the provenance message names them (``--thresholds FILE``).
+        provenance: This run's :func:`run_provenance`.
+        accept: ``--accept_thresholds``: provenance differences are recorded, not refused.
+    """
+    class_name = _chosen_class(classes, class_name, source)
+    image_threshold, pixel_threshold = _checked_values(classes, class_name, source)
+    accepted = check_provenance(classes, [class_name], provenance, named, accept)
+    return Decision(image_threshold, pixel_threshold, source, class_name, tuple(accepted))
 
 
 def _decision_from_flags(config: PredictionConfig) -> Decision:
@@ -282,10 +303,12 @@ def _decision_from_export(config: PredictionConfig, scorer: ExportedScorer | Non
     if classes[class_name].get("image_threshold") is None:
         return None
     image_threshold, pixel_threshold = _checked_values(classes, class_name, source)
-    accepted = scorer.exported.manifest.get("thresholds_accepted") or []
-    if not accepted:  # accepted at export time: recorded there, not asked again
-        accepted = check_provenance(classes, [class_name], provenance, f"the thresholds in {source}",
-                                    config.accept_thresholds)
+    # What was accepted at export time is recorded there and not asked again; a difference the export did not
+    # have (another --precision than the export's) is.
+    at_export = scorer.exported.manifest.get("thresholds_accepted") or []
+    accepted = check_provenance(classes, [class_name], provenance, f"the thresholds in {source}", True)
+    if not set(accepted) <= set(at_export):
+        check_provenance(classes, [class_name], provenance, f"the thresholds in {source}", config.accept_thresholds)
     return Decision(image_threshold, pixel_threshold, source, class_name, tuple(accepted))
 
 
@@ -301,7 +324,8 @@ def open_export(config: PredictionConfig) -> ExportedScorer | None:
     """With ``--runtime``, the exported graph of ``--model`` loaded (``None`` on the torch path)."""
     if not config.scoring.exported:
         return None
-    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads)
+    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads,
+                               config.scoring.precision)
 
 
 def run_provenance(config: PredictionConfig, exported: ExportedScorer | None,
@@ -360,6 +384,13 @@ def validate(config: PredictionConfig, exported: ExportedScorer | None = None,
     for flag in ("target_fpr", "save_thresholds"):
         if getattr(config, flag) is not None:
             raise AnomalyCLIPError(f"--{flag} is used only with --calibrate")
+    return thresholds_in_force(config, exported, memory)
+
+
+def thresholds_in_force(config: PredictionConfig, exported: ExportedScorer | None = None,
+                        memory: FewShot | None = None) -> Decision:
+    """The thresholds the flags (``--thresholds``, ``--threshold``, an export's) give, checked against the run's
+    settings and few-shot ``memory`` (:func:`few_shot`); one-line errors."""
     if config.thresholds is not None:
         decision = _decision_from_file(config, run_provenance(config, exported, memory))
     elif config.threshold is None and config.pixel_threshold is None and exported is not None and \
@@ -369,14 +400,19 @@ def validate(config: PredictionConfig, exported: ExportedScorer | None = None,
         decision = _decision_from_flags(config)
     if config.accept_thresholds and not decision.accepted and decision.source in (None, "--threshold"):
         raise AnomalyCLIPError(f"{ACCEPT_FLAG} goes with --thresholds FILE (or an export's thresholds); drop it")
+    check_colour_scale(config, decision)
+    for difference in decision.accepted:
+        logger.warning("%s: using thresholds made for other settings (%s)", ACCEPT_FLAG, difference)
+    return decision
+
+
+def check_colour_scale(config: PredictionConfig, decision: Decision) -> None:
+    """``--vis_scale`` can draw with the thresholds of ``decision`` (the fixed scale needs a positive pixel one)."""
     if config.vis_scale == "fixed" and decision.pixel_threshold is None:
         raise AnomalyCLIPError("--vis_scale fixed needs a pixel threshold (--pixel_threshold or --thresholds)")
     if decision.pixel_threshold is not None and decision.pixel_threshold <= 0 and config.vis_scale != "per_image":
         raise AnomalyCLIPError(f"pixel threshold {decision.pixel_threshold} is not positive: the fixed colour scale "
                                "cannot use it; add --vis_scale per_image")
-    for difference in decision.accepted:
-        logger.warning("%s: using thresholds made for other settings (%s)", ACCEPT_FLAG, difference)
-    return decision
 
 
 # --- inputs and output names --------------------------------------------------------------------
@@ -551,6 +587,20 @@ def vis_scale(config: PredictionConfig, decision: Decision) -> str:
     return config.vis_scale or ("per_image" if decision.pixel_threshold is None else "fixed")
 
 
+def judge(score: float, anomaly_map: np.ndarray, size: tuple[int, int], decision: Decision
+          ) -> tuple[str | None, np.ndarray | None]:
+    """``(verdict, defect mask)`` of one image under ``decision``; each ``None`` without its threshold.
+
+    The verdict is ``anomalous`` when ``score >= image threshold``; the mask (boolean, the image's own
+    ``size = (width, height)``) is the map resized bilinearly, ``>= pixel threshold``.
+    """
+    verdict = None
+    if decision.image_threshold is not None:
+        verdict = "anomalous" if score >= decision.image_threshold else "normal"
+    mask = None if decision.pixel_threshold is None else defect_mask(anomaly_map, decision.pixel_threshold, size)
+    return verdict, mask
+
+
 def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndarray, decision: Decision,
            config: PredictionConfig, staging: Path | None = None) -> Prediction:
     """Verdict, mask and overlay of one image; writes the mask and overlay files.
@@ -565,11 +615,8 @@ def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndar
     prediction = Prediction(file, score)
     grid = tiling.tile_grid(size, config.tiling)
     prediction.tiles = None if grid is None else grid.record()
-    mask = None
-    if decision.image_threshold is not None:
-        prediction.verdict = "anomalous" if score >= decision.image_threshold else "normal"
-    if decision.pixel_threshold is not None:
-        mask = defect_mask(anomaly_map, decision.pixel_threshold, size)
+    prediction.verdict, mask = judge(score, anomaly_map, size, decision)
+    if mask is not None:
         prediction.defect_pixels = int(mask.sum())
         written = save_mask(mask, output_path(out, relative, MASK_SUFFIX))
         prediction.mask = save_path / written.relative_to(out)
@@ -656,6 +703,7 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
         in_force["accepted_other_settings"] = list(decision.accepted)
     document = {"thresholds": in_force, "image_path": str(config.image_path),
                 "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
+                "runtime": config.scoring.runtime, "precision": config.scoring.precision,
                 "vis_scale": vis_scale(config, decision), "memory": memory, "predictions": rows}
     if config.tiling.enabled:
         document["tiling"] = tiling.tiling_record(config.tiling)

@@ -141,15 +141,25 @@ def load_thresholds(path: str | os.PathLike) -> dict[str, dict]:
                                 "would be used: keep one",
         unreadable=lambda error: f"thresholds file {path} is not readable JSON ({error}): write it again",
         what="thresholds file")
+    return thresholds_classes(document, f"thresholds file {path}")
+
+
+def thresholds_classes(document: object, source: str) -> dict[str, dict]:
+    """The checked ``classes`` of a thresholds.json document already parsed (a file's, or a service request's).
+
+    Args:
+        document: The parsed JSON.
+        source: What the messages name (``thresholds file X``, ``the PUT /thresholds body``).
+    """
     classes = document.get("classes") if isinstance(document, dict) else None
     if not isinstance(classes, dict) or not classes:
-        raise AnomalyCLIPError(f"thresholds file {path} has no 'classes' mapping: it is not a thresholds.json")
+        raise AnomalyCLIPError(f"{source} has no 'classes' mapping: it is not a thresholds.json")
     version = document.get("version", THRESHOLDS_VERSION)
     if version != THRESHOLDS_VERSION or isinstance(version, bool):
-        raise AnomalyCLIPError(f"thresholds file {path} has version {version!r}, this code reads "
+        raise AnomalyCLIPError(f"{source} has version {version!r}, this code reads "
                                f"{THRESHOLDS_VERSION}: write it again with this version's test.py or "
                                "test_one_example.py --calibrate")
-    check_classes(classes, f"thresholds file {path}")
+    check_classes(classes, source)
     return classes
 
 
@@ -174,9 +184,12 @@ def select_thresholds(classes: dict[str, dict], class_name: str | None, source: 
 # The settings a threshold holds for, each with the flag that sets it (in the order an error lists them).
 PROVENANCE_FLAGS = {"checkpoint_sha256": "--checkpoint_path", "backbone_sha256": "--backbone",
                     "image_size": "--image_size", "sigma": "--sigma", "features_list": "--features_list",
-                    "feature_map_layer": "--feature_map_layer", "memory": "the few-shot memory",
-                    # recorded only by tiled runs (thresholds.tiling_fields): absent = untiled
+                    "feature_map_layer": "--feature_map_layer", "precision": "--precision",
+                    "memory": "the few-shot memory",
+                    # recorded only by tiled runs (tiling_fields): absent = untiled
                     "tile_size": "--tile_size", "tile_overlap": "--tile_overlap"}
+# A record written before the precision was recorded was made in fp32 (the only CPU precision then).
+PROVENANCE_DEFAULTS = {"precision": "fp32"}
 ACCEPT_FLAG = "--accept_thresholds"
 
 
@@ -197,7 +210,8 @@ def provenance_record(model: ModelSpec, scoring: ScoringSpec, manifest: dict | N
         checkpoint, backbone = sha256_of(scoring.checkpoint_path), backbone_sha256(model.backbone)
     return {"checkpoint_sha256": checkpoint, "backbone_sha256": backbone, "image_size": int(model.image_size),
             "sigma": float(scoring.sigma), "features_list": sorted(int(layer) for layer in model.features_list),
-            "feature_map_layer": int(model.feature_map_layer), **tiling_fields(tiling)}
+            "feature_map_layer": int(model.feature_map_layer), "precision": scoring.precision,
+            **tiling_fields(tiling)}
 
 
 def tiling_fields(tiling: TilingSpec | None) -> dict[str, object]:
@@ -213,7 +227,8 @@ def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[
         return ["it records no settings (written by hand or by an older version)"]
     differing = []
     for name, flag in PROVENANCE_FLAGS.items():
-        theirs, ours = recorded.get(name), current.get(name)  # "memory": only where a memory scored
+        # "memory": only where a memory scored; "precision": fp32 in a record older than it
+        theirs, ours = recorded.get(name, PROVENANCE_DEFAULTS.get(name)), current.get(name)
         if name == "features_list" and isinstance(theirs, list):
             theirs = sorted(theirs)
         numeric = name in ("sigma", "tile_overlap") and isinstance(theirs, (int, float)) and ours is not None

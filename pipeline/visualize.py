@@ -115,8 +115,14 @@ def overlay(image_path: str | os.PathLike, anomaly_map: np.ndarray, alpha: float
         pixel_threshold: The pixel threshold of the ``fixed`` scale.
         mask: Optional defect mask at any size; its contours are drawn on top.
     """
+    return overlay_image(load_image(image_path), anomaly_map, alpha, scale, pixel_threshold, mask)
+
+
+def overlay_image(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, scale: str = "per_image",
+                  pixel_threshold: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
+    """:func:`overlay` of an image already decoded (as :func:`AnomalyCLIP_lib.images.load_image` reads it)."""
     height, width = anomaly_map.shape[-2:]
-    image = load_image(image_path).convert("RGB")
+    image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.BILINEAR)
     heat = cv2.cvtColor(cv2.applyColorMap(colour_indices(anomaly_map, scale, pixel_threshold), cv2.COLORMAP_JET),
@@ -154,5 +160,9 @@ def save_overlay(image_path: str | os.PathLike, anomaly_map: np.ndarray, out_pat
 
 def save_mask(mask: np.ndarray, out_path: str | os.PathLike) -> Path:
     """Write a boolean mask as a grey PNG, 255 where defective and 0 elsewhere (atomically)."""
-    return atomic_write_bytes(encode_png(np.where(mask, 255, 0).astype(np.uint8), rgb=False), Path(out_path),
-                              durable=False)
+    return atomic_write_bytes(mask_png(mask), Path(out_path), durable=False)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A boolean mask as grey PNG bytes, 255 where defective and 0 elsewhere (the mask files' content)."""
+    return encode_png(np.where(mask, 255, 0).astype(np.uint8), rgb=False)
