@@ -10,11 +10,13 @@ from tests.pipeline.test_distributed import _test_args, _torchrun
 pytestmark = pytest.mark.slow  # each run starts torchrun
 
 
-def test_tiled_two_processes_equal_one(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
+@pytest.mark.parametrize("few_shot", [[], ["--k_shot", "2"]], ids=["zero-shot", "k_shot_2"])
+def test_tiled_two_processes_equal_one(synthetic_datasets, design_args, trained_checkpoint, tmp_path, few_shot):
+    """Also with references: each class's tiled memory is built on its owner rank and shared."""
     target = synthetic_datasets[1]
     one, two = tmp_path / "one", tmp_path / "two"
     for save_path, nproc in ((one, 1), (two, 2)):
-        args = [*_test_args(target, trained_checkpoint, save_path, design_args), "--tile_size", "32"]
+        args = [*_test_args(target, trained_checkpoint, save_path, design_args), "--tile_size", "32", *few_shot]
         completed = _torchrun(["test.py", *args], nproc)
         assert completed.returncode == 0, completed.stderr[-3000:]
     assert (one / "scores.csv").read_bytes() == (two / "scores.csv").read_bytes()
