@@ -21,7 +21,8 @@ from typing import NoReturn, TypeVar
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, FlagError, PeerFailed, one_line, user_error_line
 from AnomalyCLIP_lib.pretrained import available_models, backbone_sha256, sha256_of
 from deploy.manifest import RUNTIMES
-from pipeline.config import DEFAULT_BACKBONE, LoaderSpec, ModelSpec, RunRecord, ScoringSpec, replaced as replace
+from pipeline.config import (DEFAULT_BACKBONE, DEFAULT_TILE_OVERLAP, LoaderSpec, ModelSpec, RunRecord, ScoringSpec,
+                             TilingSpec, replaced as replace)
 
 
 T = TypeVar("T")
@@ -236,6 +237,37 @@ def check_output_folder(folder: str | os.PathLike, flag: str) -> None:
 def add_sigma_arg(parser: argparse.ArgumentParser) -> None:
     """``--sigma``, the Gaussian filter of the maps (test.py, test_one_example.py, export.py)."""
     parser.add_argument("--sigma", type=float, default=4, help="Gaussian filter sigma for the maps")
+
+
+def add_tiling_args(parser: argparse.ArgumentParser, metrics: bool = False) -> None:
+    """``--tile_size`` and ``--tile_overlap``: score large images tile by tile (test.py, test_one_example.py);
+    ``metrics``: also test.py's ``--metrics_resolution``."""
+    parser.add_argument("--tile_size", type=int, default=None,
+                        help="score images larger than this many pixels a side tile by tile at native resolution "
+                             "(tiles of this side, each resized to --image_size) plus a global view; maps are "
+                             "stitched at the image's size (default: off, images scored whole)")
+    parser.add_argument("--tile_overlap", type=float, default=DEFAULT_TILE_OVERLAP,
+                        help="with --tile_size: the fraction of a tile its neighbours overlap, at least (0..0.9)")
+    if metrics:
+        parser.add_argument("--metrics_resolution", type=int, default=None, metavar="N",
+                            help="with --tile_size: compare maps and masks on an N x N grid (default: --image_size; "
+                                 "larger keeps defects smaller than an untiled pixel, at N x N x 5 bytes an image)")
+
+
+def tiling_spec(flags: RunRecord) -> TilingSpec:
+    """The checked :class:`TilingSpec` of ``--tile_size`` / ``--tile_overlap`` (see :mod:`pipeline.tiling`)."""
+    from pipeline.tiling import check_tiling
+
+    values = flags.values
+    spec = TilingSpec(tile_size=values.get("tile_size"), tile_overlap=values.get("tile_overlap", DEFAULT_TILE_OVERLAP),
+                      metrics_resolution=values.get("metrics_resolution"))
+    for flag in ("tile_overlap", "metrics_resolution"):
+        if not spec.enabled and flag in flags.given:
+            raise AnomalyCLIPError(f"--{flag} goes with --tile_size N (tiling is off without it); add --tile_size "
+                                   f"or drop --{flag}")
+    check_positive(metrics_resolution=spec.metrics_resolution)
+    check_tiling(spec)
+    return spec
 
 
 def add_scoring_args(parser: argparse.ArgumentParser, runtime_help: str, model_help: str) -> None:

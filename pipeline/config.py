@@ -8,6 +8,7 @@ manifest fixes the design).
 * :class:`ModelSpec`: the backbone, the prompt design and the vision layers (every CLI).
 * :class:`LoaderSpec`: batch size and DataLoader workers.
 * :class:`ScoringSpec`: what scores images: a prompt checkpoint through torch, or an exported graph.
+* :class:`TilingSpec`: tiled scoring of large images (``--tile_size``, ``--tile_overlap``).
 * :class:`RunRecord`: the flags as the command line gave them, for ``results.json`` and checkpoints.
 
 The per-command configs (evaluation, training, prediction, export) live beside their engines and
@@ -96,6 +97,30 @@ class ScoringSpec:
     def exported(self) -> bool:
         """Whether an exported graph scores (``--runtime onnxruntime|openvino``)."""
         return self.runtime != "torch"
+
+
+DEFAULT_TILE_OVERLAP = 0.25
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """Tiled scoring of large images at their native resolution (:mod:`pipeline.tiling`).
+
+    Attributes:
+        tile_size: Side of a tile in pixels of the original image; ``None``: off (every image scored whole).
+        tile_overlap: Fraction of a tile that neighbouring tiles share, at least (the grid spreads any slack).
+        metrics_resolution: test.py: the side of the square grid maps and masks are compared on;
+            ``None``: ``--image_size`` (the grid of an untiled run).
+    """
+
+    tile_size: int | None = None
+    tile_overlap: float = DEFAULT_TILE_OVERLAP
+    metrics_resolution: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether images larger than one tile are scored tile by tile."""
+        return self.tile_size is not None
 
 
 @dataclass(frozen=True)

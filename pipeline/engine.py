@@ -96,6 +96,7 @@ class TorchScorer:
         self.inference = inference
         self.device = device
         self.image_size = inference.config.image_size
+        self.patch_size = inference.visual.patch_size
         self._transform = image_transform(self.image_size)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:

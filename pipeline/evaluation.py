@@ -40,19 +40,19 @@ import numpy as np
 import torch
 
 import metrics
+from AnomalyCLIP_lib.transform import mask_transform
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from dataset import AnomalyDataset
-from pipeline import distributed, report, thresholds
+from pipeline import distributed, report, thresholds, tiling
 from pipeline.atomic import StagedOutputs, atomic_write_texts, naming_errors, remove_leftovers
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_memory_args, add_model_args, add_save_path_arg,
-                          add_scoring_args, add_sigma_arg, check_loader_spec, cli_parser, loader_spec, memory_spec,
-                          parse_config, scored_run_specs)
-from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, replaced
+                          add_scoring_args, add_sigma_arg, add_tiling_args, check_loader_spec, cli_parser, loader_spec,
+                          memory_spec, parse_config, scored_run_specs, tiling_spec)
+from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, TilingSpec, replaced
 from pipeline.dump import DumpWriter
-from pipeline.engine import (Batch, ExportedScorer, PerClassScorer, ScoredImage, Scorer, TorchScorer, dataset_batches,
-                             score_batches)
+from pipeline.engine import Batch, ExportedScorer, PerClassScorer, ScoredImage, Scorer, TorchScorer, score_batches
 from pipeline.loading import configure_threads, open_scorer, resolve_device, resolve_num_workers
-from pipeline.memory import MemorySpec, Reference, build_class_memory, dataset_references, memory_info, \
+from pipeline.memory import MemorySpec, Reference, dataset_references, memory_info, \
     memory_provenance
 from pipeline.naming import OVERLAY_SUFFIX, VIS_FOLDER, output_path, relative_to_root
 from pipeline.visualize import save_overlay
@@ -104,6 +104,7 @@ class EvaluationConfig:
     target_fpr: float = 0.01
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
     memory: MemorySpec | None = None
+    tiling: TilingSpec = TilingSpec()
 
 
 def build_parser():
@@ -118,7 +119,8 @@ def build_parser():
     add_sigma_arg(parser)
     parser.add_argument("--aupro", choices=metrics.AUPRO_MODES, default="cflow",
                         help="cflow: the released variant (default); exact: MVTec AD's official definition")
-    add_loader_args(parser, "images per forward pass")
+    add_loader_args(parser, "images (with --tile_size: views) per forward pass")
+    add_tiling_args(parser, metrics=True)
     add_scoring_args(parser, "score through an exported graph (export.py) with ONNX Runtime or OpenVINO",
                      "with --runtime: the folder export.py wrote")
     parser.add_argument("--classes", nargs="+", default=None, help="evaluate only these classes")
@@ -168,7 +170,7 @@ def _config(flags: RunRecord) -> EvaluationConfig:
                             scoring=scoring, outputs=outputs, classes=classes, metrics=values["metrics"],
                             aupro=values["aupro"], threshold_method=values["threshold_method"],
                             target_fpr=values["target_fpr"], record=flags,
-                            memory=memory if memory.active else None)
+                            memory=memory if memory.active else None, tiling=tiling_spec(flags))
 
 
 @dataclass
@@ -460,8 +462,12 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> Prepared:
     threads = config.model.threads
     exported = (ExportedScorer.load(scoring.model_dir, scoring.runtime, threads, scoring.precision)
                 if scoring.exported else None)
+    # Tiled: views are cut when scored, and masks are compared with the maps on the --metrics_resolution grid.
+    transform = tiling.keep_image if config.tiling.enabled else None
+    target_transform = mask_transform(tiling.metrics_size(config.tiling, config.model.image_size))
     dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
-                             class_names=list(config.classes) if config.classes else None)
+                             class_names=list(config.classes) if config.classes else None, transform=transform,
+                             target_transform=target_transform)
     references = None
     if config.memory is not None:
         references = dataset_references(config.data_path, dataset.class_names, config.memory, config.model.seed,
@@ -469,7 +475,8 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> Prepared:
         if config.memory.references_from_test:
             drawn = {ref.name for refs in references.values() for ref in refs}
             dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
-                                     class_names=dataset.class_names, exclude=drawn)
+                                     class_names=dataset.class_names, exclude=drawn, transform=transform,
+                                     target_transform=target_transform)
     if exported is not None and exported.exported.manifest.get("memory") and len(dataset.class_names) > 1:
         memory = exported.exported.manifest["memory"]
         raise AnomalyCLIPError(f"{scoring.model_dir} holds the few-shot memory of one class "
@@ -497,9 +504,9 @@ def _few_shot_scorer(config: EvaluationConfig, world: distributed.World, prepare
             "checkpoint_sha256": provenance["checkpoint_sha256"]}
 
     def build_owned() -> dict[str, dict[str, np.ndarray]]:
-        return {name: build_class_memory(torch_scorer.inference, prepared.references[name], config.memory.settings,
-                                         config.loader.batch_size, memory_info(name, **info),
-                                         progress=world.is_main).to_arrays()
+        return {name: tiling.class_memory(torch_scorer.inference, prepared.references[name], config.memory.settings,
+                                          config.loader.batch_size, memory_info(name, **info), config.tiling,
+                                          progress=world.is_main).to_arrays()
                 for position, name in enumerate(names) if position % world.size == world.rank}
 
     built = distributed.together(world, build_owned)
@@ -549,7 +556,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     dataset, metric_set, scorer = prepared.dataset, prepared.metric_set, prepared.scorer
     columns = metrics.metric_columns(metric_set)
     manifest = scorer.exported.manifest if isinstance(scorer, ExportedScorer) else None
-    provenance = thresholds.provenance_record(config.model, config.scoring, manifest)
+    provenance = thresholds.provenance_record(config.model, config.scoring, manifest, config.tiling)
     memories: dict[str, dict] = {}
     if manifest is not None and manifest.get("memory"):  # an export holding one class's memory
         memories = {name: manifest["memory"]["provenance"] for name in dataset.class_names}
@@ -568,13 +575,15 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
     dump = None
     if dump_path is not None and world.is_main:
         with naming_errors(dump_path):  # a full disk names the dump, not where it is staged
-            dump = DumpWriter(stage.beside(dump_path), len(dataset), config.model.image_size)
+            dump = DumpWriter(stage.beside(dump_path), len(dataset),
+                              tiling.metrics_size(config.tiling, config.model.image_size))
     scored_here = 0
     try:
         shard = world.shard(len(dataset))
         on_image = (lambda r: _save_vis(r, dataset, staging)) if outputs.vis else None
-        batches = dataset_batches(dataset, shard, config.loader, device, progress=world.is_main)
-        results = image_results(scorer, dataset, batches, on_image)
+        view_scorer, batches = tiling.dataset_stream(scorer, dataset, shard, config.loader, device, config.tiling,
+                                                     progress=world.is_main)
+        results = image_results(view_scorer, dataset, batches, on_image)
         rounds = world.rounds(len(dataset), config.loader.batch_size)
         for local, error in distributed.lockstep(world, results, rounds):
             local = local or []
@@ -625,6 +634,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "device": str(device),
         "precision": config.scoring.precision,
         "config": config.record.as_dict(),
+        "tiling": tiling.tiling_record(config.tiling, tiling.metrics_size(config.tiling, config.model.image_size)),
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),
         "table": table,

@@ -50,11 +50,12 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import IMAGE_EXTENSIONS, unreadable_error, unreadable_headers
 from AnomalyCLIP_lib.pretrained import sha256_of
 from pipeline.atomic import atomic_write_text, locked_folder, staged_outputs
+from pipeline import tiling
 from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_memory_args, add_model_args, add_save_path_arg,
-                          add_scoring_args, add_sigma_arg, check_positive, cli_parser, memory_spec, parse_config,
-                          scored_run_specs)
-from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec
-from pipeline.engine import ExportedScorer, Scorer, TorchScorer, file_batches, score_batches
+                          add_scoring_args, add_sigma_arg, add_tiling_args, check_positive, cli_parser, memory_spec,
+                          parse_config, scored_run_specs, tiling_spec)
+from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, TilingSpec
+from pipeline.engine import ExportedScorer, Scorer, TorchScorer
 from pipeline.memory import MemorySpec, Reference, check_memory_fits, folder_references, load_memory_file, \
     memory_info, memory_provenance, memory_record, save_memory_file
 from pipeline.naming import MASK_SUFFIX, OVERLAY_SUFFIX, output_path
@@ -93,6 +94,7 @@ class PredictionConfig:
     accept_thresholds: bool = False
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
     memory: MemorySpec | None = None
+    tiling: TilingSpec = TilingSpec()
 
 
 @dataclass
@@ -135,6 +137,7 @@ class Prediction:
     verdict: str | None = None
     defect_pixels: int | None = None
     mask: Path | None = None
+    tiles: dict | None = None  # the tile grid (tiled runs; None: scored whole)
 
 
 def build_parser():
@@ -152,7 +155,8 @@ def build_parser():
                         help=f"with --calibrate: fraction of good images / pixels allowed to be flagged "
                              f"(default {DEFAULT_TARGET_FPR})")
     parser.add_argument("--save_thresholds", default=None, help="with --calibrate: the thresholds.json to write")
-    add_loader_args(parser, "images per forward pass", workers=False)
+    add_loader_args(parser, "images (with --tile_size: views) per forward pass", workers=False)
+    add_tiling_args(parser)
     parser.add_argument("--report", action="store_true",
                         help="write save_path/report.html: every image's overlay, highest score first, with verdicts")
     add_scoring_args(parser, "run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch",
@@ -199,7 +203,8 @@ def _config(flags: RunRecord) -> PredictionConfig:
         pixel_threshold=values["pixel_threshold"], thresholds=values["thresholds"], class_name=values["class_name"],
         vis_scale=values["vis_scale"], calibrate=values["calibrate"], target_fpr=values["target_fpr"],
         save_thresholds=values["save_thresholds"], report=values["report"],
-        accept_thresholds=values["accept_thresholds"], record=flags, memory=_checked_memory_spec(flags, scoring))
+        accept_thresholds=values["accept_thresholds"], record=flags, memory=_checked_memory_spec(flags, scoring),
+        tiling=tiling_spec(flags))
 
 
 def _checked_memory_spec(flags: RunRecord, scoring: ScoringSpec) -> MemorySpec | None:
@@ -328,7 +333,7 @@ def run_provenance(config: PredictionConfig, exported: ExportedScorer | None,
     """This run's :func:`thresholds.provenance_record` (an export's recorded hashes, else the files'),
     with its few-shot memory where it has one (an export's, or ``few_shot``'s)."""
     manifest = exported.exported.manifest if exported is not None else None
-    provenance = provenance_record(config.model, config.scoring, manifest)
+    provenance = provenance_record(config.model, config.scoring, manifest, config.tiling)
     record = memory_in_force(exported, few_shot)
     return provenance if record is None else {**provenance, "memory": record}
 
@@ -357,6 +362,7 @@ def few_shot(config: PredictionConfig) -> FewShot | None:
 
     memory = check_memory_fits(load_memory_file(spec.memory_file), f"--memory {spec.memory_file}",
                                backbone_sha256(config.model.backbone), config.model.image_size, DPAM_LAYER, spec)
+    tiling.check_memory_tiling(memory, config.tiling, f"--memory {spec.memory_file}")
     return FewShot(None, memory, memory_provenance(memory))
 
 
@@ -547,7 +553,6 @@ def open_torch_scorer(config: PredictionConfig, memory: FewShot | None = None) -
 
 def _built_memory(config: PredictionConfig, scorer: TorchScorer, memory: FewShot) -> PatchMemory:
     from AnomalyCLIP_lib.pretrained import backbone_sha256
-    from pipeline.memory import build_class_memory
 
     spec = config.memory
     assert spec is not None and memory.references is not None
@@ -555,7 +560,8 @@ def _built_memory(config: PredictionConfig, scorer: TorchScorer, memory: FewShot
     checkpoint = sha256_of(config.scoring.checkpoint_path) if config.scoring.checkpoint_path else None
     info = memory_info(name, config.model.backbone, backbone_sha256(config.model.backbone), config.model.image_size,
                        scorer.inference.config.dpam_layer, checkpoint)
-    built = build_class_memory(scorer.inference, memory.references, spec.settings, config.loader.batch_size, info)
+    built = tiling.class_memory(scorer.inference, memory.references, spec.settings, config.loader.batch_size, info,
+                                config.tiling)
     if spec.save_memory:
         written = save_memory_file(built, spec.save_memory)
         logger.info("memory of %d reference(s) -> %s", len(memory.references), written)
@@ -571,7 +577,7 @@ def scored_files(config: PredictionConfig, files: Sequence[Path], scorer: Scorer
         memory: The torch path's few-shot memory (:func:`few_shot`).
     """
     scorer = scorer if scorer is not None else open_torch_scorer(config, memory)
-    for scored in score_batches(scorer, file_batches(files, scorer, config.loader.batch_size)):
+    for scored in tiling.scored_files(scorer, files, config.loader.batch_size, config.tiling):
         for one in scored:
             yield files[one.index], one.size, one.score, one.anomaly_map
 
@@ -607,6 +613,8 @@ def decide(file: Path, size: tuple[int, int], score: float, anomaly_map: np.ndar
     out = save_path if staging is None else staging
     relative = relative_name(file, config.image_path)
     prediction = Prediction(file, score)
+    grid = tiling.tile_grid(size, config.tiling)
+    prediction.tiles = None if grid is None else grid.record()
     prediction.verdict, mask = judge(score, anomaly_map, size, decision)
     if mask is not None:
         prediction.defect_pixels = int(mask.sum())
@@ -687,6 +695,8 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
     writer = csv.DictWriter(buffer, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows([{key: _csv_cell(value) for key, value in row.items()} for row in rows])
+    if config.tiling.enabled:  # each image's tile grid (null: scored whole), in the JSON rows only
+        rows = [{**row, "tiles": p.tiles} for row, p in zip(rows, predictions)]
     in_force = {"image_threshold": decision.image_threshold, "pixel_threshold": decision.pixel_threshold,
                 "source": decision.source, "class_name": decision.class_name, "rule": "value >= threshold"}
     if decision.accepted:
@@ -695,6 +705,8 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
                 "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
                 "runtime": config.scoring.runtime, "precision": config.scoring.precision,
                 "vis_scale": vis_scale(config, decision), "memory": memory, "predictions": rows}
+    if config.tiling.enabled:
+        document["tiling"] = tiling.tiling_record(config.tiling)
     csv_path = atomic_write_text(buffer.getvalue(), out / "predictions.csv")
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"
     json_path = atomic_write_text(json_text, out / "predictions.json")
@@ -733,18 +745,18 @@ def calibrate(config: PredictionConfig, exported: ExportedScorer | None = None,
     """
     target_fpr = DEFAULT_TARGET_FPR if config.target_fpr is None else config.target_fpr
     files = image_files(config.image_path, exclude=config.save_path)
-    pixel_tail = NormalTail(len(files) * config.model.image_size**2, target_fpr)
+    pixel_tail = NormalTail(tiling.total_map_pixels(files, config.tiling, config.model.image_size), target_fpr)
     pending: list[np.ndarray] = []
     scores = []
     for file, _, score, anomaly_map in _calibration_scores(config, files, exported, memory):
         scores.append(score)
         pending.append(anomaly_map)
-        if len(pending) * anomaly_map.size >= pixel_tail.allowed + 1:  # amortised: each value partitioned O(1) times
-            pixel_tail.update(np.stack(pending))
+        if sum(m.size for m in pending) >= pixel_tail.allowed + 1:  # amortised: each value partitioned O(1) times
+            pixel_tail.update(np.concatenate([m.ravel() for m in pending]))  # maps of any size (tiled: native)
             pending.clear()
         tqdm.write(f"{file}\t{score:.4f}")
     if pending:
-        pixel_tail.update(np.stack(pending))
+        pixel_tail.update(np.concatenate([m.ravel() for m in pending]))
     image_threshold = normal_fpr_threshold(np.asarray(scores, dtype=np.float32), target_fpr)
     name = calibration_class_name(config)
     entry = class_entry(image_threshold, pixel_tail.threshold(), "normal_fpr", target_fpr=target_fpr,

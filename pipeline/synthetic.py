@@ -9,6 +9,9 @@ evaluate zero-shot on the other:
 * :func:`make_visa_like`: ``<class>/Data/Images/{Normal,Anomaly}/*.JPG``,
   ``<class>/Data/Masks/Anomaly/NNN.png`` and ``split_csv/1cls.csv``; indexed with
   ``generate_dataset_json/visa.py``'s layout. Default classes ``blobs weave dots``.
+* :func:`make_highres_like`: the MVTec layout at high resolution (default 2048 x 2048) with
+  small defects, 10 to 30 pixels across (:func:`small_footprint`): what resizing to the model's
+  input loses and tiling keeps (``test.py --tile_size``). Default class ``fabric`` (weave).
 
 Normal images are a class texture (stripes, checker, rings, smooth blobs, weave, dot lattice)
 in two class colours kept within 70..190 per channel, with a random phase per image and
@@ -21,6 +24,7 @@ changed (0/255 ``'L'`` PNG). Everything is drawn from ``numpy.random.default_rng
 Command line::
 
     python synthetic_dataset.py --layout mvtec --root data/synth_mvtec --seed 0 --size 128
+    python synthetic_dataset.py --layout highres --root data/synth_highres      # 2048 x 2048, defects 10-30 px
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ TEXTURES = ("stripes", "checker", "rings", "blobs", "weave", "dots")
 DEFECTS = ("scratch", "blob", "hole", "color_spot")
 MVTEC_CLASSES = ("stripes", "checker", "rings")
 VISA_CLASSES = ("blobs", "weave", "dots")
-_LAYOUT_IDS = {"mvtec": 0, "visa": 1}
-_TEXTURE_OFFSETS = {"mvtec": 0, "visa": 3}
+HIGHRES_CLASSES = ("fabric",)
+HIGHRES_SIZE = 2048
+HIGHRES_DEFECT_PIXELS = (10, 30)  # smallest and largest extent of a high-resolution defect
+_LAYOUT_IDS = {"mvtec": 0, "visa": 1, "highres": 2}
+_TEXTURE_OFFSETS = {"mvtec": 0, "visa": 3, "highres": 4}
 _SPOT_COLOURS = np.array([[230, 25, 25], [25, 200, 40], [30, 40, 230], [225, 30, 215], [240, 220, 20]])
 
 
@@ -138,19 +145,48 @@ def _shape(kind: str, rng: np.random.Generator, size: tuple[int, int]) -> np.nda
     return np.asarray(canvas) > 0
 
 
-def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def small_footprint(kind: str, rng: np.random.Generator, size: tuple[int, int],
+                    extent: tuple[int, int] = HIGHRES_DEFECT_PIXELS) -> np.ndarray:
+    """The boolean (H, W) footprint of a small defect of ``kind``, ``extent`` pixels across (drawn uniformly).
+
+    A scratch is a straight line of that length, 2 to 3 pixels wide; the others are discs or
+    ellipses of that diameter. Placed at least 32 pixels from the border.
+    """
+    if kind not in DEFECTS:
+        raise AnomalyCLIPError(f"unknown defect {kind!r}; choose one of {', '.join(DEFECTS)}")
+    width, height = size
+    across = float(rng.uniform(*extent))
+    margin = 32 + across
+    cx, cy = rng.uniform(margin, width - margin), rng.uniform(margin, height - margin)
+    canvas = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(canvas)
+    if kind == "scratch":
+        angle = rng.uniform(0, np.pi)
+        dx, dy = across / 2 * np.cos(angle), across / 2 * np.sin(angle)
+        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=int(rng.integers(2, 4)))
+    else:
+        rx = across / 2
+        ry = rx if kind == "hole" else rx * rng.uniform(0.6, 1.0)
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
+    return np.asarray(canvas) > 0
+
+
+def add_defect(image: np.ndarray, kind: str, rng: np.random.Generator,
+               footprint: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Paint one defect of ``kind`` (one of :data:`DEFECTS`) on a copy of ``image``.
 
     Args:
         image: uint8 (H, W, 3) normal image.
         kind: ``scratch``, ``blob``, ``hole`` or ``color_spot``.
         rng: The random generator.
+        footprint: Where to paint (boolean (H, W)); default: a shape of ``kind`` sized to the image.
 
     Returns:
         The defective image and its mask, uint8 (H, W) 0/255: exactly the changed pixels.
     """
     height, width = image.shape[:2]
-    footprint = _shape(kind, rng, (width, height))
+    if footprint is None:
+        footprint = _shape(kind, rng, (width, height))
     pixels = image[footprint].astype(np.int64)
     noise = rng.integers(-3, 4, pixels.shape)
     if kind == "scratch":
@@ -175,8 +211,12 @@ def _texture_for(name: str, index: int, layout: str) -> str:
 
 
 def _samples(layout: str, class_names: Iterable[str], n_normal: int, n_defect: int, size: tuple[int, int],
-             seed: int) -> Iterable[tuple[str, list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray]]]]:
-    """For each class: its name, ``n_normal`` normal images and ``n_defect`` (defect, image, mask)."""
+             seed: int, defect_pixels: tuple[int, int] | None = None
+             ) -> Iterable[tuple[str, list[np.ndarray], list[tuple[str, np.ndarray, np.ndarray]]]]:
+    """For each class: its name, ``n_normal`` normal images and ``n_defect`` (defect, image, mask).
+
+    ``defect_pixels``: small defects of that extent (:func:`small_footprint`); default: sized to the image.
+    """
     for index, name in enumerate(class_names):
         rng = np.random.default_rng([seed, _LAYOUT_IDS[layout], index])
         style = class_style(_texture_for(name, index, layout), rng, size)
@@ -184,7 +224,9 @@ def _samples(layout: str, class_names: Iterable[str], n_normal: int, n_defect: i
         defects = []
         for number in range(n_defect):
             kind = DEFECTS[number % len(DEFECTS)]
-            defects.append((kind, *add_defect(render_normal(style, rng, size), kind, rng)))
+            image = render_normal(style, rng, size)
+            footprint = None if defect_pixels is None else small_footprint(kind, rng, size, defect_pixels)
+            defects.append((kind, *add_defect(image, kind, rng, footprint)))
         yield name, normals, defects
 
 
@@ -231,15 +273,38 @@ def make_mvtec_like(root: str | Path, class_names: Iterable[str] = MVTEC_CLASSES
     _prepare_root(root, [*class_names, "meta.json"], overwrite)
     for name, normals, defects in _samples("mvtec", class_names, n_train + n_test_good, n_test_defect,
                                            tuple(image_size), seed):
-        for number, image in enumerate(normals):
-            split, offset = ("train", 0) if number < n_train else ("test", n_train)
-            _save(image, root / name / split / "good" / f"{number - offset:03d}.png")
-        counters: dict[str, int] = {}
-        for kind, image, mask in defects:
-            number = counters[kind] = counters.get(kind, -1) + 1
-            _save(image, root / name / "test" / kind / f"{number:03d}.png")
-            _save(mask, root / name / "ground_truth" / kind / f"{number:03d}_mask.png")
+        _write_mvtec_class(root, name, normals, defects, n_train)
     return index_dataset(folder_layout(classes=tuple(class_names)), root) if write_meta else None
+
+
+def make_highres_like(root: str | Path, class_names: Iterable[str] = HIGHRES_CLASSES, n_train: int = 4,
+                      n_test_good: int = 4, n_test_defect: int = 8,
+                      image_size: tuple[int, int] = (HIGHRES_SIZE, HIGHRES_SIZE), seed: int = 0,
+                      write_meta: bool = True, overwrite: bool = False,
+                      defect_pixels: tuple[int, int] = HIGHRES_DEFECT_PIXELS) -> MetaIndex | None:
+    """Write a high-resolution MVTec-layout dataset whose defects are ``defect_pixels`` across (module docstring).
+
+    Arguments as :func:`make_mvtec_like`; textures keep their scale relative to the image (a
+    pattern period of 8-16 % of the side), so the defects are small against them too.
+    """
+    root, class_names = Path(root), list(class_names)
+    _prepare_root(root, [*class_names, "meta.json"], overwrite)
+    for name, normals, defects in _samples("highres", class_names, n_train + n_test_good, n_test_defect,
+                                           tuple(image_size), seed, tuple(defect_pixels)):
+        _write_mvtec_class(root, name, normals, defects, n_train)
+    return index_dataset(folder_layout(classes=tuple(class_names)), root) if write_meta else None
+
+
+def _write_mvtec_class(root: Path, name: str, normals: list[np.ndarray],
+                       defects: list[tuple[str, np.ndarray, np.ndarray]], n_train: int) -> None:
+    for number, image in enumerate(normals):
+        split, offset = ("train", 0) if number < n_train else ("test", n_train)
+        _save(image, root / name / split / "good" / f"{number - offset:03d}.png")
+    counters: dict[str, int] = {}
+    for kind, image, mask in defects:
+        number = counters[kind] = counters.get(kind, -1) + 1
+        _save(image, root / name / "test" / kind / f"{number:03d}.png")
+        _save(mask, root / name / "ground_truth" / kind / f"{number:03d}_mask.png")
 
 
 def make_visa_like(root: str | Path, class_names: Iterable[str] = VISA_CLASSES, n_train: int = 8,
@@ -281,14 +346,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=sorted(_LAYOUT_IDS), required=True)
     parser.add_argument("--root", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, nargs="+", default=[128], metavar="PX",
-                        help="image size: SIDE, or WIDTH HEIGHT (default 128)")
+    parser.add_argument("--size", type=int, nargs="+", default=None, metavar="PX",
+                        help=f"image size: SIDE, or WIDTH HEIGHT (default 128; highres: {HIGHRES_SIZE})")
     parser.add_argument("--classes", nargs="+", default=None, help="class names (default: the layout's three)")
     parser.add_argument("--n-train", type=int, default=8)
     parser.add_argument("--n-test-good", type=int, default=4)
     parser.add_argument("--n-test-defect", type=int, default=8)
     parser.add_argument("--overwrite", action="store_true", help="replace existing class folders")
     args = parser.parse_args(argv)
+    args.size = args.size or [HIGHRES_SIZE if args.layout == "highres" else 128]
     if len(args.size) > 2 or min(args.size) < 8:
         parser.error("--size takes SIDE or WIDTH HEIGHT, each at least 8")
     for flag in ("n_train", "n_test_good", "n_test_defect"):
@@ -299,8 +365,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--classes {name!r} is not a folder name: use names without / or \\")
     if args.classes and len(set(args.classes)) != len(args.classes):
         parser.error(f"--classes {' '.join(args.classes)} repeats a class")
-    make = make_mvtec_like if args.layout == "mvtec" else make_visa_like
-    defaults = MVTEC_CLASSES if args.layout == "mvtec" else VISA_CLASSES
+    if args.layout == "highres" and min(args.size) < 2 * (32 + HIGHRES_DEFECT_PIXELS[1]) + 1:
+        parser.error(f"--size of the highres layout must be at least {2 * (32 + HIGHRES_DEFECT_PIXELS[1]) + 1}")
+    make = {"mvtec": make_mvtec_like, "visa": make_visa_like, "highres": make_highres_like}[args.layout]
+    defaults = {"mvtec": MVTEC_CLASSES, "visa": VISA_CLASSES, "highres": HIGHRES_CLASSES}[args.layout]
     index = make(args.root, args.classes or defaults, args.n_train, args.n_test_good, args.n_test_defect,
                  (args.size[0], args.size[-1]), args.seed, overwrite=args.overwrite)
     print(f"wrote a {args.layout}-layout synthetic dataset and {Path(args.root) / 'meta.json'}")

@@ -36,7 +36,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.pretrained import backbone_sha256, sha256_of
 from pipeline import strict_json
 from pipeline.atomic import atomic_write_text
-from pipeline.config import ModelSpec, ScoringSpec
+from pipeline.config import ModelSpec, ScoringSpec, TilingSpec
 from pipeline.threshold_values import check_classes, summed_layers  # noqa: F401 - re-exported
 
 THRESHOLDS_VERSION = 1
@@ -185,13 +185,16 @@ def select_thresholds(classes: dict[str, dict], class_name: str | None, source: 
 PROVENANCE_FLAGS = {"checkpoint_sha256": "--checkpoint_path", "backbone_sha256": "--backbone",
                     "image_size": "--image_size", "sigma": "--sigma", "features_list": "--features_list",
                     "feature_map_layer": "--feature_map_layer", "precision": "--precision",
-                    "memory": "the few-shot memory"}
+                    "memory": "the few-shot memory",
+                    # recorded only by tiled runs (tiling_fields): absent = untiled
+                    "tile_size": "--tile_size", "tile_overlap": "--tile_overlap"}
 # A record written before the precision was recorded was made in fp32 (the only CPU precision then).
 PROVENANCE_DEFAULTS = {"precision": "fp32"}
 ACCEPT_FLAG = "--accept_thresholds"
 
 
-def provenance_record(model: ModelSpec, scoring: ScoringSpec, manifest: dict | None = None) -> dict[str, object]:
+def provenance_record(model: ModelSpec, scoring: ScoringSpec, manifest: dict | None = None,
+                      tiling: TilingSpec | None = None) -> dict[str, object]:
     """The settings that shape a run's scores and maps: what a threshold chosen on them holds for.
 
     Args:
@@ -199,6 +202,7 @@ def provenance_record(model: ModelSpec, scoring: ScoringSpec, manifest: dict | N
         scoring: The run's scoring settings.
         manifest: The export's ``anomalyclip.json`` when an exported graph scores: its recorded
             SHA-256s are used instead of hashing files again.
+        tiling: The run's tiling; a tiled run adds ``tile_size`` and ``tile_overlap`` (untiled records lack them).
     """
     if manifest is not None:
         checkpoint, backbone = manifest["checkpoint"]["sha256"], manifest["backbone"]["sha256"]
@@ -206,7 +210,15 @@ def provenance_record(model: ModelSpec, scoring: ScoringSpec, manifest: dict | N
         checkpoint, backbone = sha256_of(scoring.checkpoint_path), backbone_sha256(model.backbone)
     return {"checkpoint_sha256": checkpoint, "backbone_sha256": backbone, "image_size": int(model.image_size),
             "sigma": float(scoring.sigma), "features_list": sorted(int(layer) for layer in model.features_list),
-            "feature_map_layer": int(model.feature_map_layer), "precision": scoring.precision}
+            "feature_map_layer": int(model.feature_map_layer), "precision": scoring.precision,
+            **tiling_fields(tiling)}
+
+
+def tiling_fields(tiling: TilingSpec | None) -> dict[str, object]:
+    """The tiling part of a provenance record (empty when untiled, so untiled records stay as they were)."""
+    if tiling is None or not tiling.enabled:
+        return {}
+    return {"tile_size": int(tiling.tile_size), "tile_overlap": float(tiling.tile_overlap)}
 
 
 def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[str]:
@@ -219,7 +231,8 @@ def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[
         theirs, ours = recorded.get(name, PROVENANCE_DEFAULTS.get(name)), current.get(name)
         if name == "features_list" and isinstance(theirs, list):
             theirs = sorted(theirs)
-        if theirs == ours or (name == "sigma" and isinstance(theirs, (int, float)) and float(theirs) == ours):
+        numeric = name in ("sigma", "tile_overlap") and isinstance(theirs, (int, float)) and ours is not None
+        if theirs == ours or (numeric and float(theirs) == ours):
             continue
         if name == "memory":
             differing.append(_memory_difference(theirs, ours))

@@ -53,6 +53,34 @@ def colour_scale(anomaly_map: np.ndarray, scale: str = "per_image", pixel_thresh
     raise ValueError(f"unknown colour scale {scale!r}; expected one of {VIS_SCALES}")
 
 
+_BAND_ROWS = 256  # rows of a map coloured or blended at a time (bounded float64 temporaries)
+
+
+def colour_indices(anomaly_map: np.ndarray, scale: str = "per_image", pixel_threshold: float | None = None
+                   ) -> np.ndarray:
+    """``uint8(colour_scale(map) * 255)``, computed in row bands (the same values; bounded memory on large maps)."""
+    values = np.asarray(anomaly_map)
+    if scale == "per_image" and values.size:
+        low, high = float(values.min()), float(values.max())  # the whole map's range, as min_max_normalize's
+        bounds = np.array([low, high], dtype=np.float64)
+    indices = np.empty(values.shape, dtype=np.uint8)
+    for top in range(0, values.shape[0], _BAND_ROWS):
+        band = values[top:top + _BAND_ROWS]
+        if scale == "per_image":
+            scaled = _normalized_band(band, bounds)
+        else:
+            scaled = colour_scale(band, scale, pixel_threshold)
+        indices[top:top + _BAND_ROWS] = (scaled * 255).astype(np.uint8)
+    return indices
+
+
+def _normalized_band(band: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """:func:`min_max_normalize`'s arithmetic on a band, with the whole map's minimum and maximum."""
+    band = np.asarray(band, dtype=np.float64)
+    span = bounds[1] - bounds[0]
+    return (band - bounds[0]) / span if span > 0 else np.zeros_like(band)
+
+
 def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The map (float32) resized bilinearly to ``size = (width, height)``, as PIL resizes the image."""
     values = np.asarray(anomaly_map, dtype=np.float32)
@@ -66,21 +94,22 @@ def defect_mask(anomaly_map: np.ndarray, pixel_threshold: float, size: tuple[int
     return resize_map(anomaly_map, size) >= np.float32(pixel_threshold)
 
 
-def mask_contours(mask: np.ndarray, out_side: int) -> list[np.ndarray]:
-    """Outer and hole contours of a ``(H, W)`` mask, scaled to an ``out_side`` square image."""
+def mask_contours(mask: np.ndarray, out_side: int | tuple[int, int]) -> list[np.ndarray]:
+    """Outer and hole contours of a ``(H, W)`` mask, scaled to an ``out_side`` square image (or ``(width, height)``)."""
     contours, _ = cv2.findContours(np.ascontiguousarray(mask, dtype=np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     height, width = mask.shape
-    factor = np.array([out_side / width, out_side / height])
+    out_width, out_height = (out_side, out_side) if isinstance(out_side, int) else out_side
+    factor = np.array([out_width / width, out_height / height])
     return [np.round((c.astype(np.float64) + 0.5) * factor - 0.5).astype(np.int32) for c in contours]
 
 
 def overlay(image_path: str | os.PathLike, anomaly_map: np.ndarray, alpha: float = 0.5, scale: str = "per_image",
             pixel_threshold: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
-    """RGB uint8 ``(S, S, 3)``: the image resized to the map's size, blended with the JET map.
+    """RGB uint8 ``(H, W, 3)``: the image resized to the map's size, blended with the JET map.
 
     Args:
         image_path: The image.
-        anomaly_map: ``(S, S)`` map.
+        anomaly_map: ``(H, W)`` map (``(S, S)``, or the native size of a tiled image's map).
         alpha: Weight of the image in the blend.
         scale: ``per_image`` (the original's) or ``fixed`` (needs ``pixel_threshold``).
         pixel_threshold: The pixel threshold of the ``fixed`` scale.
@@ -92,14 +121,20 @@ def overlay(image_path: str | os.PathLike, anomaly_map: np.ndarray, alpha: float
 def overlay_image(image: Image.Image, anomaly_map: np.ndarray, alpha: float = 0.5, scale: str = "per_image",
                   pixel_threshold: float | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """:func:`overlay` of an image already decoded (as :func:`AnomalyCLIP_lib.images.load_image` reads it)."""
-    side = anomaly_map.shape[-1]
-    image = np.asarray(image.convert("RGB").resize((side, side), Image.BILINEAR), dtype=np.float64)
-    heat = cv2.applyColorMap((colour_scale(anomaly_map, scale, pixel_threshold) * 255).astype(np.uint8),
-                             cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    blended = np.ascontiguousarray((alpha * image + (1 - alpha) * heat).astype(np.uint8))
+    height, width = anomaly_map.shape[-2:]
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.BILINEAR)
+    heat = cv2.cvtColor(cv2.applyColorMap(colour_indices(anomaly_map, scale, pixel_threshold), cv2.COLORMAP_JET),
+                        cv2.COLOR_BGR2RGB)
+    # Blended in row bands: a native-size (tiled) overlay never holds float64 copies of the whole image.
+    blended = np.empty((height, width, 3), dtype=np.uint8)
+    pixels = np.asarray(image)
+    for top in range(0, height, _BAND_ROWS):
+        rows = slice(top, top + _BAND_ROWS)
+        blended[rows] = (alpha * pixels[rows].astype(np.float64) + (1 - alpha) * heat[rows]).astype(np.uint8)
     if mask is not None and mask.any():
-        cv2.drawContours(blended, mask_contours(mask, side), -1, CONTOUR_RGB, thickness=1)
+        cv2.drawContours(blended, mask_contours(mask, (width, height)), -1, CONTOUR_RGB, thickness=1)
     return blended
 
 
