@@ -175,7 +175,8 @@ def memory_manifest(config: ExportConfig, memory: PatchMemory | None) -> dict[st
     return {"file": str(config.memory.memory_file), "file_sha256": sha256_of(config.memory.memory_file),
             "class_name": memory.info.get("class_name"), "k": memory.reference_count,
             "rows_per_layer": memory.rows, **memory.settings.to_dict(),
-            "references": memory.info.get("references"), "provenance": memory_provenance(memory)}
+            "references": memory.info.get("references"), "tiling": memory.info.get("tiling"),
+            "provenance": memory_provenance(memory)}
 
 
 def read_thresholds(path: str | os.PathLike | None) -> Any:
@@ -306,7 +307,10 @@ def export(config: ExportConfig) -> Path:
         current = thresholds.provenance_record(config.model, replace(config.scoring, precision=config.precision))
         if memory is not None:
             current = {**current, "memory": memory_provenance(memory)}
-        accepted = thresholds.check_provenance(classes, list(classes), current, f"--thresholds {config.thresholds}",
+        # Tiling is the runtime's, not the graph's: the run that uses these thresholds checks it.
+        untiled = {name: {**entry, "provenance": thresholds.without_tiling(entry.get("provenance"))}
+                   for name, entry in classes.items()}
+        accepted = thresholds.check_provenance(untiled, list(classes), current, f"--thresholds {config.thresholds}",
                                                config.accept_thresholds)
     with locked_folder(config.out, "--out") as out:  # parse_args refused an --out that is a file or under one
         return _export(config, out, stored, accepted, memory)

@@ -324,8 +324,17 @@ def open_export(config: PredictionConfig) -> ExportedScorer | None:
     """With ``--runtime``, the exported graph of ``--model`` loaded (``None`` on the torch path)."""
     if not config.scoring.exported:
         return None
-    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads,
-                               config.scoring.precision)
+    exported = ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads,
+                                   config.scoring.precision)
+    check_export_memory_tiling(exported, config.tiling, config.scoring.model_dir)
+    return exported
+
+
+def check_export_memory_tiling(exported: ExportedScorer, spec: TilingSpec, model_dir: str | None) -> None:
+    """An export's few-shot memory holds patches at the scale of its references' tiling: the run must tile alike."""
+    memory = exported.exported.manifest.get("memory")
+    if isinstance(memory, dict):
+        tiling.check_memory_tiling(memory.get("tiling"), spec, f"the memory exported in {model_dir}")
 
 
 def run_provenance(config: PredictionConfig, exported: ExportedScorer | None,
@@ -362,7 +371,7 @@ def few_shot(config: PredictionConfig) -> FewShot | None:
 
     memory = check_memory_fits(load_memory_file(spec.memory_file), f"--memory {spec.memory_file}",
                                backbone_sha256(config.model.backbone), config.model.image_size, DPAM_LAYER, spec)
-    tiling.check_memory_tiling(memory, config.tiling, f"--memory {spec.memory_file}")
+    tiling.check_memory_tiling(memory.info.get("tiling"), config.tiling, f"--memory {spec.memory_file}")
     return FewShot(None, memory, memory_provenance(memory))
 
 

@@ -221,6 +221,13 @@ def tiling_fields(tiling: TilingSpec | None) -> dict[str, object]:
     return {"tile_size": int(tiling.tile_size), "tile_overlap": float(tiling.tile_overlap)}
 
 
+def without_tiling(provenance: object) -> object:
+    """A provenance record without its tiling (what an export checks: tiling is chosen when the export runs)."""
+    if not isinstance(provenance, dict):
+        return provenance
+    return {name: value for name, value in provenance.items() if name not in ("tile_size", "tile_overlap")}
+
+
 def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[str]:
     """How a class's recorded provenance differs from this run's, one phrase per setting (empty: it matches)."""
     if not isinstance(recorded, dict):

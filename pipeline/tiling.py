@@ -476,9 +476,12 @@ def build_tiled_memory(inference: AnomalyCLIPInference, references: Sequence[Ref
                        record)
 
 
-def check_memory_tiling(memory: PatchMemory, spec: TilingSpec, source: str) -> None:
-    """Refuse a memory file built with other tiling than the run's (its patches are at another scale)."""
-    recorded = memory.info.get("tiling")
+def check_memory_tiling(recorded: dict | None, spec: TilingSpec, source: str) -> None:
+    """Refuse a memory built with other tiling than the run's (its patches are at another scale).
+
+    Args:
+        recorded: The memory's ``tiling`` record (its file's ``info``, or an export manifest's ``memory``).
+    """
     ours = {"tile_size": spec.tile_size, "tile_overlap": spec.tile_overlap} if spec.enabled else None
     if recorded != ours:
         def shown(value: dict | None) -> str:
