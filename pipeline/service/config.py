@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from PIL import Image
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
-from pipeline.cli import (add_checkpoint_arg, add_model_args, add_scoring_args, add_sigma_arg, check_positive,
-                          cli_parser, parse_config, scored_run_specs)
+from pipeline.cli import (add_checkpoint_arg, add_memory_args, add_model_args, add_scoring_args, add_sigma_arg,
+                          check_positive, cli_parser, parse_config, scored_run_specs)
 from pipeline.config import LoaderSpec, RunRecord
-from pipeline.prediction import PredictionConfig, add_threshold_args
+from pipeline.prediction import PredictionConfig, add_threshold_args, checked_memory_spec
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def build_parser():
     add_threshold_args(parser)
     add_scoring_args(parser, "run an exported graph (export.py) with ONNX Runtime or OpenVINO, without torch",
                      "with --runtime: the folder export.py wrote (its design replaces the model flags)")
+    add_memory_args(parser, dataset=False)  # test_one_example.py's --memory FILE / --reference_path DIR
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on; a non-loopback one needs --token (or --insecure)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port")
@@ -112,7 +113,8 @@ def _config(flags: RunRecord) -> ServeConfig:
         image_path="", save_path="", model=model, loader=LoaderSpec(batch_size=values["max_batch"]),
         scoring=scoring, threshold=values["threshold"], pixel_threshold=values["pixel_threshold"],
         thresholds=values["thresholds"], class_name=values["class_name"], vis_scale=values["vis_scale"],
-        accept_thresholds=values["accept_thresholds"], record=flags.with_values(token=None))
+        accept_thresholds=values["accept_thresholds"], record=flags.with_values(token=None),
+        memory=checked_memory_spec(flags, scoring))
     token = values["token"] if values["token"] is not None else os.environ.get(TOKEN_ENV) or None
     config = ServeConfig(
         prediction=prediction, host=values["host"], port=values["port"], max_batch=values["max_batch"],

@@ -66,7 +66,7 @@ def files(tiny_clip_state, tiny_model, tmp_path_factory):
         kind = ("scratch", "blob", "hole", "color_spot")[index]
         defective, _ = add_defect(render_normal(style, rng, size), kind, rng)
         (parts / f"part_{index}.png").write_bytes(_png(defective))
-    return {"root": root, "design": design, "parts": parts, "good": good}
+    return {"root": root, "design": design, "parts": parts, "good": good, "memory": root / "memory.npz"}
 
 
 def _calibrate(files, thresholds: Path) -> None:
@@ -80,15 +80,20 @@ def launched(files):
     """Three services started side by side (each start imports torch and loads the model, ~10 s):
 
     * ``main``: as test_one_example.py would judge: --thresholds FILE (writable), 1 MiB request limit;
-    * ``slow``: batches of 2 that wait 1 s for their second image, a queue of 2, and a token;
+    * ``slow``: batches of 2 that wait 1 s for their second image, a queue of 2, a token, and the few-shot
+      ``--memory`` of the 4 good parts (written first by test_one_example.py --save_memory);
     * ``sigterm``: batches of 2 waiting 1 s, for the SIGTERM test (which stops it).
     """
     root = files["root"]
     thresholds = root / "served_thresholds.json"
+    assert prediction.main(["--image_path", str(files["good"] / "good_0.png"), *files["design"], "--reference_path",
+                            str(files["good"]), "--save_memory", str(files["memory"]), "--save_path",
+                            str(root / "memory_run")]) == 0
     settings = {
         "main": ["--thresholds", str(thresholds), "--thresholds_file_writable", "--max_request_mb", "1",
                  "--max_batch", "8", "--max_wait_ms", "30"],
-        "slow": ["--max_batch", "2", "--max_wait_ms", "1000", "--max_queue", "2", "--token", TOKEN],
+        "slow": ["--max_batch", "2", "--max_wait_ms", "1000", "--max_queue", "2", "--token", TOKEN,
+                 "--memory", str(files["memory"])],
         "sigterm": ["--max_batch", "2", "--max_wait_ms", "1000", "--grace_s", "20"]}
     def launch(name: str) -> ServiceProcess:
         return ServiceProcess([*files["design"], *settings[name]], root / f"{name}.log", env=ENV, wait=False)
@@ -281,6 +286,64 @@ def test_thresholds_put_is_checked_swapped_and_persisted(service, files):
     assert one["verdict"] == ("anomalous" if one["score"] >= 0.25 else "normal")
     status, _ = client.json("PUT", "/thresholds", json.loads(original))  # back as the other tests expect
     assert status == 200
+
+
+# --- the few-shot memory -----------------------------------------------------------------------
+
+
+def test_memory_scores_equal_test_one_example_and_model_reports_it(slow_service, files, tmp_path):
+    """--memory FILE (the ``slow`` service): the scores of test_one_example.py --memory FILE to 1e-6, and
+    GET /model reports the memory: its record as predictions.json holds it, the file and its SHA-256."""
+    client = slow_service.client(TOKEN)
+    parts = _part_files(files)
+    served = {}
+    for pair in (parts[:2], parts[2:]):  # --max_queue 2: two images per request
+        status, body = client.predict(pair)
+        assert status == 200, body
+        served.update({p["file"]: p for p in body["predictions"]})
+    out = tmp_path / "cli"
+    assert prediction.main(["--image_path", str(files["parts"]), *files["design"], "--memory", str(files["memory"]),
+                            "--save_path", str(out)]) == 0
+    document = json.loads((out / "predictions.json").read_text())
+    assert len(document["predictions"]) == len(served) == 4
+    for row in document["predictions"]:
+        assert abs(served[Path(row["path"]).name]["score"] - row["score"]) <= 1e-6
+    status, manifest = client.json("GET", "/model")
+    assert status == 200
+    memory = manifest["memory"]
+    assert memory["file"] == str(files["memory"])
+    assert memory["file_sha256"] == hashlib.sha256(files["memory"].read_bytes()).hexdigest()
+    assert {key: memory[key] for key in document["memory"]} == document["memory"]
+    assert (memory["k"], memory["layers"], memory["stream"]) == (4, [6, 12, 18, 24], "dpam")
+    assert {"references_sha256", "weight"} <= set(memory)
+
+
+def test_memory_refuses_thresholds_of_zero_shot_or_another_memory(slow_service, service, files, capsys):
+    """Thresholds made zero-shot (the ``main`` service's) or with another memory: refused at start, as
+    test_one_example.py refuses them, and by PUT /thresholds."""
+    from pipeline.service import server
+
+    zero_shot = json.loads(service.thresholds.read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [*files["design"], "--memory", str(files["memory"]), "--thresholds", str(service.thresholds),
+            "--port", str(port)]
+    assert run_cli(server.main, argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "a memory of 4 reference(s)" in line and "zero-shot (no memory)" in line
+    client = slow_service.client(TOKEN)
+    error = _one_line_error(*client.json("PUT", "/thresholds", zero_shot), 400, "bad_thresholds")
+    assert "zero-shot (no memory)" in error
+    status, manifest = client.json("GET", "/model")
+    other = json.loads(json.dumps(zero_shot))
+    other["classes"]["weave"]["provenance"]["memory"] = {**manifest["memory"], "references_sha256": "0" * 64}
+    error = _one_line_error(*client.json("PUT", "/thresholds", other), 400, "bad_thresholds")
+    assert "another few-shot memory" in error
+    same = json.loads(json.dumps(zero_shot))
+    same["classes"]["weave"]["provenance"]["memory"] = {key: manifest["memory"][key] for key in
+                                                        ("references_sha256", "k", "layers", "stream", "weight")}
+    assert client.json("PUT", "/thresholds", same)[0] == 200  # the same memory's record: taken
 
 
 # --- bad input ----------------------------------------------------------------------------------
