@@ -543,6 +543,48 @@ def test_web_page_scores_an_image_in_headless_chromium(service, tmp_path):
     assert "sample.png: " in re.search(r'<ol id="recent">(.*?)</ol>', dom, re.S).group(1)
 
 
+def _local_references(html: str) -> list[str]:
+    """Every ``src``/``href`` of a page; fails on one that leaves the server (a CDN, another host)."""
+    references = re.findall(r'(?:src|href)="([^"]+)"', html)
+    for reference in references:
+        assert reference.startswith("/") and not reference.startswith("//"), reference
+    assert "http://" not in html and "https://" not in html  # nor in its inline script
+    return references
+
+
+def test_api_docs_load_no_external_url_and_their_files_are_served(service):
+    """/docs (Swagger UI) and /redoc reference only this server; every file they load is served, byte for byte
+    the fastapi-offline package's; the OpenAPI document they read is there."""
+    from importlib import resources
+
+    client = service.client()
+    static = resources.files("fastapi_offline") / "static"
+    loaded = set()
+    for page in ("/docs", "/redoc"):
+        status, headers, body = client.request("GET", page)
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        for reference in _local_references(body.decode()):
+            status, headers, data = client.request("GET", reference)
+            assert status == 200, reference
+            assert data == (static / reference.rsplit("/", 1)[-1]).read_bytes()
+            loaded.add(reference.rsplit("/", 1)[-1])
+        assert "/openapi.json" in body.decode()
+    assert loaded == {"swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png"}
+    assert client.request("GET", "/docs-assets/../../app.py")[0] == 404
+    assert client.request("GET", "/docs-assets/index.html")[0] == 404
+
+
+def test_api_docs_render_offline_in_headless_chromium(service, tmp_path):
+    """Swagger UI at /docs with every host but the service's unresolvable: the operations appear (its script
+    ran, read /openapi.json, an OpenAPI 3.1 document, and rendered it)."""
+    command = [_chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", f"--user-data-dir={tmp_path / 'profile'}",
+               "--virtual-time-budget=15000", "--dump-dom", f"http://127.0.0.1:{service.port}/docs"]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    paths = set(re.findall(r'data-path="([^"]+)"', dom))
+    assert {"/predict", "/health", "/model", "/metrics", "/thresholds"} <= paths, dom[-2000:]
+
+
 @pytest.mark.parametrize("flags, line", [
     (["--thresholds_file_writable"], "error: --thresholds_file_writable rewrites --thresholds FILE: add --thresholds"),
     (["--max_batch", "0"], "error: --max_batch 0 must be at least 1"),
