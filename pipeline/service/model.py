@@ -25,7 +25,7 @@ from PIL import Image
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import UnreadableImageError, load_image, read_image
-from pipeline.engine import ExportedScorer, Scorer
+from pipeline.engine import ExportedScorer, Scorer, TorchScorer
 from AnomalyCLIP_lib.pretrained import sha256_of
 from pipeline.prediction import (Decision, FewShot, check_colour_scale, decision_from_classes, few_shot, judge,
                                  open_export, open_torch_scorer, run_provenance, thresholds_in_force, vis_scale)
@@ -107,6 +107,8 @@ class ServiceModel:
         memory = few_shot(prediction)  # --memory FILE checked against the run (torch path; an export holds its own)
         decision = thresholds_in_force(prediction, exported, memory)  # logs what --accept_thresholds let through
         scorer = exported if exported is not None else open_torch_scorer(prediction, memory)
+        if isinstance(scorer, TorchScorer) and config.batch_forward == "one_pass":
+            scorer = TorchScorer(scorer.inference.with_one_pass_batches(), scorer.device)
         return cls(config, scorer, exported, Thresholds(decision, _recorded_provenance(config, exported, decision)),
                    memory)
 
@@ -258,7 +260,7 @@ class ServiceModel:
                        "reference_arithmetic": model.reference_arithmetic},
             "device": getattr(getattr(self.scorer, "device", None), "type", "cpu"),
             "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms,
-                         "max_queue": self.config.max_queue},
+                         "max_queue": self.config.max_queue, "forward": self.config.batch_forward},
             "thresholds": self.thresholds_document(),
             "memory": self.memory}
 
