@@ -13,7 +13,8 @@ Each mode sends ``--requests`` one-image ``POST /predict`` requests from ``--cli
 connections), stopping early at ``--max-seconds``, and prints throughput, p50/p95/p99 latency, errors,
 the batch sizes the service reports in ``/metrics``, and the server's RSS after every tenth of the
 requests (growth = RSS at the end minus RSS after the first tenth), and the server's CPU time per request
-(user + system, all its threads: what a request costs, whatever else the machine runs). The modes' services
+(user + system, all its threads: what a request costs, whatever else the machine runs; the clients' own
+CPU per request beside it, as they share the machine). The modes' services
 run side by side and take turns in ``--rounds`` rounds. Last line: the results as JSON.
 
     python benchmarks/bench_serve.py                      # 1000 requests, 8 clients, 56 px, 2 threads
@@ -120,6 +121,7 @@ class ModeRun:
         self.rss: list[tuple[int, float | None]] = []
         self.seconds = 0.0
         self.cpu_seconds = 0.0
+        self.client_cpu_seconds = 0.0
         self.issued = 0
 
     def warm_up(self) -> None:
@@ -161,12 +163,13 @@ class ModeRun:
                         self.rss.append((done, _rss_mb(pid)))
 
         threads = [threading.Thread(target=client_loop) for _ in range(self.options.clients)]
-        cpu_before, started = _cpu_seconds(pid), time.perf_counter()
+        cpu_before, client_before, started = _cpu_seconds(pid), time.process_time(), time.perf_counter()
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
         self.seconds += time.perf_counter() - started
+        self.client_cpu_seconds += time.process_time() - client_before
         cpu_after = _cpu_seconds(pid)
         if cpu_before is not None and cpu_after is not None:
             self.cpu_seconds += cpu_after - cpu_before
@@ -184,6 +187,7 @@ class ModeRun:
                 "p50_ms": _percentile(self.latencies, 50), "p95_ms": _percentile(self.latencies, 95),
                 "p99_ms": _percentile(self.latencies, 99),
                 "server_cpu_ms_per_request": round(1000 * self.cpu_seconds / ok, 2) if ok else None,
+                "client_cpu_ms_per_request": round(1000 * self.client_cpu_seconds / ok, 2) if ok else None,
                 "mean_batch": round(images_scored / passes, 2) if passes else None,
                 "rss_mb": [(done, None if mb is None else round(mb, 1)) for done, mb in rss], "rss_growth_mb": growth,
                 "exit_status": self.service.process.returncode}
@@ -231,10 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{options.requests} requests per mode, {options.clients} clients, tiny backbone at {options.image_size} px, "
           f"{options.threads} torch threads, one 256x256 PNG per request, loopback")
     print(f"{'mode':17} {'ok':>5} {'errors':>6} {'req/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-          f"{'CPU ms/req':>10} {'batch':>6} {'RSS growth MB':>14}")
+          f"{'CPU ms/req':>10} {'client CPU':>10} {'batch':>6} {'RSS growth MB':>14}")
     for r in results:
         print(f"{r['mode']:17} {r['ok']:5d} {r['errors']:6d} {r['throughput_rps']:7.2f} {r['p50_ms']:8.1f} "
-              f"{r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['server_cpu_ms_per_request']:10.2f} {r['mean_batch']:6.2f} "
+              f"{r['p95_ms']:8.1f} {r['p99_ms']:8.1f} {r['server_cpu_ms_per_request']:10.2f} "
+              f"{r['client_cpu_ms_per_request']:10.2f} {r['mean_batch']:6.2f} "
               f"{str(r['rss_growth_mb']):>14}")
     print(f"load average (1, 5, 15 min) at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     summary = {"config": vars(options), "results": results}

@@ -232,6 +232,7 @@ def test_health_and_model_manifest(service, files):
     assert manifest["backbone"]["sha256"] == hashlib.sha256((files["root"] / "backbone.pt").read_bytes()).hexdigest()
     assert manifest["image_size"] == E2E_IMAGE_SIZE and manifest["design"]["features_list"] == [6, 24]
     assert manifest["thresholds"]["file"] == str(service.thresholds) and manifest["memory"] is None
+    assert manifest["batching"] == {"max_batch": 8, "max_wait_ms": 30.0, "max_queue": 64, "forward": "one_pass"}
     assert manifest["model_id"] == health["model_id"] and re.fullmatch(r"[0-9a-f]{16}", manifest["model_id"])
     status, _, page = client.request("GET", "/openapi.json")
     paths = json.loads(page)["paths"]
