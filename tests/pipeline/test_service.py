@@ -86,9 +86,6 @@ def launched(files):
     """
     root = files["root"]
     thresholds = root / "served_thresholds.json"
-    assert prediction.main(["--image_path", str(files["good"] / "good_0.png"), *files["design"], "--reference_path",
-                            str(files["good"]), "--save_memory", str(files["memory"]), "--save_path",
-                            str(root / "memory_run")]) == 0
     settings = {
         "main": ["--thresholds", str(thresholds), "--thresholds_file_writable", "--max_request_mb", "1",
                  "--max_batch", "8", "--max_wait_ms", "30"],
@@ -98,8 +95,12 @@ def launched(files):
     def launch(name: str) -> ServiceProcess:
         return ServiceProcess([*files["design"], *settings[name]], root / f"{name}.log", env=ENV, wait=False)
 
-    processes = {name: launch(name) for name in ("slow", "sigterm")}
+    processes = {"sigterm": launch("sigterm")}
     try:
+        assert prediction.main(["--image_path", str(files["good"] / "good_0.png"), *files["design"],
+                                "--reference_path", str(files["good"]), "--save_memory", str(files["memory"]),
+                                "--save_path", str(root / "memory_run")]) == 0  # while that one starts
+        processes["slow"] = launch("slow")
         _calibrate(files, thresholds)  # while those two start
         processes["main"] = launch("main")
         for process in processes.values():
