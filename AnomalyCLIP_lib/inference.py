@@ -56,7 +56,7 @@ class ScoringConfig:
         sigma: Gaussian filter sigma in pixels (0: no filter).
         feature_map_layer: Index into ``features_list`` of the first layer summed into the map.
         reference_arithmetic: The released code's attention arithmetic (the parity mode).
-        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA.
+        precision: ``fp32``, or ``fp16`` / ``bf16`` autocast on CUDA (bf16 also on a CPU with bfloat16 instructions).
         smoothing: Which Gaussian filter (module docstring).
     """
 

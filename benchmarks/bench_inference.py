@@ -53,7 +53,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from AnomalyCLIP_lib.constants import DPAM_LAYER  # noqa: E402
 from AnomalyCLIP_lib.model import CLIP, build_model, normalize_layers  # noqa: E402
 from AnomalyCLIP_lib.precision import PRECISIONS, autocast  # noqa: E402
-from pipeline.random_weights import PRESETS, TINY, random_state_dict  # noqa: E402
+from pipeline.random_weights import PRESETS, stable_state_dict  # noqa: E402
 from measure import current_rss_mb, peak_rss_mb, reset_peak_rss  # noqa: E402
 
 REL_TOLERANCE = 1e-5  # of the output's max magnitude
@@ -226,17 +226,11 @@ def benchmark_state_dict(seed: int, config: dict[str, int]) -> dict[str, torch.T
     tiny model (width 128). At width 1024 they make q, k, v about 3x larger than in CLIP, so
     the attention logits ~10x: softmaxes saturate and 24 layers amplify fp32 rounding until
     two correct implementations differ by ~3e-4 relative (the explicit-arithmetic mode still
-    matches the original bit for bit). Scaling the vision blocks' matrices by
-    ``sqrt(128 / width)`` gives every unit the tiny model's scale (in_proj std ~ width^-0.5, as
-    CLIP's own init), where implementations agree to ~1e-6. Speed does not depend on the scale.
+    matches the original bit for bit). :func:`pipeline.random_weights.stable_state_dict` scales
+    the vision blocks' matrices by ``sqrt(128 / width)``, giving every unit the tiny model's
+    scale, where implementations agree to ~1e-6. Speed does not depend on the scale.
     """
-    state = random_state_dict(seed, **config)
-    factor = (TINY["vision_width"] / config["vision_width"]) ** 0.5
-    matrices = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    for key, value in state.items():
-        if key.startswith("visual.transformer.") and key.endswith(matrices):
-            value.mul_(factor)
-    return state
+    return stable_state_dict(seed, **config)
 
 
 # ---------------------------------------------------------------------------------------------

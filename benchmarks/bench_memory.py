@@ -8,8 +8,11 @@ does not depend on the values) and random text features, wrapped in :class:`Anom
 * ``encode_s_per_reference``: encoding one reference (median over the references encoded);
 * per K: ``build_s`` = K x that + the memory's build (normalised banks and the leave-one-out
   scales, measured), ``memory_mb`` (the banks: K x 1369 patches x 768 x 4 layers x 4 bytes at
-  518 px), ``latency_s`` (median of ``--repeats``), ``added`` (its latency over zero-shot's - 1)
-  and ``peak_rss_mb`` during its forwards;
+  518 px), ``latency_s`` (median of ``--repeats``), ``added`` (its latency over zero-shot's - 1),
+  ``memory_part_s`` (the memory's own work per image, timed alone: nearest neighbours, upsampling and
+  the second map's Gaussian filter; median of 5) and ``memory_part_share`` (that over zero-shot's
+  latency: the added cost without the forward-to-forward noise of a busy machine), and ``peak_rss_mb``
+  during its forwards;
 * zero-shot's latency, measured interleaved with every K's (zero-shot, K=1, K=2, ... per round),
   so a change of the machine's load hits all alike.
 
@@ -42,6 +45,7 @@ from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig  # noq
 from AnomalyCLIP_lib.memory import build_memory  # noqa: E402
 from AnomalyCLIP_lib.memory_config import MemorySettings  # noqa: E402
 from AnomalyCLIP_lib.model import build_model  # noqa: E402
+from AnomalyCLIP_lib.scoring import gaussian_smooth_torch  # noqa: E402
 from bench_inference import benchmark_state_dict  # noqa: E402
 from measure import peak_rss_mb, reset_peak_rss  # noqa: E402
 from pipeline.random_weights import TINY, VIT_L14_336  # noqa: E402
@@ -98,6 +102,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "memory_mb": round(sum(b.numel() * b.element_size() for b in memory.banks) / 2**20, 4)}
         print(f"K={k}: memory {per_k[k]['memory_mb']} MiB, built in {build_only:.2f} s", file=sys.stderr, flush=True)
 
+    # The memory's own work per image (nearest neighbours, upsampling, the second map's filter), timed alone:
+    # short and repeated, so a busy machine disturbs it less than the forward-to-forward difference.
+    test_tokens = zero_shot.reference_tokens(image, settings)
+    for k in shots:
+        memory = modules[k].memory
+        parts = [_seconds(lambda memory=memory: gaussian_smooth_torch(memory.distance_maps(test_tokens, size), 4.0))
+                 for _ in range(5)]
+        per_k[k]["memory_part_s"] = round(statistics.median(parts), 4)
+
     latencies: dict[int, list[float]] = {k: [] for k in modules}
     peaks: dict[int, float] = {}
     for round_number in range(args.repeats + 1):  # round 0 warms up
@@ -112,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for k in shots:
         latency = statistics.median(latencies[k])
         per_k[k].update(latency_s=round(latency, 3), added=round(latency / zero_latency - 1, 4),
+                        memory_part_share=round(per_k[k]["memory_part_s"] / zero_latency, 4),
                         peak_rss_mb=round(peaks[k], 1))
     result = {"benchmark": "memory", "backbone": "tiny" if args.quick else "ViT-L/14@336px (random weights)",
               "image_size": size, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),

@@ -21,6 +21,12 @@ The graph always computes with the default settings (fp32, the torch Gaussian fi
 float32, the default attention arithmetic): ``--reference_arithmetic`` is a property of the
 torch CPU kernels and has no meaning in a graph, so it is not exported. The exported results
 equal the torch path's to ~1e-6 (tested to 1e-4).
+
+``--quantize int8`` (with ``--format onnx``) writes the graph quantised by ONNX Runtime's
+dynamic quantisation (``quantize_dynamic``: int8 weights of the MatMul/Gemm operations, their
+activations quantised to uint8 per tensor at run time); the manifest records it
+(``quantization``) and a run of it computes in ``int8`` (ONNX Runtime or OpenVINO). Its scores
+move away from fp32 (``benchmarks/bench_precision.py``; ``tools/check_precision.py`` on your data).
 """
 
 from __future__ import annotations
@@ -44,12 +50,13 @@ from AnomalyCLIP_lib.memory import PatchMemory
 from AnomalyCLIP_lib.memory_config import MemorySettings
 from AnomalyCLIP_lib.pretrained import PRETRAINED, backbone_sha256, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from deploy.manifest import GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, files_sha256, manifest_document
+from deploy.manifest import (GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, QUANTIZATIONS, files_sha256,
+                             manifest_document)
 from pipeline import thresholds
 from pipeline.atomic import atomic_write, atomic_write_text, locked_folder, naming_errors
 from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, check_model_spec, check_output_folder,
                           check_sigma, checked, cli_parser, model_spec, parse_flags)
-from pipeline.config import ModelSpec, RunRecord, ScoringSpec
+from pipeline.config import ModelSpec, RunRecord, ScoringSpec, replaced as replace
 from pipeline.loading import configure_threads, load_model_and_prompts, scoring_config
 from pipeline.memory import MemorySpec, check_memory_fits, check_memory_spec, load_memory_file, memory_provenance
 
@@ -57,6 +64,7 @@ logger = logging.getLogger("anomalyclip.export")
 
 FORMATS = ("onnx", "openvino")
 MIN_OPSET = 17
+QUANTIZE_METHOD = "onnxruntime.quantization.quantize_dynamic, weight_type QInt8 (activations uint8, per tensor)"
 
 
 @dataclass(frozen=True)
@@ -71,13 +79,19 @@ class ExportConfig:
     thresholds: str | None = None
     accept_thresholds: bool = False
     opset: int = MIN_OPSET
+    quantize: str | None = None
     record: RunRecord = field(default_factory=lambda: RunRecord({}))
     memory: MemorySpec | None = None
 
     @property
     def scoring(self) -> ScoringSpec:
-        """The scoring settings the graph computes with (fp32, torch)."""
+        """The scoring settings the graph is traced with (fp32, torch)."""
         return ScoringSpec(checkpoint_path=self.checkpoint_path, sigma=self.sigma)
+
+    @property
+    def precision(self) -> str:
+        """The precision the exported graph runs in: ``int8`` when quantised, else ``fp32``."""
+        return self.quantize or "fp32"
 
 
 def build_parser():
@@ -92,6 +106,9 @@ def build_parser():
                         help="store --thresholds made with other settings than this export's (recorded in the "
                              "manifest)")
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET})")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help="int8: quantise the ONNX graph (ONNX Runtime dynamic quantisation; with --format onnx); "
+                             "runs are then --precision int8 (default: an fp32 graph)")
     parser.add_argument("--memory", default=None, metavar="FILE",
                         help="a few-shot memory (test_one_example.py --save_memory) to put into the graph")
     parser.add_argument("--memory_weight", type=float, default=None,
@@ -119,11 +136,14 @@ def _config(flags: RunRecord) -> ExportConfig:
                                "wherever its runtime does); drop --device")
     if values["accept_thresholds"] and not values["thresholds"]:
         raise AnomalyCLIPError(f"{thresholds.ACCEPT_FLAG} goes with --thresholds FILE; drop it")
+    if values["quantize"] and values["format"] != "onnx":
+        raise AnomalyCLIPError(f"--quantize {values['quantize']} writes an ONNX graph (ONNX Runtime's quantisation; "
+                               "OpenVINO runs it too): use --format onnx")
     memory = _memory_spec(values["memory"], values["memory_weight"])
     return ExportConfig(checkpoint_path=values["checkpoint_path"], out=values["out"], model=model,
                         sigma=float(values["sigma"]), format=values["format"], thresholds=values["thresholds"],
-                        accept_thresholds=values["accept_thresholds"], opset=values["opset"], record=flags,
-                        memory=memory)
+                        accept_thresholds=values["accept_thresholds"], opset=values["opset"],
+                        quantize=values["quantize"], record=flags, memory=memory)
 
 
 def _memory_spec(memory_file: str | None, weight: float | None) -> MemorySpec | None:
@@ -214,11 +234,29 @@ def onnx_to_openvino(onnx_path: str | os.PathLike, xml_path: str | os.PathLike) 
     ov.save_model(model, str(xml_path), compress_to_fp16=False)
 
 
-def write_graph(module: AnomalyCLIPInference, out: Path, fmt: str, opset: int = MIN_OPSET) -> list[str]:
+def quantize_int8(onnx_path: str | os.PathLike, quantised_path: str | os.PathLike) -> None:
+    """ONNX Runtime's dynamic int8 quantisation of an ONNX file (:data:`QUANTIZE_METHOD`)."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise AnomalyCLIPError("--quantize int8 needs the onnxruntime package: "
+                               "pip install -r requirements-deploy.txt") from None
+    quantize_dynamic(str(onnx_path), str(quantised_path), weight_type=QuantType.QInt8)
+
+
+def write_graph(module: AnomalyCLIPInference, out: Path, fmt: str, opset: int = MIN_OPSET,
+                quantize: str | None = None) -> list[str]:
     """Write the graph of ``module`` into ``out``; returns its file names (the first is the one to load).
 
     Each file is written beside its target and renamed over it, so a crash leaves no half file.
+    ``quantize="int8"`` (ONNX only) writes the graph quantised by :func:`quantize_int8`.
     """
+    if fmt == "onnx" and quantize:
+        name = f"{GRAPH_STEM}.onnx"
+        with naming_errors(out / name), tempfile.TemporaryDirectory(prefix=".export-", dir=out) as scratch:
+            export_onnx(module, Path(scratch) / "graph.onnx", opset)
+            atomic_write(out / name, lambda tmp: quantize_int8(Path(scratch) / "graph.onnx", tmp))
+        return [name]
     if fmt == "onnx":
         name = f"{GRAPH_STEM}.onnx"
         atomic_write(out / name, lambda tmp: export_onnx(module, tmp, opset))
@@ -254,7 +292,8 @@ def build_manifest(config: ExportConfig, module: AnomalyCLIPInference, files: li
         design={"n_ctx": model.n_ctx, "depth": model.depth, "t_n_ctx": model.t_n_ctx},
         backbone={"name": str(model.backbone), "sha256": sha256_of(backbone)},
         checkpoint={"path": str(config.checkpoint_path), "sha256": sha256_of(config.checkpoint_path)},
-        versions=_versions(), thresholds=thresholds, files_sha256=files_sha256(config.out, files))
+        versions=_versions(), thresholds=thresholds, files_sha256=files_sha256(config.out, files),
+        quantization={"precision": config.quantize, "method": QUANTIZE_METHOD} if config.quantize else None)
 
 
 def export(config: ExportConfig) -> Path:
@@ -264,7 +303,7 @@ def export(config: ExportConfig) -> Path:
     accepted: list[str] = []
     if stored is not None:
         classes = stored["classes"]  # checked by read_thresholds (load_thresholds)
-        current = thresholds.provenance_record(config.model, config.scoring)
+        current = thresholds.provenance_record(config.model, replace(config.scoring, precision=config.precision))
         if memory is not None:
             current = {**current, "memory": memory_provenance(memory)}
         accepted = thresholds.check_provenance(classes, list(classes), current, f"--thresholds {config.thresholds}",
@@ -281,7 +320,7 @@ def _export(config: ExportConfig, out: Path, stored: dict[str, object] | None, a
     model, prompt_learner, _ = load_model_and_prompts(config.model, torch.device("cpu"), config.checkpoint_path)
     module = AnomalyCLIPInference.from_model(model, prompt_learner, scoring_config(config.model, config.scoring))
     module = module.with_memory(memory).export_copy()
-    files = write_graph(module, out, config.format, config.opset)
+    files = write_graph(module, out, config.format, config.opset, config.quantize)
     manifest = build_manifest(config, module, files, stored)
     if memory is not None:
         manifest["memory"] = memory_manifest(config, memory)

@@ -31,15 +31,18 @@ GRAPH_STEM = "anomalyclip"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("scores", "maps")
 HASHES_FIELD = "files_sha256"
+QUANTIZATIONS = ("int8",)  # export.py --quantize; the manifest's "quantization" (absent: an fp32 graph)
 
 
 def manifest_document(*, fmt: str, files: list[str], opset: int, image_size: int, mean: list[float],
                       std: list[float], scoring: dict[str, Any], design: dict[str, int], backbone: dict[str, str],
                       checkpoint: dict[str, str], versions: dict[str, str], thresholds: Any = None,
-                      files_sha256: dict[str, str] | None = None) -> dict[str, Any]:
+                      files_sha256: dict[str, str] | None = None,
+                      quantization: dict[str, str] | None = None) -> dict[str, Any]:
     """The content of ``anomalyclip.json`` (every field the readers check, in this order).
 
     ``files_sha256`` maps each of ``files`` to its SHA-256 (:func:`files_sha256`); export.py always gives it.
+    ``quantization`` (``{"precision": "int8", "method": ...}``) marks a graph quantised at export.
     """
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -60,6 +63,8 @@ def manifest_document(*, fmt: str, files: list[str], opset: int, image_size: int
     }
     if files_sha256 is not None:
         manifest[HASHES_FIELD] = dict(files_sha256)
+    if quantization is not None:
+        manifest["quantization"] = dict(quantization)
     if thresholds is not None:
         manifest["thresholds"] = thresholds
     return manifest
@@ -119,6 +124,53 @@ def verify_files(model_dir: str | os.PathLike, manifest: dict[str, Any]) -> None
         if sha256_of(graph_file) != hashes[name]:
             raise AnomalyCLIPError(f"{graph_file} is not the file export.py wrote (its SHA-256 differs from the one "
                                    f"recorded in {path}): it was replaced or damaged; re-run export.py")
+
+
+def quantization(manifest: dict[str, Any], model_dir: str | os.PathLike) -> str | None:
+    """The precision an export's graph was quantised to (``int8``), or ``None`` for an fp32 graph.
+
+    Raises:
+        AnomalyCLIPError: A ``quantization`` field this code does not know (hand-edited or newer).
+    """
+    field = manifest.get("quantization")
+    if field is None:
+        return None
+    value = field.get("precision") if isinstance(field, dict) else None
+    if value not in QUANTIZATIONS:
+        raise AnomalyCLIPError(f"{Path(model_dir) / MANIFEST_NAME}: 'quantization' is {field!r}, this code knows "
+                               f"{{'precision': one of {', '.join(QUANTIZATIONS)}}}; re-run export.py")
+    return value
+
+
+def run_precision(manifest: dict[str, Any], model_dir: str | os.PathLike, runtime: str, requested: str,
+                  given: bool) -> str:
+    """The precision a run of this export computes in, from ``--precision`` and the export's quantisation.
+
+    An int8-quantised graph runs in int8 (``--precision`` may be left out); an fp32 graph runs in
+    fp32 in both runtimes, or in fp16/bf16 as OpenVINO's inference precision.
+
+    Args:
+        requested: ``--precision`` (``fp32`` when not given).
+        given: Whether the command line gave ``--precision``.
+
+    Raises:
+        AnomalyCLIPError: A precision this export and runtime cannot run; one line with the fix.
+    """
+    quantised = quantization(manifest, model_dir)
+    if quantised is not None:
+        if given and requested != quantised:
+            raise AnomalyCLIPError(f"--precision {requested}: {model_dir} holds a graph quantised to {quantised} "
+                                   f"(export.py --quantize {quantised}), which runs in {quantised} only; drop "
+                                   "--precision, or export again without --quantize")
+        return quantised
+    if requested in QUANTIZATIONS:
+        raise AnomalyCLIPError(f"--precision {requested}: {model_dir} holds an fp32 graph; make a quantised one "
+                               f"with export.py --format onnx --quantize {requested} --out DIR and pass --model DIR")
+    if runtime == "onnxruntime" and requested != "fp32":
+        raise AnomalyCLIPError(f"--precision {requested} with --runtime onnxruntime: ONNX Runtime's CPU provider "
+                               f"runs fp32 graphs in fp32 (and int8 exports); use --runtime openvino --precision "
+                               f"{requested}")
+    return requested
 
 
 def check_manifest_thresholds(manifest: dict[str, Any], path: Path) -> None:

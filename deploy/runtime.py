@@ -34,11 +34,16 @@ from PIL import Image
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import load_image
-from deploy.manifest import MANIFEST_NAME, RUNTIMES, read_manifest, verify_files
+from AnomalyCLIP_lib.precision import RUN_PRECISIONS
+from deploy.manifest import MANIFEST_NAME, RUNTIMES, read_manifest, run_precision, verify_files
 
 logger = logging.getLogger(__name__)
 
 OPENVINO_PRECISIONS = ("f32", "f16", "bf16")
+# --precision -> OpenVINO's INFERENCE_PRECISION_HINT (an int8 graph's int8 operations run in int8 under f32)
+OPENVINO_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
+_HINT_PRECISIONS = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
+_HINT_CAPABILITIES = {"f16": "FP16", "bf16": "BF16"}  # OPTIMIZATION_CAPABILITIES a hint needs
 
 
 # --- preprocessing (numpy / Pillow) ------------------------------------------------------------
@@ -109,6 +114,30 @@ def openvino_core() -> Any:
     return ov.Core()
 
 
+def openvino_capabilities() -> list[str]:
+    """What OpenVINO's CPU plugin offers here (``OPTIMIZATION_CAPABILITIES``: FP32, BF16, FP16, INT8, ...)."""
+    return [str(name) for name in openvino_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def check_openvino_precision(precision: str) -> None:
+    """Refuse an inference precision hint this CPU does not offer, naming what it offers.
+
+    Without the check OpenVINO would fall back to f32 silently, and the run would record a
+    precision it did not compute in.
+
+    Raises:
+        AnomalyCLIPError: One line naming the CPU's capabilities.
+    """
+    needed = _HINT_CAPABILITIES.get(precision)
+    if needed is None:
+        return
+    offered = openvino_capabilities()
+    if needed not in offered:
+        usable = ["fp32", *(_HINT_PRECISIONS[hint] for hint, cap in _HINT_CAPABILITIES.items() if cap in offered)]
+        raise AnomalyCLIPError(f"--precision {_HINT_PRECISIONS[precision]}: OpenVINO offers {', '.join(offered)} on "
+                               f"this CPU, not {needed}; use --precision {' or '.join(usable)}")
+
+
 class _OpenVINOBackend:
     """An OpenVINO CPU compiled model on the exported IR (``.xml``) or ``.onnx`` file."""
 
@@ -116,6 +145,7 @@ class _OpenVINOBackend:
         core = openvino_core()
         if precision not in OPENVINO_PRECISIONS:
             raise AnomalyCLIPError(f"unknown OpenVINO precision {precision!r}; choose one of {OPENVINO_PRECISIONS}")
+        check_openvino_precision(precision)
         # f32 explicitly: on CPUs with bf16 units OpenVINO would otherwise pick bf16 on its own.
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
@@ -175,10 +205,15 @@ class ExportedModel:
         graph: Graph file to load instead of the manifest's (e.g. a quantised copy); the manifest's files
             are otherwise checked against their recorded SHA-256s once, here (:func:`manifest.verify_files`).
         openvino_precision: OpenVINO's inference precision hint (``f32``; ``f16``/``bf16``
-            where the CPU has them).
+            where the CPU has them); ``precision`` replaces it when given.
+        precision: The run's ``--precision`` (``fp32``, ``fp16``/``bf16`` with OpenVINO, ``int8`` for an
+            export quantised to int8); ``None``: the export's own (int8 for a quantised graph, else
+            from ``openvino_precision``). Checked against the export and the CPU
+            (:func:`manifest.run_precision`, :func:`check_openvino_precision`).
 
     Attributes:
         manifest: The parsed ``anomalyclip.json``.
+        precision: The precision the graph runs in (``fp32``, ``fp16``, ``bf16``, ``int8``).
         image_size: S.
         thresholds: The manifest's ``thresholds`` (``None`` when the export had none).
     """
@@ -190,6 +225,7 @@ class ExportedModel:
         threads: int | None = None,
         graph: str | os.PathLike | None = None,
         openvino_precision: str = "f32",
+        precision: str | None = None,
     ) -> None:
         if runtime not in RUNTIMES:
             raise AnomalyCLIPError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")
@@ -200,6 +236,15 @@ class ExportedModel:
         self.mean = tuple(self.manifest["preprocessing"]["mean"])
         self.std = tuple(self.manifest["preprocessing"]["std"])
         self.thresholds = self.manifest.get("thresholds")
+        if precision is not None and precision not in RUN_PRECISIONS:
+            raise AnomalyCLIPError(f"unknown precision {precision!r}; choose one of {RUN_PRECISIONS}")
+        if openvino_precision not in OPENVINO_PRECISIONS:
+            raise AnomalyCLIPError(f"unknown OpenVINO precision {openvino_precision!r}; choose one of "
+                                   f"{OPENVINO_PRECISIONS}")
+        requested = precision if precision is not None else _HINT_PRECISIONS[openvino_precision]
+        self.precision = run_precision(self.manifest, self.model_dir, runtime, requested, precision is not None)
+        if precision is not None or self.precision == "int8":
+            openvino_precision = OPENVINO_HINTS[self.precision]
         graph_path = Path(graph) if graph is not None else self.model_dir / self.manifest["graph"]
         if not graph_path.is_file():
             raise AnomalyCLIPError(f"graph file {graph_path} named by {self.model_dir / MANIFEST_NAME} is missing; "
@@ -211,7 +256,7 @@ class ExportedModel:
             raise AnomalyCLIPError(f"{self.model_dir / MANIFEST_NAME} says image_size {self.image_size} but "
                                    f"{graph_path} takes {self._backend.input_shape[1:]}: they come from different "
                                    "exports; re-run export.py")
-        logger.info("loaded %s with %s", graph_path, runtime)
+        logger.info("loaded %s with %s (%s)", graph_path, runtime, self.precision)
 
     @property
     def scoring(self) -> dict[str, Any]:
@@ -271,9 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="folder written by export.py")
     parser.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
     parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--precision", choices=RUN_PRECISIONS, default=None,
+                        help="fp16/bf16 with openvino; int8 for an export quantised to int8 (default: the export's)")
     parser.add_argument("images", nargs="+")
     args = parser.parse_args(argv)
-    model = ExportedModel(args.model, args.runtime)
+    model = ExportedModel(args.model, args.runtime, precision=args.precision)
     for result in model.predict_files(args.images, args.batch_size):
         print(f"{result.path}\t{result.score:.6f}")
     return 0

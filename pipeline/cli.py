@@ -197,16 +197,29 @@ def check_scoring_spec(scoring: ScoringSpec) -> None:
 
 
 def check_device_and_precision(device: str | None, precision: str = "fp32", where: str = "") -> None:
-    """``--device`` names a device this machine has, and ``--precision fp16|bf16`` has a CUDA device to run on.
+    """``--device`` names a device this machine has, and ``--precision`` runs on it through torch.
 
-    Checked before any data or model loads (torch is imported here only for the torch path).
+    fp16/bf16 autocast on CUDA; bf16 autocast on a CPU with bfloat16 instructions; int8 only
+    through a quantised export. Checked before any data or model loads (torch is imported here
+    only for the torch path).
     """
+    from AnomalyCLIP_lib.precision import check_cpu_bf16
     from pipeline.loading import resolve_device  # torch: the torch path only
 
     resolved = resolve_device(device)
-    if precision != "fp32" and resolved.type != "cuda":
-        raise AnomalyCLIPError(f"--precision {precision} needs a CUDA device and this run is on {resolved}{where}; "
-                               "use --precision fp32 (the default)")
+    if precision == "int8":
+        raise AnomalyCLIPError("--precision int8 runs an int8-quantised export, not the torch path: export.py "
+                               "--format onnx --quantize int8 --out DIR, then --runtime onnxruntime|openvino "
+                               "--model DIR")
+    if precision == "fp32" or resolved.type == "cuda":
+        return
+    if resolved.type == "cpu" and precision == "bf16":
+        check_cpu_bf16()
+        return
+    raise AnomalyCLIPError(f"--precision {precision} needs a CUDA device and this run is on {resolved}{where}; "
+                           "use --precision fp32 (the default)" +
+                           (", or bf16 on a CPU with bfloat16 instructions, or fp16 through an export "
+                            "(--runtime openvino)" if resolved.type == "cpu" else ""))
 
 
 def check_output_folder(folder: str | os.PathLike, flag: str) -> None:
@@ -227,9 +240,12 @@ def add_sigma_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_scoring_args(parser: argparse.ArgumentParser, runtime_help: str, model_help: str) -> None:
     """``--precision``, ``--runtime`` and ``--model`` (test.py, test_one_example.py)."""
-    from AnomalyCLIP_lib.precision import PRECISIONS
+    from AnomalyCLIP_lib.precision import RUN_PRECISIONS
 
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp16/bf16 autocast on CUDA only")
+    parser.add_argument("--precision", choices=RUN_PRECISIONS, default="fp32",
+                        help="torch: fp16/bf16 autocast on CUDA, bf16 on a CPU with bfloat16 instructions; "
+                             "--runtime openvino: fp16/bf16 inference precision; int8: an export made with "
+                             "export.py --quantize int8 (default fp32, the reference)")
     parser.add_argument("--runtime", choices=("torch", *RUNTIMES), default="torch", help=runtime_help)
     parser.add_argument("--model", default=None, help=model_help)
 
@@ -296,27 +312,30 @@ def with_export_settings(model: ModelSpec, scoring: ScoringSpec, flags: RunRecor
         AnomalyCLIPError: A design flag the command line gave differs from the export's (the graph cannot
             honour it), or ``--checkpoint_path``/``--backbone`` name other files than the export was made from.
     """
-    from deploy.manifest import MANIFEST_NAME, RECORD_FIELDS, check_fields, read_manifest  # only --runtime
+    from deploy.manifest import MANIFEST_NAME, RECORD_FIELDS, check_fields, read_manifest, run_precision  # --runtime
 
     manifest = read_manifest(scoring.model_dir)
     check_fields(manifest, RECORD_FIELDS, Path(scoring.model_dir) / MANIFEST_NAME)
     settings = manifest["scoring"]
     fixed = {"image_size": manifest["image_size"], "sigma": float(settings["sigma"]),
              "features_list": list(settings["features_list"]), "feature_map_layer": [settings["feature_map_layer"]],
-             "reference_arithmetic": settings["reference_arithmetic"], "precision": settings["precision"],
+             "reference_arithmetic": settings["reference_arithmetic"],
              **{name: manifest["design"][name] for name in ("n_ctx", "depth", "t_n_ctx")}}
     differing = _export_mismatches(flags, manifest, fixed)
     if differing:
         raise AnomalyCLIPError(f"{'; '.join(differing)}: {scoring.model_dir} was exported otherwise and an exported "
                                "graph's design is fixed; drop the flag(s), or run export.py again with them")
+    precision = run_precision(manifest, scoring.model_dir, scoring.runtime, scoring.precision,
+                              "precision" in flags.given)
     checkpoint = scoring.checkpoint_path or manifest["checkpoint"]["path"]
     backbone = manifest["backbone"]["name"]
     new_model = replace(model, backbone=backbone, image_size=fixed["image_size"],
                         features_list=tuple(fixed["features_list"]), feature_map_layer=settings["feature_map_layer"],
                         reference_arithmetic=fixed["reference_arithmetic"],
                         n_ctx=fixed["n_ctx"], depth=fixed["depth"], t_n_ctx=fixed["t_n_ctx"])
-    new_scoring = replace(scoring, checkpoint_path=checkpoint, sigma=fixed["sigma"], precision=fixed["precision"])
-    return new_model, new_scoring, flags.with_values(**fixed, checkpoint_path=checkpoint, backbone=backbone)
+    new_scoring = replace(scoring, checkpoint_path=checkpoint, sigma=fixed["sigma"], precision=precision)
+    return new_model, new_scoring, flags.with_values(**fixed, precision=precision, checkpoint_path=checkpoint,
+                                                     backbone=backbone)
 
 
 def _export_mismatches(flags: RunRecord, manifest: dict, fixed: dict[str, object]) -> list[str]:

@@ -80,7 +80,8 @@ class ScoringSpec:
     Attributes:
         checkpoint_path: Prompt checkpoint (the torch path; with an export, the file it was made from).
         sigma: Gaussian filter sigma of the maps (0: none).
-        precision: ``fp32``, or ``fp16``/``bf16`` autocast on CUDA.
+        precision: ``fp32``; ``fp16``/``bf16`` autocast (CUDA; bf16 also on a CPU with bfloat16 instructions),
+            or with an exported runtime ``fp16``/``bf16`` (OpenVINO) and ``int8`` (a quantised export).
         runtime: ``torch``, ``onnxruntime`` or ``openvino``.
         model_dir: The export folder (with an exported runtime).
     """

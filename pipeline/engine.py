@@ -125,11 +125,13 @@ class ExportedScorer:
         self.image_size = exported.image_size
 
     @classmethod
-    def load(cls, model_dir: str, runtime: str, threads: int | None = None) -> ExportedScorer:
-        """The export in ``model_dir`` loaded into ``runtime`` (``onnxruntime`` or ``openvino``)."""
+    def load(cls, model_dir: str, runtime: str, threads: int | None = None,
+             precision: str | None = None) -> ExportedScorer:
+        """The export in ``model_dir`` loaded into ``runtime`` (``onnxruntime`` or ``openvino``), computing in
+        ``precision`` (``--precision``; ``None``: the export's own, see :class:`deploy.runtime.ExportedModel`)."""
         from deploy.runtime import ExportedModel
 
-        return cls(ExportedModel(model_dir, runtime, threads))
+        return cls(ExportedModel(model_dir, runtime, threads, precision=precision))
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         return self.exported.preprocess(image)

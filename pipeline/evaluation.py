@@ -458,7 +458,8 @@ def _prepare(config: EvaluationConfig, device: torch.device) -> Prepared:
     """
     scoring = config.scoring
     threads = config.model.threads
-    exported = ExportedScorer.load(scoring.model_dir, scoring.runtime, threads) if scoring.exported else None
+    exported = (ExportedScorer.load(scoring.model_dir, scoring.runtime, threads, scoring.precision)
+                if scoring.exported else None)
     dataset = AnomalyDataset(config.data_path, image_size=config.model.image_size, split="test",
                              class_names=list(config.classes) if config.classes else None)
     references = None
@@ -622,6 +623,7 @@ def _evaluate_staged(config: EvaluationConfig, world: distributed.World, device:
         "world_size": world.size,
         "images_per_rank": [count for _, count in parts],
         "device": str(device),
+        "precision": config.scoring.precision,
         "config": config.record.as_dict(),
         "versions": _versions(),
         "wall_time_s": round(time.time() - started, 3),

@@ -6,7 +6,7 @@ Verdicts and masks for a folder, with thresholds from ``test.py`` or from a cali
         --thresholds thresholds.json --class_name bottle          # or: --threshold 0.5 --pixel_threshold 1.2
 
 Thresholds hold only for the maps they were chosen on: each class of a thresholds.json records the
-checkpoint and backbone SHA-256, image size, sigma, features list and feature-map layer it was
+checkpoint and backbone SHA-256, image size, sigma, features list, feature-map layer and precision it was
 made with, and a run with other settings is refused (``--accept_thresholds`` uses them anyway and
 records that it did in predictions.json).
 
@@ -171,7 +171,8 @@ def add_threshold_args(parser, class_name_help: str = "") -> None:
                         help="thresholds.json (from test.py or --calibrate) giving both thresholds")
     parser.add_argument(ACCEPT_FLAG, action="store_true",
                         help="use --thresholds (or an export's) made with other settings than this run's "
-                             "(checkpoint, backbone, image size, sigma, layers); recorded in predictions.json")
+                             "(checkpoint, backbone, image size, sigma, layers, precision, memory); recorded in "
+                             "predictions.json")
     parser.add_argument("--class_name", default=None,
                         help="class of --thresholds to use (needed when it holds several)" + class_name_help)
     parser.add_argument("--vis_scale", choices=VIS_SCALES, default=None,
@@ -298,10 +299,12 @@ def _decision_from_export(config: PredictionConfig, scorer: ExportedScorer | Non
     if classes[class_name].get("image_threshold") is None:
         return None
     image_threshold, pixel_threshold = _checked_values(classes, class_name, source)
-    accepted = scorer.exported.manifest.get("thresholds_accepted") or []
-    if not accepted:  # accepted at export time: recorded there, not asked again
-        accepted = check_provenance(classes, [class_name], provenance, f"the thresholds in {source}",
-                                    config.accept_thresholds)
+    # What was accepted at export time is recorded there and not asked again; a difference the export did not
+    # have (another --precision than the export's) is.
+    at_export = scorer.exported.manifest.get("thresholds_accepted") or []
+    accepted = check_provenance(classes, [class_name], provenance, f"the thresholds in {source}", True)
+    if not set(accepted) <= set(at_export):
+        check_provenance(classes, [class_name], provenance, f"the thresholds in {source}", config.accept_thresholds)
     return Decision(image_threshold, pixel_threshold, source, class_name, tuple(accepted))
 
 
@@ -317,7 +320,8 @@ def open_export(config: PredictionConfig) -> ExportedScorer | None:
     """With ``--runtime``, the exported graph of ``--model`` loaded (``None`` on the torch path)."""
     if not config.scoring.exported:
         return None
-    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads)
+    return ExportedScorer.load(config.scoring.model_dir, config.scoring.runtime, config.model.threads,
+                               config.scoring.precision)
 
 
 def run_provenance(config: PredictionConfig, exported: ExportedScorer | None,
@@ -690,6 +694,7 @@ def write_predictions(predictions: Sequence[Prediction], decision: Decision, con
         in_force["accepted_other_settings"] = list(decision.accepted)
     document = {"thresholds": in_force, "image_path": str(config.image_path),
                 "checkpoint_path": str(config.scoring.checkpoint_path), "image_size": config.model.image_size,
+                "runtime": config.scoring.runtime, "precision": config.scoring.precision,
                 "vis_scale": vis_scale(config, decision), "memory": memory, "predictions": rows}
     csv_path = atomic_write_text(buffer.getvalue(), out / "predictions.csv")
     json_text = json.dumps(document, indent=2, allow_nan=False) + "\n"

@@ -4,9 +4,26 @@ Tests, the offline demo and the benchmarks need a backbone without the 900 MB do
 builds one of any size (the tiny stand-in, or the full ViT-L/14@336 architecture) with seeded
 random weights of realistic scale. Its scores mean nothing about anomaly detection.
 
+Two kinds of weights:
+
+* :func:`random_state_dict` (the default): every block matrix drawn with a fixed standard
+  deviation chosen for the tiny model (width 128). Fine for speed, shapes and parity at any
+  size, but at ViT-L's width 1024 its q, k and v are about 3x CLIP's scale, the attention
+  logits about 10x: the softmaxes saturate and 24 layers amplify any change of the input. Its
+  forward is *chaotic*: an input perturbation of relative size 1e-3 moves the image embedding
+  by ~100 % and the patch tokens by ~70 % (``--preset ViT-L/14@336px``, 224 px, fp32).
+* :func:`stable_state_dict` (``--stable``): the same draws with the vision blocks' matrices
+  scaled by ``sqrt(128 / width)``, which gives every unit the tiny model's scale (in_proj std
+  ~ width^-0.5, as CLIP's own initialisation). Its forward is smooth as a trained model's is:
+  the same 1e-3 perturbation moves its outputs by ~1e-3 (:func:`input_sensitivity`). This is
+  the stand-in for precision questions: a lower precision's rounding is a small perturbation
+  too, and only on a non-chaotic network does its effect on the scores say anything about a
+  trained model's (benchmarks/bench_precision.py). Its speed is the same.
+
 Command line::
 
     python -m pipeline.random_weights --preset tiny --out tiny_clip.pt
+    python -m pipeline.random_weights --preset ViT-L/14@336px --stable --out vit_l_stable.pt
 """
 
 from __future__ import annotations
@@ -15,7 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
-from AnomalyCLIP_lib.model import CLIP
+from AnomalyCLIP_lib.constants import DPAM_LAYER
+from AnomalyCLIP_lib.model import CLIP, VisionTransformer
 from pipeline.atomic import atomic_torch_save
 from pipeline.cli import cli_parser, run_cli
 
@@ -81,16 +99,54 @@ def random_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32,
     return state
 
 
+_BLOCK_MATRICES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def stable_state_dict(seed: int = 0, dtype: torch.dtype = torch.float32,
+                      **architecture: int) -> dict[str, torch.Tensor]:
+    """:func:`random_state_dict` with a non-chaotic vision tower (module docstring): the vision blocks'
+    matrices scaled by ``sqrt(128 / vision_width)``, so every width computes at the tiny model's scale."""
+    state = random_state_dict(seed, torch.float32, **architecture)
+    factor = (TINY["vision_width"] / {**TINY, **architecture}["vision_width"]) ** 0.5
+    for key, value in state.items():
+        if key.startswith("visual.transformer.") and key.endswith(_BLOCK_MATRICES):
+            value.mul_(factor)
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state.items()}
+
+
+def input_sensitivity(visual: VisionTransformer, image_size: int, epsilon: float = 1e-3, seed: int = 0,
+                      features_list: Sequence[int] = (24,), dpam_layer: int = DPAM_LAYER) -> dict[str, float]:
+    """How far a relative input perturbation of size ``epsilon`` moves the tower's outputs (fp32).
+
+    A random image ``x`` and a random direction ``d`` scaled to ``|d| = epsilon |x|``; returns
+    ``|f(x + d) - f(x)| / |f(x)|`` (Frobenius norms) of the image embedding and of the patch
+    tokens of the last of ``features_list``. About ``epsilon`` for a smooth network; near 1 for a
+    chaotic one.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(1, 3, image_size, image_size, generator=generator)
+    direction = torch.randn(images.shape, generator=generator)
+    direction *= epsilon * images.norm() / direction.norm()
+    with torch.inference_mode():
+        embedding, tokens = visual.encode(images, features_list, dpam_layer)
+        moved_embedding, moved_tokens = visual.encode(images + direction, features_list, dpam_layer)
+    return {"image_embedding": float((moved_embedding - embedding).norm() / embedding.norm()),
+            "patch_tokens": float((moved_tokens[-1] - tokens[-1]).norm() / tokens[-1].norm())}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: write a random backbone of ``--preset`` to ``--out`` (run it through ``run_cli``)."""
     parser = cli_parser("Write a random CLIP backbone (no download) as a state dict.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stable", action="store_true",
+                        help="a non-chaotic stand-in (vision blocks at CLIP's scale): for precision questions")
     parser.add_argument("--out", required=True, help="output .pt file")
     args = parser.parse_args(argv)
-    state = random_state_dict(args.seed, **PRESETS[args.preset])
+    make = stable_state_dict if args.stable else random_state_dict
+    state = make(args.seed, **PRESETS[args.preset])
     atomic_torch_save(state, args.out)
-    print(f"wrote a random {args.preset} CLIP stand-in to {args.out}")
+    print(f"wrote a random{' stable' if args.stable else ''} {args.preset} CLIP stand-in to {args.out}")
     return 0
 
 

@@ -184,7 +184,10 @@ def select_thresholds(classes: dict[str, dict], class_name: str | None, source: 
 # The settings a threshold holds for, each with the flag that sets it (in the order an error lists them).
 PROVENANCE_FLAGS = {"checkpoint_sha256": "--checkpoint_path", "backbone_sha256": "--backbone",
                     "image_size": "--image_size", "sigma": "--sigma", "features_list": "--features_list",
-                    "feature_map_layer": "--feature_map_layer", "memory": "the few-shot memory"}
+                    "feature_map_layer": "--feature_map_layer", "precision": "--precision",
+                    "memory": "the few-shot memory"}
+# A record written before the precision was recorded was made in fp32 (the only CPU precision then).
+PROVENANCE_DEFAULTS = {"precision": "fp32"}
 ACCEPT_FLAG = "--accept_thresholds"
 
 
@@ -203,7 +206,7 @@ def provenance_record(model: ModelSpec, scoring: ScoringSpec, manifest: dict | N
         checkpoint, backbone = sha256_of(scoring.checkpoint_path), backbone_sha256(model.backbone)
     return {"checkpoint_sha256": checkpoint, "backbone_sha256": backbone, "image_size": int(model.image_size),
             "sigma": float(scoring.sigma), "features_list": sorted(int(layer) for layer in model.features_list),
-            "feature_map_layer": int(model.feature_map_layer)}
+            "feature_map_layer": int(model.feature_map_layer), "precision": scoring.precision}
 
 
 def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[str]:
@@ -212,7 +215,8 @@ def provenance_mismatches(recorded: object, current: dict[str, object]) -> list[
         return ["it records no settings (written by hand or by an older version)"]
     differing = []
     for name, flag in PROVENANCE_FLAGS.items():
-        theirs, ours = recorded.get(name), current.get(name)  # "memory": only where a memory scored
+        # "memory": only where a memory scored; "precision": fp32 in a record older than it
+        theirs, ours = recorded.get(name, PROVENANCE_DEFAULTS.get(name)), current.get(name)
         if name == "features_list" and isinstance(theirs, list):
             theirs = sorted(theirs)
         if theirs == ours or (name == "sigma" and isinstance(theirs, (int, float)) and float(theirs) == ours):

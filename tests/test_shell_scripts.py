@@ -57,7 +57,7 @@ def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
 def _run_script(name: str, cwd: Path, fake: Path, **env: str) -> subprocess.CompletedProcess:
     environment = {"PATH": "/usr/bin:/bin", "HOME": str(cwd), "PYTHON": str(fake), **env}
     return subprocess.run([BASH, str(REPO_ROOT / name)], cwd=cwd, env=environment, capture_output=True, text=True,
-                          timeout=30)
+                          timeout=600)  # the real-python runs score datasets: generous on a busy machine
 
 
 def _resolved(call: str, flag: str) -> Path:

@@ -51,7 +51,8 @@ def test_calibration_records_the_settings(calibrated, trained_checkpoint, tiny_c
     entry = json.loads(calibrated.read_text())["classes"]["blobs"]
     assert entry["provenance"] == {"checkpoint_sha256": _sha(trained_checkpoint),
                                    "backbone_sha256": _sha(tiny_clip_files[0]), "image_size": E2E_IMAGE_SIZE,
-                                   "sigma": 4.0, "features_list": [6, 24], "feature_map_layer": 0}
+                                   "sigma": 4.0, "features_list": [6, 24], "feature_map_layer": 0,
+                                   "precision": "fp32"}
 
 
 def _design(design_args, **changes):

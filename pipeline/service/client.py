@@ -50,9 +50,7 @@ class Client:
             if self._connection is None:
                 self._connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             try:
-                self._connection.request(method, path, body=body, headers=headers)
-                response = self._connection.getresponse()
-                data = response.read()
+                response, data = self._exchange(method, path, body, headers)
             except (ConnectionError, http.client.RemoteDisconnected, http.client.CannotSendRequest):
                 self.close()
                 if attempt:
@@ -62,6 +60,21 @@ class Client:
                 self.close()
             return response.status, {k.lower(): v for k, v in response.getheaders()}, data
         raise AssertionError("unreachable")
+
+    def _exchange(self, method: str, path: str, body: Any, headers: dict[str, str]
+                  ) -> tuple[http.client.HTTPResponse, bytes]:
+        """Send the request and read the answer, also one the server sent before it read the whole body.
+
+        A server may answer early (413 for a body over its limit) and close the connection while the body
+        is still being sent: the send then fails with a broken pipe, and the answer waits in the socket.
+        """
+        assert self._connection is not None
+        try:
+            self._connection.request(method, path, body=body, headers=headers)
+        except BrokenPipeError:
+            pass  # the answer, if the server sent one, is read below; if not, getresponse raises
+        response = self._connection.getresponse()
+        return response, response.read()
 
     def json(self, method: str, path: str, document: Any = None) -> tuple[int, Any]:
         """A JSON request (``document`` as the body, when given) and its decoded JSON answer."""

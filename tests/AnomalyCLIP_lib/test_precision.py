@@ -1,8 +1,9 @@
-"""Precision option: fp32 computes in float32 inside the forward; half precision is a CUDA-only opt-in.
+"""Precision option: fp32 computes in float32 inside the forward; half precision is an opt-in.
 
 What the code must do (``precision.autocast`` and ``AnomalyCLIPInference._precision_context``):
 fp32 runs the vision tower in float32 with autocast off; fp16 / bf16 open CUDA autocast with
-float16 / bfloat16 and are refused, as one error line, on any other device before the tower
+float16 / bfloat16; bf16 opens CPU autocast on a CPU with bfloat16 instructions (``amx_bf16`` or
+``avx512_bf16`` in /proc/cpuinfo); everything else is refused, as one error line, before the tower
 runs; an export (traced graph) always runs fp32.
 """
 
@@ -16,7 +17,8 @@ import torch
 from AnomalyCLIP_lib import inference
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference, ScoringConfig
-from AnomalyCLIP_lib.precision import autocast
+from AnomalyCLIP_lib import precision as precision_module
+from AnomalyCLIP_lib.precision import autocast, cpu_flags
 from tests.deploy_helpers import FEATURES, TINY_SIZE, random_images, random_prompt_learner
 
 
@@ -57,8 +59,18 @@ def test_fp32_forward_runs_the_tower_in_float32(tiny_model, learner):
     assert scores.dtype == maps.dtype == torch.float32
 
 
-@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), "meta", "mps"])
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.fixture
+def cpu_without_bf16(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+
+
+@pytest.fixture
+def cpu_with_bf16(monkeypatch):
+    monkeypatch.setattr(precision_module, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+
+
+@pytest.mark.parametrize("device, precision", [("cpu", "fp16"), (torch.device("cpu"), "fp16"), ("meta", "fp16"),
+                                               ("mps", "fp16"), ("meta", "bf16"), ("mps", "bf16")])
 def test_half_precision_off_cuda_is_refused_with_one_line(precision, device):
     with pytest.raises(AnomalyCLIPError) as raised:
         with autocast(device, precision):
@@ -66,13 +78,44 @@ def test_half_precision_off_cuda_is_refused_with_one_line(precision, device):
     assert str(raised.value) == f"--precision {precision} needs a CUDA device; use fp32 on {device}"
 
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_module_on_cpu_refuses_before_the_tower_runs(tiny_model, learner, precision):
-    module = _module(tiny_model, learner, precision)
-    with _recorded_dtypes(module.visual) as seen, pytest.raises(AnomalyCLIPError, match=f"--precision {precision} "
-                                                                                        "needs a CUDA device"):
-        module.predict(random_images(1))
-    assert seen["dtypes"] == []
+def test_bf16_on_a_cpu_without_bfloat16_instructions_is_refused(cpu_without_bf16):
+    with pytest.raises(AnomalyCLIPError) as raised:
+        with autocast("cpu", "bf16"):
+            pytest.fail("the body ran")
+    assert str(raised.value) == ("--precision bf16 on the CPU: this CPU has no bfloat16 instructions (amx_bf16 or "
+                                 "avx512_bf16), so bf16 would be emulated and slower than fp32; it offers fp32 only: "
+                                 "use --precision fp32 (the default)")
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_flags(cpuinfo) == frozenset({"fpu", "avx512f", "amx_bf16", "amx_tile"})
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+
+
+def test_bf16_on_a_cpu_with_bfloat16_computes_the_tower_in_bfloat16(tiny_model, learner, cpu_with_bf16):
+    """CPU autocast: the blocks' linears run in bfloat16, scores and maps come back float32, near fp32's."""
+    module = _module(tiny_model, learner, "bf16")
+    with _recorded_dtypes(module.visual) as seen:
+        prediction = module.predict(random_images(2, seed=5))
+    scores, maps = prediction.scores, prediction.maps
+    reference = _module(tiny_model, learner, "fp32").predict(random_images(2, seed=5))
+    assert len(seen["dtypes"]) >= 20 and set(seen["dtypes"]) == {torch.bfloat16} and all(seen["autocast"])
+    assert scores.dtype == maps.dtype == torch.float32
+    # bf16 keeps 8 significant bits: near the fp32 result, not equal to it
+    assert 0 < (maps - reference.maps).abs().max() <= 0.05 * reference.maps.abs().max()
+    assert (scores - reference.scores).abs().max() <= 0.05
+
+
+def test_half_precision_module_on_cpu_refuses_before_the_tower_runs(tiny_model, learner, cpu_without_bf16):
+    for precision, message in (("fp16", "--precision fp16 needs a CUDA device"),
+                               ("bf16", "--precision bf16 on the CPU: this CPU has no bfloat16")):
+        module = _module(tiny_model, learner, precision)
+        with _recorded_dtypes(module.visual) as seen, pytest.raises(AnomalyCLIPError, match=message):
+            module.predict(random_images(1))
+        assert seen["dtypes"] == []
 
 
 @pytest.mark.parametrize("cli", ["test", "one"])
@@ -90,13 +133,14 @@ def test_cli_with_half_precision_on_cpu_is_one_line_and_writes_nothing(cli, tiny
     out = tmp_path / "out"
     argv = [*source, "--save_path", str(out), "--checkpoint_path", str(checkpoint), "--backbone",
             str(tiny_clip_files[0]), "--image_size", str(TINY_SIZE), "--features_list", "6", "24", "--device", "cpu",
-            "--precision", "bf16"]
+            "--precision", "fp16"]
     capsys.readouterr()
     assert run_cli(main, argv) == 2
     stderr = capsys.readouterr().err
     errors = [line for line in stderr.splitlines() if line.startswith("error")]
-    assert errors == ["error: --precision bf16 needs a CUDA device and this run is on cpu; use --precision fp32 (the "
-                      "default)"] and "Traceback" not in stderr
+    assert errors == ["error: --precision fp16 needs a CUDA device and this run is on cpu; use --precision fp32 (the "
+                      "default), or bf16 on a CPU with bfloat16 instructions, or fp16 through an export (--runtime "
+                      "openvino)"] and "Traceback" not in stderr
     assert not out.exists()
 
 

@@ -138,7 +138,7 @@ def test_half_precision_on_a_cpu_is_refused_before_any_data_or_model_loads(comma
 
     missing = tmp_path / "absent"  # neither a dataset, nor images, nor a checkpoint: none may be looked at first
     argv = {"test": (test_cli.main, ["--data_path", str(missing), "--checkpoint_path", str(missing / "c.pth"),
-                                     "--save_path", str(tmp_path / "out"), "--device", "cpu", "--precision", "bf16"]),
+                                     "--save_path", str(tmp_path / "out"), "--device", "cpu", "--precision", "fp16"]),
             "one": (prediction.main, ["--image_path", str(missing), "--checkpoint_path", str(missing / "c.pth"),
                                       "--save_path", str(tmp_path / "out"), "--precision", "fp16"])}
     main, flags = argv[command]
@@ -156,3 +156,20 @@ def test_export_refuses_a_device_it_would_ignore(tmp_path, capsys):
                                  "--device", "cuda"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: --device cuda: export.py traces the graph on the CPU") and error.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["test", "one"])
+def test_int8_on_the_torch_path_is_refused_before_any_data_or_model_loads(command, tmp_path, capsys):
+    """int8 exists only as a quantised export: the torch path refuses it with the flags, naming the way there."""
+    from pipeline import prediction
+    from pipeline.cli import run_cli
+
+    missing = tmp_path / "absent"
+    source = ["--data_path", str(missing)] if command == "test" else ["--image_path", str(missing)]
+    main = test_cli.main if command == "test" else prediction.main
+    assert run_cli(main, [*source, "--checkpoint_path", str(missing / "c.pth"), "--save_path", str(tmp_path / "out"),
+                          "--device", "cpu", "--precision", "int8"]) == 2
+    assert capsys.readouterr().err == ("error: --precision int8 runs an int8-quantised export, not the torch path: "
+                                       "export.py --format onnx --quantize int8 --out DIR, then --runtime "
+                                       "onnxruntime|openvino --model DIR\n")
+    assert not (tmp_path / "out").exists()

@@ -145,3 +145,18 @@ def test_no_normal_image_leaves_thresholds_empty():
                                  (float("nan"), 0.6), "f1", 0.01)
     assert f1["image_threshold"] is None and f1["pixel_threshold"] == pytest.approx(0.6)
     json.dumps(f1, allow_nan=False)
+
+
+def test_precision_is_part_of_the_provenance_and_an_older_record_means_fp32():
+    """A record written before the precision was recorded was made in fp32: it holds at fp32, not at bf16."""
+    from pipeline.config import ModelSpec, ScoringSpec
+    from pipeline.thresholds import provenance_mismatches, provenance_record
+
+    manifest = {"checkpoint": {"sha256": "c" * 64}, "backbone": {"sha256": "b" * 64}}
+    bf16 = provenance_record(ModelSpec(), ScoringSpec(precision="bf16"), manifest)
+    fp32 = provenance_record(ModelSpec(), ScoringSpec(), manifest)
+    assert (bf16["precision"], fp32["precision"]) == ("bf16", "fp32")
+    older = {name: value for name, value in fp32.items() if name != "precision"}
+    assert provenance_mismatches(older, fp32) == []
+    assert provenance_mismatches(older, bf16) == ["--precision bf16 against the thresholds' fp32"]
+    assert provenance_mismatches(bf16, fp32) == ["--precision fp32 against the thresholds' bf16"]
