@@ -25,8 +25,8 @@ from PIL import Image
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import UnreadableImageError, load_image, read_image
-from pipeline.engine import ExportedScorer, Scorer, TorchScorer
 from AnomalyCLIP_lib.pretrained import sha256_of
+from pipeline.engine import ExportedScorer, Scorer, TorchScorer
 from pipeline.prediction import (Decision, FewShot, check_colour_scale, decision_from_classes, few_shot, judge,
                                  open_export, open_torch_scorer, run_provenance, thresholds_in_force, vis_scale)
 from pipeline.service.config import ServeConfig
