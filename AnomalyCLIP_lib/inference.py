@@ -122,12 +122,17 @@ class AnomalyCLIPInference(nn.Module):
         config: The scoring settings.
         memory: A few-shot memory of normal patches (:mod:`AnomalyCLIP_lib.memory`), fused into the
             scores and maps; ``None``: zero-shot, exactly as without this argument.
+        one_pass_batches: Run the vision tower on a whole batch in one pass on a CPU too (as an export
+            does), instead of one image at a time (:meth:`VisionTransformer.encode`). Several times the
+            throughput of a small backbone's batches; an image's score then depends on its batch's
+            other images in the last float32 bits (~1e-7). Off by default (every image gets exactly its
+            single-image result); the service turns it on (``serve.py --batch_forward``).
     """
 
     text_features: torch.Tensor
 
     def __init__(self, visual: VisionTransformer, text_features: torch.Tensor, config: ScoringConfig,
-                 memory: PatchMemory | None = None) -> None:
+                 memory: PatchMemory | None = None, one_pass_batches: bool = False) -> None:
         super().__init__()
         if text_features.ndim != 3 or text_features.shape[:2] != (1, 2):
             raise AnomalyCLIPError(f"text features must be (1, 2, D); got {tuple(text_features.shape)}")
@@ -145,6 +150,7 @@ class AnomalyCLIPInference(nn.Module):
         self.register_buffer("text_features", text_features.detach().float().clone())
         self._config = config
         self.memory = memory.to(text_features.device) if memory is not None else None
+        self.one_pass_batches = bool(one_pass_batches)
 
     @property
     def config(self) -> ScoringConfig:
@@ -193,7 +199,8 @@ class AnomalyCLIPInference(nn.Module):
             return self._few_shot(images, exporting)
         with self._precision_context(images.device, exporting):
             scores, maps = scoring.raw_predict(self.visual, self.text_features, images, cfg.features_list,
-                                               cfg.dpam_layer, cfg.feature_map_layer, batched=exporting,
+                                               cfg.dpam_layer, cfg.feature_map_layer,
+                                               batched=exporting or self.one_pass_batches,
                                                reference_arithmetic=cfg.reference_arithmetic)
         return scores, self._smooth(maps.float(), exporting)
 
@@ -204,7 +211,7 @@ class AnomalyCLIPInference(nn.Module):
         settings = memory.settings
         with self._precision_context(images.device, exporting):
             embedding, tokens, memory_tokens = scoring.encode_tokens(
-                self.visual, images, cfg.features_list, cfg.dpam_layer, batched=exporting,
+                self.visual, images, cfg.features_list, cfg.dpam_layer, batched=exporting or self.one_pass_batches,
                 reference_arithmetic=cfg.reference_arithmetic, memory_layers=settings.layers,
                 memory_stream=settings.stream)
             scores, maps = scoring.zero_shot(embedding, tokens, self.text_features, cfg.image_size,
@@ -228,7 +235,12 @@ class AnomalyCLIPInference(nn.Module):
 
     def with_memory(self, memory: PatchMemory | None) -> AnomalyCLIPInference:
         """This module (sharing the tower and text features) scoring with ``memory`` (``None``: zero-shot)."""
-        return AnomalyCLIPInference(self.visual, self.text_features, self._config, memory).eval()
+        return AnomalyCLIPInference(self.visual, self.text_features, self._config, memory,
+                                    self.one_pass_batches).eval()
+
+    def with_one_pass_batches(self, enabled: bool = True) -> AnomalyCLIPInference:
+        """This module (sharing the tower, text features and memory) with ``one_pass_batches`` set (class doc)."""
+        return AnomalyCLIPInference(self.visual, self.text_features, self._config, self.memory, enabled).eval()
 
     def predict(self, images: torch.Tensor) -> scoring.AnomalyPrediction:
         """``forward`` without gradients on the module's device; results on the CPU (as ``scoring.predict``)."""

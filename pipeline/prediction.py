@@ -203,11 +203,12 @@ def _config(flags: RunRecord) -> PredictionConfig:
         pixel_threshold=values["pixel_threshold"], thresholds=values["thresholds"], class_name=values["class_name"],
         vis_scale=values["vis_scale"], calibrate=values["calibrate"], target_fpr=values["target_fpr"],
         save_thresholds=values["save_thresholds"], report=values["report"],
-        accept_thresholds=values["accept_thresholds"], record=flags, memory=_checked_memory_spec(flags, scoring),
+        accept_thresholds=values["accept_thresholds"], record=flags, memory=checked_memory_spec(flags, scoring),
         tiling=tiling_spec(flags))
 
 
-def _checked_memory_spec(flags: RunRecord, scoring: ScoringSpec) -> MemorySpec | None:
+def checked_memory_spec(flags: RunRecord, scoring: ScoringSpec) -> MemorySpec | None:
+    """The few-shot memory flags (test_one_example.py, serve.py), checked; ``None`` for a zero-shot run."""
     spec = memory_spec(flags)
     if not spec.active:
         return None

@@ -1,4 +1,5 @@
-"""The HTTP API and the web page of the service (FastAPI; the OpenAPI document at ``/openapi.json``, ``/docs``).
+"""The HTTP API and the web page of the service (FastAPI; the OpenAPI document at ``/openapi.json``, its pages at
+``/docs`` and ``/redoc``, served without a CDN).
 
 Every refusal is a JSON object ``{"error": "<one line>", "kind": "<kind>"}`` with its status: 400 (not an
 image, cut short, bad thresholds, malformed request), 401 (token), 413 (request or image too large),
@@ -15,11 +16,13 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, File, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -33,9 +36,14 @@ from pipeline.service.model import RequestError, ServiceModel
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
+# The API docs' scripts, styles and icon: Swagger UI's and ReDoc's builds as the fastapi-offline package ships them
+# (only its files are used), served by this app so that /docs and /redoc work offline (no CDN).
+DOCS_ASSETS = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+               "redoc.standalone.js": "text/javascript", "favicon.png": "image/png"}
+DOCS_ASSETS_PATH = "/docs-assets"
 PATHS = ("/", "/predict", "/health", "/model", "/metrics", "/thresholds", "/sample.png", "/sample-good.png",
-         "/static/app.js",
-         "/static/style.css", "/docs", "/openapi.json")
+         "/static/app.js", "/static/style.css", "/docs", "/redoc", "/openapi.json",
+         *(f"{DOCS_ASSETS_PATH}/{name}" for name in DOCS_ASSETS))
 _DISCONNECTED = "anomalyclip.disconnected"
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
@@ -123,7 +131,7 @@ def create_app(model: ServiceModel, batcher: Batcher, metrics: Metrics, config: 
         if not await asyncio.to_thread(batcher.close, config.grace_s):
             logger.warning("the model worker did not finish within --grace_s %s", config.grace_s)
 
-    app = FastAPI(title="AnomalyCLIP inspection service", lifespan=lifespan,
+    app = FastAPI(title="AnomalyCLIP inspection service", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Zero-shot anomaly scores, verdicts, defect masks and overlays for images "
                               "(AnomalyCLIP, ICLR 2024). The web page is at /.")
 
@@ -234,6 +242,26 @@ def create_app(model: ServiceModel, batcher: Batcher, metrics: Metrics, config: 
             raise HTTPException(404, f"no static file {name!r}")
         return Response(_static(name), media_type=types[name], headers={"Cache-Control": "no-cache"})
 
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_page() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
+                                   swagger_js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS_PATH}/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no call to validator.swagger.io
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc_page() -> HTMLResponse:
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
+                              redoc_js_url=f"{DOCS_ASSETS_PATH}/redoc.standalone.js",
+                              redoc_favicon_url=f"{DOCS_ASSETS_PATH}/favicon.png", with_google_fonts=False)
+
+    @app.get(DOCS_ASSETS_PATH + "/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> Response:
+        if name not in DOCS_ASSETS:
+            raise HTTPException(404, f"no API docs file {name!r}")
+        return Response(_docs_asset(name), media_type=DOCS_ASSETS[name], headers={"Cache-Control": "max-age=86400"})
+
     @app.get("/sample.png", include_in_schema=False)
     async def sample() -> Response:
         return Response(sample_png(True), media_type="image/png")
@@ -280,6 +308,12 @@ def _judge_all(model: ServiceModel, prepared: list, results: list, thresholds: A
 @cache
 def _static(name: str) -> bytes:
     return (STATIC / name).read_bytes()
+
+
+@cache
+def _docs_asset(name: str) -> bytes:
+    """One of :data:`DOCS_ASSETS`, read from the installed fastapi-offline package (requirements*.txt)."""
+    return (resources.files("fastapi_offline") / "static" / name).read_bytes()
 
 
 @cache

@@ -25,9 +25,10 @@ from PIL import Image
 
 from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from AnomalyCLIP_lib.images import UnreadableImageError, load_image, read_image
-from pipeline.engine import ExportedScorer, Scorer
-from pipeline.prediction import (Decision, check_colour_scale, decision_from_classes, judge, open_export,
-                                 open_torch_scorer, run_provenance, thresholds_in_force, vis_scale)
+from AnomalyCLIP_lib.pretrained import sha256_of
+from pipeline.engine import ExportedScorer, Scorer, TorchScorer
+from pipeline.prediction import (Decision, FewShot, check_colour_scale, decision_from_classes, few_shot, judge,
+                                 open_export, open_torch_scorer, run_provenance, thresholds_in_force, vis_scale)
 from pipeline.service.config import ServeConfig
 from pipeline.thresholds import (check_classes, load_thresholds, save_thresholds, summed_layers,
                                  thresholds_classes)
@@ -84,14 +85,16 @@ class ServiceModel:
         scorer: The engine's scorer.
         exported: The export, with ``--runtime`` (its manifest holds the hashes), else ``None``.
         thresholds: The thresholds in force at start.
+        memory: The torch path's few-shot memory (``--memory FILE`` / ``--reference_path DIR``), else ``None``.
     """
 
     def __init__(self, config: ServeConfig, scorer: Scorer, exported: ExportedScorer | None,
-                 thresholds: Thresholds) -> None:
+                 thresholds: Thresholds, memory: FewShot | None = None) -> None:
         self.config = config
         self.scorer = scorer
         self.exported = exported
-        self.provenance = run_provenance(config.prediction, exported)
+        self.provenance = run_provenance(config.prediction, exported, memory)  # with the memory's record
+        self.memory = memory_view(config, exported, self.provenance)
         self.model_id = model_id(self.provenance)
         self._thresholds = thresholds
         self._put_lock = threading.Lock()
@@ -101,9 +104,13 @@ class ServiceModel:
         """Open the scorer (no torch import with ``--runtime``) and check the thresholds, as test_one_example.py."""
         prediction = config.prediction
         exported = open_export(prediction)
-        decision = thresholds_in_force(prediction, exported)  # logs what --accept_thresholds let through
-        scorer = exported if exported is not None else open_torch_scorer(prediction)
-        return cls(config, scorer, exported, Thresholds(decision, _recorded_provenance(config, exported, decision)))
+        memory = few_shot(prediction)  # --memory FILE checked against the run (torch path; an export holds its own)
+        decision = thresholds_in_force(prediction, exported, memory)  # logs what --accept_thresholds let through
+        scorer = exported if exported is not None else open_torch_scorer(prediction, memory)
+        if isinstance(scorer, TorchScorer) and config.batch_forward == "one_pass":
+            scorer = TorchScorer(scorer.inference.with_one_pass_batches(), scorer.device)
+        return cls(config, scorer, exported, Thresholds(decision, _recorded_provenance(config, exported, decision)),
+                   memory)
 
     @property
     def thresholds(self) -> Thresholds:
@@ -253,9 +260,9 @@ class ServiceModel:
                        "reference_arithmetic": model.reference_arithmetic},
             "device": getattr(getattr(self.scorer, "device", None), "type", "cpu"),
             "batching": {"max_batch": self.config.max_batch, "max_wait_ms": self.config.max_wait_ms,
-                         "max_queue": self.config.max_queue},
+                         "max_queue": self.config.max_queue, "forward": self.config.batch_forward},
             "thresholds": self.thresholds_document(),
-            "memory": self.provenance.get("memory")}  # an export's few-shot memory; serve.py has no --memory yet
+            "memory": self.memory}
 
 
 def thresholds_view(thresholds: Thresholds) -> dict[str, Any]:
@@ -267,6 +274,31 @@ def thresholds_view(thresholds: Thresholds) -> dict[str, Any]:
     if decision.accepted:
         view["accepted_other_settings"] = list(decision.accepted)
     return view
+
+
+def memory_view(config: ServeConfig, exported: ExportedScorer | None,
+                provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """``GET /model``'s ``memory``: the few-shot memory that scores (``None``: zero-shot).
+
+    Its provenance record (``k``, ``layers``, ``stream``, ``weight``, ``references_sha256``: the digest the
+    thresholds are checked against) with the file it came from and that file's SHA-256: ``--memory FILE``'s,
+    or, with ``--runtime``, the one export.py was given (recorded in its manifest).
+    """
+    record = provenance.get("memory")
+    if not isinstance(record, dict):
+        return None
+    spec = config.prediction.memory
+    if exported is not None:
+        stored = exported.exported.manifest.get("memory") or {}
+        source = {"file": stored.get("file"), "file_sha256": stored.get("file_sha256"), "class_name":
+                  stored.get("class_name")}
+    elif spec is not None and spec.memory_file:
+        source = {"file": spec.memory_file, "file_sha256": sha256_of(spec.memory_file)}
+    else:  # built at start from --reference_path
+        source = {"reference_path": spec.reference_path if spec else None,
+                  "file": spec.save_memory if spec else None,
+                  "file_sha256": sha256_of(spec.save_memory) if spec and spec.save_memory else None}
+    return {**record, **source}
 
 
 def model_id(provenance: dict[str, object]) -> str:

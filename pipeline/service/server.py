@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 def bind(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (listened on by uvicorn); one line when the address is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on connections of such a
+    # socket; with it on, a response's body waited behind its headers for the client's delayed ACK (~40 ms each).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))

@@ -186,6 +186,38 @@ def test_batch_equals_single_images(tiny_model, learner):
         torch.testing.assert_close(batched.maps[i : i + 1], single.maps, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("with_memory", [False, True])
+def test_one_pass_batches_run_the_tower_once_and_equal_single_images(tiny_model, learner, with_memory):
+    """one_pass_batches (the service's batches): one pass over 3 images on a CPU, each image's scores and maps
+    its single-image result (image by image, the default) to 1e-6; the default still runs image by image."""
+    from AnomalyCLIP_lib.memory import build_memory
+    from AnomalyCLIP_lib.memory_config import MemorySettings
+
+    module = _module(tiny_model, learner)
+    if with_memory:
+        settings = MemorySettings(layers=(6, 24), weight=0.4)
+        module = module.with_memory(build_memory(module.reference_tokens(random_images(2, seed=8), settings),
+                                                 settings))
+    one_pass = module.with_one_pass_batches()
+    assert one_pass.one_pass_batches and not module.one_pass_batches and one_pass.memory is module.memory
+    assert one_pass.with_memory(module.memory).one_pass_batches  # kept when a memory is attached
+    images = random_images(3, seed=9)
+    seen, handle = _first_block_batch_sizes(module.visual)
+    try:
+        batched = one_pass.predict(images)
+        assert seen == [3]
+        singles = [module.predict(images[i : i + 1]) for i in range(3)]
+        seen.clear()
+        module.predict(images)
+        assert seen == [1, 1, 1]
+    finally:
+        handle.remove()
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(batched.scores[i : i + 1], single.scores, rtol=0, atol=1e-6)
+        torch.testing.assert_close(batched.maps[i : i + 1], single.maps, rtol=0, atol=1e-6)
+    assert (batched.maps[0] - batched.maps[1]).abs().max() > 1e-3  # the images differ: mixing them would show
+
+
 def test_config_is_frozen_and_round_trips():
     config = ScoringConfig(image_size=56, features_list=[24, 6, 6], sigma=2)
     assert config.features_list == (6, 24) and config.sigma == 2.0

@@ -59,6 +59,23 @@ def test_the_manifest_records_the_memory(memory_run):
     assert len(manifest["references"]) == 3 and manifest["file"] == str(memory)
 
 
+def test_the_service_reports_the_exported_memory(memory_run):
+    """serve.py --runtime on a memory export: GET /model's memory (ServiceModel.manifest, no process) is the
+    torch run's record (predictions.json) with the file export.py was given and its SHA-256."""
+    import hashlib
+
+    from pipeline.service.config import parse_args
+    from pipeline.service.model import ServiceModel
+
+    root, memory, out = memory_run
+    model = ServiceModel.load(parse_args(["--runtime", "onnxruntime", "--model", str(out)]))
+    reported = model.manifest()["memory"]
+    expected = json.loads((root / "torch" / "predictions.json").read_text())["memory"]
+    assert {key: reported[key] for key in expected} == expected and reported["k"] == 3
+    assert reported["file"] == str(memory)
+    assert reported["file_sha256"] == hashlib.sha256(memory.read_bytes()).hexdigest()
+
+
 def test_a_memory_for_another_image_size_is_refused_by_export(memory_run, trained_checkpoint, design_args, tmp_path,
                                                              capsys):
     from deploy import export

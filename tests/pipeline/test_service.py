@@ -66,7 +66,7 @@ def files(tiny_clip_state, tiny_model, tmp_path_factory):
         kind = ("scratch", "blob", "hole", "color_spot")[index]
         defective, _ = add_defect(render_normal(style, rng, size), kind, rng)
         (parts / f"part_{index}.png").write_bytes(_png(defective))
-    return {"root": root, "design": design, "parts": parts, "good": good}
+    return {"root": root, "design": design, "parts": parts, "good": good, "memory": root / "memory.npz"}
 
 
 def _calibrate(files, thresholds: Path) -> None:
@@ -80,7 +80,8 @@ def launched(files):
     """Three services started side by side (each start imports torch and loads the model, ~10 s):
 
     * ``main``: as test_one_example.py would judge: --thresholds FILE (writable), 1 MiB request limit;
-    * ``slow``: batches of 2 that wait 1 s for their second image, a queue of 2, and a token;
+    * ``slow``: batches of 2 that wait 1 s for their second image, a queue of 2, a token, and the few-shot
+      ``--memory`` of the 4 good parts (written first by test_one_example.py --save_memory);
     * ``sigterm``: batches of 2 waiting 1 s, for the SIGTERM test (which stops it).
     """
     root = files["root"]
@@ -88,13 +89,18 @@ def launched(files):
     settings = {
         "main": ["--thresholds", str(thresholds), "--thresholds_file_writable", "--max_request_mb", "1",
                  "--max_batch", "8", "--max_wait_ms", "30"],
-        "slow": ["--max_batch", "2", "--max_wait_ms", "1000", "--max_queue", "2", "--token", TOKEN],
+        "slow": ["--max_batch", "2", "--max_wait_ms", "1000", "--max_queue", "2", "--token", TOKEN,
+                 "--memory", str(files["memory"])],
         "sigterm": ["--max_batch", "2", "--max_wait_ms", "1000", "--grace_s", "20"]}
     def launch(name: str) -> ServiceProcess:
         return ServiceProcess([*files["design"], *settings[name]], root / f"{name}.log", env=ENV, wait=False)
 
-    processes = {name: launch(name) for name in ("slow", "sigterm")}
+    processes = {"sigterm": launch("sigterm")}
     try:
+        assert prediction.main(["--image_path", str(files["good"] / "good_0.png"), *files["design"],
+                                "--reference_path", str(files["good"]), "--save_memory", str(files["memory"]),
+                                "--save_path", str(root / "memory_run")]) == 0  # while that one starts
+        processes["slow"] = launch("slow")
         _calibrate(files, thresholds)  # while those two start
         processes["main"] = launch("main")
         for process in processes.values():
@@ -227,6 +233,7 @@ def test_health_and_model_manifest(service, files):
     assert manifest["backbone"]["sha256"] == hashlib.sha256((files["root"] / "backbone.pt").read_bytes()).hexdigest()
     assert manifest["image_size"] == E2E_IMAGE_SIZE and manifest["design"]["features_list"] == [6, 24]
     assert manifest["thresholds"]["file"] == str(service.thresholds) and manifest["memory"] is None
+    assert manifest["batching"] == {"max_batch": 8, "max_wait_ms": 30.0, "max_queue": 64, "forward": "one_pass"}
     assert manifest["model_id"] == health["model_id"] and re.fullmatch(r"[0-9a-f]{16}", manifest["model_id"])
     status, _, page = client.request("GET", "/openapi.json")
     paths = json.loads(page)["paths"]
@@ -281,6 +288,64 @@ def test_thresholds_put_is_checked_swapped_and_persisted(service, files):
     assert one["verdict"] == ("anomalous" if one["score"] >= 0.25 else "normal")
     status, _ = client.json("PUT", "/thresholds", json.loads(original))  # back as the other tests expect
     assert status == 200
+
+
+# --- the few-shot memory -----------------------------------------------------------------------
+
+
+def test_memory_scores_equal_test_one_example_and_model_reports_it(slow_service, files, tmp_path):
+    """--memory FILE (the ``slow`` service): the scores of test_one_example.py --memory FILE to 1e-6, and
+    GET /model reports the memory: its record as predictions.json holds it, the file and its SHA-256."""
+    client = slow_service.client(TOKEN)
+    parts = _part_files(files)
+    served = {}
+    for pair in (parts[:2], parts[2:]):  # --max_queue 2: two images per request
+        status, body = client.predict(pair)
+        assert status == 200, body
+        served.update({p["file"]: p for p in body["predictions"]})
+    out = tmp_path / "cli"
+    assert prediction.main(["--image_path", str(files["parts"]), *files["design"], "--memory", str(files["memory"]),
+                            "--save_path", str(out)]) == 0
+    document = json.loads((out / "predictions.json").read_text())
+    assert len(document["predictions"]) == len(served) == 4
+    for row in document["predictions"]:
+        assert abs(served[Path(row["path"]).name]["score"] - row["score"]) <= 1e-6
+    status, manifest = client.json("GET", "/model")
+    assert status == 200
+    memory = manifest["memory"]
+    assert memory["file"] == str(files["memory"])
+    assert memory["file_sha256"] == hashlib.sha256(files["memory"].read_bytes()).hexdigest()
+    assert {key: memory[key] for key in document["memory"]} == document["memory"]
+    assert (memory["k"], memory["layers"], memory["stream"]) == (4, [6, 12, 18, 24], "dpam")
+    assert {"references_sha256", "weight"} <= set(memory)
+
+
+def test_memory_refuses_thresholds_of_zero_shot_or_another_memory(slow_service, service, files, capsys):
+    """Thresholds made zero-shot (the ``main`` service's) or with another memory: refused at start, as
+    test_one_example.py refuses them, and by PUT /thresholds."""
+    from pipeline.service import server
+
+    zero_shot = json.loads(service.thresholds.read_text())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [*files["design"], "--memory", str(files["memory"]), "--thresholds", str(service.thresholds),
+            "--port", str(port)]
+    assert run_cli(server.main, argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "a memory of 4 reference(s)" in line and "zero-shot (no memory)" in line
+    client = slow_service.client(TOKEN)
+    error = _one_line_error(*client.json("PUT", "/thresholds", zero_shot), 400, "bad_thresholds")
+    assert "zero-shot (no memory)" in error
+    status, manifest = client.json("GET", "/model")
+    other = json.loads(json.dumps(zero_shot))
+    other["classes"]["weave"]["provenance"]["memory"] = {**manifest["memory"], "references_sha256": "0" * 64}
+    error = _one_line_error(*client.json("PUT", "/thresholds", other), 400, "bad_thresholds")
+    assert "another few-shot memory" in error
+    same = json.loads(json.dumps(zero_shot))
+    same["classes"]["weave"]["provenance"]["memory"] = {key: manifest["memory"][key] for key in
+                                                        ("references_sha256", "k", "layers", "stream", "weight")}
+    assert client.json("PUT", "/thresholds", same)[0] == 200  # the same memory's record: taken
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -480,6 +545,48 @@ def test_web_page_scores_an_image_in_headless_chromium(service, tmp_path):
     assert "sample.png: " in re.search(r'<ol id="recent">(.*?)</ol>', dom, re.S).group(1)
 
 
+def _local_references(html: str) -> list[str]:
+    """Every ``src``/``href`` of a page; fails on one that leaves the server (a CDN, another host)."""
+    references = re.findall(r'(?:src|href)="([^"]+)"', html)
+    for reference in references:
+        assert reference.startswith("/") and not reference.startswith("//"), reference
+    assert "http://" not in html and "https://" not in html  # nor in its inline script
+    return references
+
+
+def test_api_docs_load_no_external_url_and_their_files_are_served(service):
+    """/docs (Swagger UI) and /redoc reference only this server; every file they load is served, byte for byte
+    the fastapi-offline package's; the OpenAPI document they read is there."""
+    from importlib import resources
+
+    client = service.client()
+    static = resources.files("fastapi_offline") / "static"
+    loaded = set()
+    for page in ("/docs", "/redoc"):
+        status, headers, body = client.request("GET", page)
+        assert status == 200 and headers["content-type"].startswith("text/html")
+        for reference in _local_references(body.decode()):
+            status, headers, data = client.request("GET", reference)
+            assert status == 200, reference
+            assert data == (static / reference.rsplit("/", 1)[-1]).read_bytes()
+            loaded.add(reference.rsplit("/", 1)[-1])
+        assert "/openapi.json" in body.decode()
+    assert loaded == {"swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js", "favicon.png"}
+    assert client.request("GET", "/docs-assets/../../app.py")[0] == 404
+    assert client.request("GET", "/docs-assets/index.html")[0] == 404
+
+
+def test_api_docs_render_offline_in_headless_chromium(service, tmp_path):
+    """Swagger UI at /docs with every host but the service's unresolvable: the operations appear (its script
+    ran, read /openapi.json, an OpenAPI 3.1 document, and rendered it)."""
+    command = [_chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
+               "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", f"--user-data-dir={tmp_path / 'profile'}",
+               "--virtual-time-budget=15000", "--dump-dom", f"http://127.0.0.1:{service.port}/docs"]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    paths = set(re.findall(r'data-path="([^"]+)"', dom))
+    assert {"/predict", "/health", "/model", "/metrics", "/thresholds"} <= paths, dom[-2000:]
+
+
 @pytest.mark.parametrize("flags, line", [
     (["--thresholds_file_writable"], "error: --thresholds_file_writable rewrites --thresholds FILE: add --thresholds"),
     (["--max_batch", "0"], "error: --max_batch 0 must be at least 1"),
@@ -502,3 +609,31 @@ def test_port_in_use_is_one_line_before_the_model_loads(files, capsys):
         assert run_cli(server.main, [*files["design"], "--port", str(port)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: cannot listen on 127.0.0.1:{port} (Address already in use)")
+
+
+def test_connections_have_nagle_off():
+    """bind()'s socket, served by asyncio as uvicorn serves it: each connection has TCP_NODELAY (else a response's
+    body waits behind its headers for the client's delayed ACK, ~40 ms a request on Linux)."""
+    import asyncio
+
+    from pipeline.service import server
+
+    sock = server.bind("127.0.0.1", 0)
+    seen = []
+
+    async def main() -> None:
+        def connected(reader, writer) -> None:
+            seen.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        listening = await asyncio.start_server(connected, sock=sock)
+        async with listening:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    asyncio.run(main())
+    assert seen and seen[0] != 0
