@@ -1,23 +1,12 @@
 """benchmarks/bench_serve.py runs (a few requests, one mode) and what it reports adds up."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.test_bench_smoke import _load
+
 pytestmark = pytest.mark.slow
-
-
-def _load(name):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def test_bench_serve_runs_and_its_counts_add_up(capsys):

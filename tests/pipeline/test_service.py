@@ -7,9 +7,7 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
-import shutil
 import signal
 import socket
 import struct
@@ -30,6 +28,7 @@ from pipeline.cli import run_cli
 from pipeline.service import config as service_config
 from pipeline.service.client import ServiceProcess, multipart
 from pipeline.synthetic import add_defect, class_style, render_normal
+from tests.pipeline.test_report import _chromium
 from tests.conftest import E2E_IMAGE_SIZE
 from tests.deploy_helpers import random_prompt_learner, save_prompt_checkpoint
 
@@ -517,14 +516,6 @@ def test_non_loopback_host_needs_a_token_or_insecure(files, capsys, monkeypatch)
 # --- the web page -------------------------------------------------------------------------------
 
 
-def _chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        message = "chromium is not installed (apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message + "; CI is set, so the browser test must run")
-        pytest.skip(message)
-    return found
 
 
 def test_web_page_scores_an_image_in_headless_chromium(service, tmp_path):
