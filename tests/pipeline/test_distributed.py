@@ -47,21 +47,6 @@ def test_two_processes_equal_one(synthetic_datasets, design_args, trained_checkp
     assert (two / "log.txt").read_text().count("| mean") == 1  # rank 0 alone writes the log
 
 
-def test_few_shot_two_processes_equal_one(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
-    """Each class's memory is built by the rank owning the class and shared: the numbers are one process's."""
-    target = synthetic_datasets[1]
-    one, two = tmp_path / "one", tmp_path / "two"
-    for save_path, nproc in ((one, 1), (two, 2)):
-        args = [*_test_args(target, trained_checkpoint, save_path, design_args), "--k_shot", "2"]
-        completed = _torchrun(["test.py", *args], nproc)
-        assert completed.returncode == 0, completed.stderr[-3000:]
-    for name in ("scores.csv", "thresholds.json"):
-        assert (one / name).read_bytes() == (two / name).read_bytes(), name
-    a, b = (json.loads((p / "results.json").read_text()) for p in (one, two))
-    assert a["per_class"] == b["per_class"] and a["few_shot"] == b["few_shot"]
-    assert a["few_shot"]["references_per_class"] == {"blobs": 2, "weave": 2}
-
-
 def test_user_error_on_one_rank_ends_both(synthetic_datasets, design_args, trained_checkpoint, tmp_path):
     import shutil
 
