@@ -1,30 +1,19 @@
 """benchmarks/bench_precision.py runs tiny: every requested precision with its latency, differences and metrics."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.test_bench_smoke import _load
 
 pytestmark = pytest.mark.deploy  # ONNX Runtime and OpenVINO in this process
 for _package in ("onnx", "onnxruntime", "openvino"):
     pytest.importorskip(_package)
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_precision.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_precision", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_precision"] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
 def test_quick_run_reports_each_precision(capsys, tmp_path):
-    bench = _load()
+    bench = _load("bench_precision")
     runs = ["torch fp32", "onnxruntime fp32", "onnxruntime int8"]
     assert bench.main(["--quick", "--only", *runs, "--workdir", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -1,30 +1,19 @@
 """benchmarks/bench_runtimes.py runs tiny and reports every runtime next to the matmul rate."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.test_bench_smoke import _load
 
 pytestmark = pytest.mark.deploy  # ONNX Runtime and OpenVINO in this process
 for _package in ("onnx", "onnxruntime", "openvino"):
     pytest.importorskip(_package)
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_runtimes.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_runtimes", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_runtimes"] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.slow
 def test_quick_run_reports_all_runtimes(capsys, tmp_path):
-    bench = _load()
+    bench = _load("bench_runtimes")
     assert bench.main(["--quick", "--no_variants", "--warmup", "0", "--workdir", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["parity_ok"] and result["image_size"] == 56 and result["matmul_gflop_s"] > 0
@@ -38,7 +27,7 @@ def test_quick_run_reports_all_runtimes(capsys, tmp_path):
 
 
 def test_quantised_variant_and_matmul_rate(tmp_path):
-    bench = _load()
+    bench = _load("bench_runtimes")
     assert bench.matmul_gflop_s({"vision_patch_size": 14, "vision_width": 64}, 56, repeats=1) > 0
     args = bench.parse_args(["--quick"])
     assert (args.preset, args.image_size, args.repeats) == ("tiny", 56, 1)
