@@ -43,12 +43,11 @@ from typing import Any
 
 import torch
 
-from AnomalyCLIP_lib.constants import DPAM_LAYER
 from AnomalyCLIP_lib.errors import AnomalyCLIPError, read_error_line
 from AnomalyCLIP_lib.inference import AnomalyCLIPInference
 from AnomalyCLIP_lib.memory import PatchMemory
 from AnomalyCLIP_lib.memory_config import MemorySettings
-from AnomalyCLIP_lib.pretrained import PRETRAINED, backbone_sha256, download, sha256_of
+from AnomalyCLIP_lib.pretrained import PRETRAINED, download, sha256_of
 from AnomalyCLIP_lib.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from deploy.manifest import (GRAPH_STEM, INPUT_NAME, MANIFEST_NAME, OUTPUT_NAMES, QUANTIZATIONS, files_sha256,
                              manifest_document)
@@ -58,7 +57,7 @@ from pipeline.cli import (add_checkpoint_arg, add_model_args, add_sigma_arg, che
                           check_sigma, checked, cli_parser, model_spec, parse_flags)
 from pipeline.config import ModelSpec, RunRecord, ScoringSpec, replaced as replace
 from pipeline.loading import configure_threads, load_model_and_prompts, scoring_config
-from pipeline.memory import MemorySpec, check_memory_fits, check_memory_spec, load_memory_file, memory_provenance
+from pipeline.memory import MemorySpec, check_memory_spec, load_checked_memory, memory_provenance
 
 logger = logging.getLogger("anomalyclip.export")
 
@@ -162,10 +161,7 @@ def load_memory(config: ExportConfig) -> PatchMemory | None:
     """``--memory``'s memory, checked against the export's backbone and image size (``None`` without one)."""
     if config.memory is None:
         return None
-    file = config.memory.memory_file
-    memory = load_memory_file(file)
-    return check_memory_fits(memory, f"--memory {file}", backbone_sha256(config.model.backbone),
-                             config.model.image_size, DPAM_LAYER, config.memory)
+    return load_checked_memory(config.memory, config.model.backbone, config.model.image_size)
 
 
 def memory_manifest(config: ExportConfig, memory: PatchMemory | None) -> dict[str, Any] | None:

@@ -251,6 +251,17 @@ def load_memory_file(path: str | os.PathLike, flag: str = "--memory") -> PatchMe
     return PatchMemory.from_arrays(arrays, source)
 
 
+def load_checked_memory(spec: MemorySpec, backbone: str, image_size: int) -> PatchMemory:
+    """``spec.memory_file`` read and checked against the run's backbone, image size and the DPAM layer
+    (:func:`check_memory_fits`; ``--memory_weight`` applied when given)."""
+    from AnomalyCLIP_lib.constants import DPAM_LAYER
+    from AnomalyCLIP_lib.pretrained import backbone_sha256
+
+    assert spec.memory_file is not None
+    return check_memory_fits(load_memory_file(spec.memory_file), f"--memory {spec.memory_file}",
+                             backbone_sha256(backbone), image_size, DPAM_LAYER, spec)
+
+
 def check_memory_fits(memory: PatchMemory, source: str, backbone_sha256: str, image_size: int,
                       dpam_layer: int | None, spec: MemorySpec) -> PatchMemory:
     """Refuse a memory built for another backbone, image size or DPAM layer, or other given settings.

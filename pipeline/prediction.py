@@ -56,7 +56,7 @@ from pipeline.cli import (add_checkpoint_arg, add_loader_args, add_memory_args, 
                           parse_config, scored_run_specs, tiling_spec)
 from pipeline.config import LoaderSpec, ModelSpec, RunRecord, ScoringSpec, TilingSpec
 from pipeline.engine import ExportedScorer, Scorer, TorchScorer
-from pipeline.memory import MemorySpec, Reference, check_memory_fits, folder_references, load_memory_file, \
+from pipeline.memory import MemorySpec, Reference, folder_references, load_checked_memory, \
     memory_info, memory_provenance, memory_record, save_memory_file
 from pipeline.naming import MASK_SUFFIX, OVERLAY_SUFFIX, output_path
 from pipeline.thresholds import (ACCEPT_FLAG, NormalTail, check_provenance, check_target_fpr, class_entry,
@@ -367,11 +367,7 @@ def few_shot(config: PredictionConfig) -> FewShot | None:
             raise AnomalyCLIPError(f"--reference_path {spec.reference_path} holds no image "
                                    f"({', '.join(IMAGE_EXTENSIONS)})")
         return FewShot(references, None, memory_record([ref.to_dict() for ref in references], spec.settings))
-    from AnomalyCLIP_lib.pretrained import backbone_sha256
-    from AnomalyCLIP_lib.constants import DPAM_LAYER
-
-    memory = check_memory_fits(load_memory_file(spec.memory_file), f"--memory {spec.memory_file}",
-                               backbone_sha256(config.model.backbone), config.model.image_size, DPAM_LAYER, spec)
+    memory = load_checked_memory(spec, config.model.backbone, config.model.image_size)
     tiling.check_memory_tiling(memory.info.get("tiling"), config.tiling, f"--memory {spec.memory_file}")
     return FewShot(None, memory, memory_provenance(memory))
 
