@@ -36,7 +36,8 @@ from torch import nn
 from .errors import AnomalyCLIPError
 from .memory_config import MEMORY_FORMAT, MemorySettings
 
-__all__ = ["MemorySettings", "PatchMemory", "build_memory", "leave_one_out_scales", "nearest_distances"]
+__all__ = ["MemorySettings", "PatchMemory", "build_memory", "leave_one_out_scales", "memory_from_unit_tokens",
+           "nearest_distances"]
 
 NORMAL_LEVEL = 0.5  # where the references' typical worst patch lands after normalisation
 CHUNK_ROWS = 2048  # memory rows per matmul: (B, P, CHUNK_ROWS) similarities at a time
@@ -220,6 +221,12 @@ def build_memory(per_layer: Sequence[torch.Tensor], settings: MemorySettings,
         settings: Layers, stream, weight.
         info: Facts to record (see :class:`PatchMemory`).
     """
-    unit = [normalized(tokens) for tokens in per_layer]
-    scales = leave_one_out_scales(unit)
-    return PatchMemory([tokens.reshape(-1, tokens.shape[-1]) for tokens in unit], scales, settings, info)
+    return memory_from_unit_tokens([normalized(tokens) for tokens in per_layer], settings, info)
+
+
+def memory_from_unit_tokens(unit: Sequence[torch.Tensor], settings: MemorySettings,
+                            info: Mapping[str, Any] | None = None) -> PatchMemory:
+    """A memory from the references' unit patch tokens, ``(K, N, D)`` per layer: N patches per reference
+    (however many views a reference has), each reference left out whole by the normalisation."""
+    return PatchMemory([tokens.reshape(-1, tokens.shape[-1]) for tokens in unit], leave_one_out_scales(unit),
+                       settings, info)

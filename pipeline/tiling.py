@@ -446,7 +446,7 @@ def build_tiled_memory(inference: AnomalyCLIPInference, references: Sequence[Ref
     """
     import torch
 
-    from AnomalyCLIP_lib.memory import PatchMemory, leave_one_out_scales, normalized
+    from AnomalyCLIP_lib.memory import memory_from_unit_tokens, normalized
     from AnomalyCLIP_lib.transform import image_transform
 
     if not references:
@@ -472,8 +472,7 @@ def build_tiled_memory(inference: AnomalyCLIPInference, references: Sequence[Ref
     unit = [torch.cat(layer) for layer in zip(*per_reference)]  # (K, V * P, D) per layer
     record = {**info, "k": len(references), "references": [ref.to_dict() for ref in references],
               "tiling": {"tile_size": spec.tile_size, "tile_overlap": spec.tile_overlap}}
-    return PatchMemory([tokens.reshape(-1, tokens.shape[-1]) for tokens in unit], leave_one_out_scales(unit), settings,
-                       record)
+    return memory_from_unit_tokens(unit, settings, record)
 
 
 def check_memory_tiling(recorded: dict | None, spec: TilingSpec, source: str) -> None:
