@@ -21,7 +21,7 @@ from AnomalyCLIP_lib.errors import AnomalyCLIPError
 from pipeline.cli import run_cli
 
 def main(argv):
-    print(f"up {os.getpid()}", flush=True)
+    os.write(1, f"up {os.getpid()}\\n".encode())  # one write: the two ranks' lines cannot interleave on the pipe
     if os.environ["RANK"] == os.environ.get("RANK_FAILS"):
         raise AnomalyCLIPError("rank " + os.environ["RANK"] + " found a broken file")
     time.sleep(120)
